@@ -1,0 +1,43 @@
+"""Model surgery, in one place: what a block is per architecture, how to skip it, how to delete it."""
+
+from tasks.surgery import llama  # noqa: F401  (registers the Llama-family adapter)
+from tasks.surgery.adapter import (
+    ArchitectureAdapter,
+    ForwardContext,
+    UnsupportedArchitecture,
+    adapter_for,
+    adapter_of,
+    register_adapter,
+    supported_model_types,
+)
+from tasks.surgery.blocks import Block, candidate_blocks, parse_block, units_of
+from tasks.surgery.edit import (
+    block_param_counts,
+    layer_ids,
+    load_model,
+    remove_blocks,
+    removed_units,
+    save_model,
+    total_params,
+)
+
+__all__ = [
+    "ArchitectureAdapter",
+    "Block",
+    "ForwardContext",
+    "UnsupportedArchitecture",
+    "adapter_for",
+    "adapter_of",
+    "block_param_counts",
+    "candidate_blocks",
+    "layer_ids",
+    "load_model",
+    "parse_block",
+    "register_adapter",
+    "remove_blocks",
+    "removed_units",
+    "save_model",
+    "supported_model_types",
+    "total_params",
+    "units_of",
+]

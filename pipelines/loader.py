@@ -1,0 +1,108 @@
+"""YAML pipelines: composition with `extends`, `--set dotted.key=value` overrides, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipelines.spec import PipelineSpec
+
+
+class SpecError(ValueError):
+    """A pipeline that cannot be read or validated; `errors` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError(str(path), [f"no such pipeline file: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise SpecError(str(path), ["a pipeline must be a YAML mapping of sections (name, model, search, ...)"])
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_pipeline(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A pipeline's raw mapping, with `extends: base.yaml` (relative to the file) merged under it."""
+    path = path.resolve()
+    if path in _seen:
+        raise SpecError(str(path), [f"extends cycle: {' -> '.join(str(p) for p in (*_seen, path))}"])
+    data = _read_yaml(path)
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    return deep_merge(read_pipeline(path.parent / str(base_name), (*_seen, path)), data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` strings; values are parsed as YAML (numbers, booleans, lists, mappings)."""
+    errors = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            errors.append(f"--set {item!r}: expected dotted.key=value, e.g. search.target.blocks=4")
+            continue
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                errors.append(f"--set {key}: '{part}' is not a section")
+                break
+            node = child
+        else:
+            try:
+                node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as exc:
+                errors.append(f"--set {key}: value is not valid YAML: {exc}")
+    if errors:
+        raise SpecError("--set", errors)
+    return data
+
+
+def format_validation_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+        # Tagged-union members put their tag in the location; drop it so paths read like the YAML.
+        loc = loc.replace(".blocks.blocks", ".blocks").replace(".params_ratio.params_ratio", ".params_ratio")
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (not part of the pipeline spec)"
+        lines.append(f"{loc or '<root>'}: {message}")
+    return lines
+
+
+def validate_mapping(data: dict[str, Any], source: str = "<spec>") -> PipelineSpec:
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, format_validation_errors(exc)) from exc
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
+    data = read_pipeline(Path(path))
+    data = apply_overrides(data, list(overrides or []))
+    return validate_mapping(data, str(path))

@@ -1,0 +1,220 @@
+"""The pipeline spec: pydantic models that every YAML pipeline is validated against.
+
+Field names here are contract (see the README): rename only with a migration note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from pipelines.names import check_registered
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+Granularity = Literal["layer", "attn", "mlp", "sublayer"]
+DType = Literal["float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ModelSpec(BaseModel):
+    model_config = _STRICT
+
+    source: str = Field(
+        description=(
+            "Model to prune: a local Hugging Face directory, a hub id, a path to a .gguf file, "
+            "or builtin:smollm2-135m."
+        ),
+        min_length=1,
+    )
+    dtype: DType = Field("float32", description="Weights and compute dtype (use float32 on CPU).")
+    device: Device = Field("auto", description="auto picks cuda when available, else cpu.")
+
+
+class CalibrationSpec(BaseModel):
+    model_config = _STRICT
+
+    dataset: str = Field(
+        "builtin:wiki-vital-en",
+        description="builtin:wiki-vital-en, a local .txt/.jsonl/.parquet file, or a hub dataset NAME[:CONFIG][@SPLIT].",
+        min_length=1,
+    )
+    samples: int = Field(32, ge=1, le=100_000, description="Number of calibration windows.")
+    seq_len: int = Field(512, ge=8, le=131_072, description="Tokens per calibration window.")
+    seed: int = Field(0, ge=0, description="Seed that draws the calibration windows.")
+
+
+class ScoreSpec(BaseModel):
+    model_config = _STRICT
+
+    granularity: Granularity = Field(
+        "sublayer",
+        description="Candidate blocks: whole layers, attention only, MLP only, or both sub-blocks (BlockPruner).",
+    )
+    metric: str = Field("perplexity", description="Block-importance metric (registry name).")
+    batch_windows: int = Field(
+        4, ge=1, le=4096, description="Windows per forward micro-batch; fixed so results never depend on layout."
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        return check_registered("metric", value)
+
+
+class BlocksTarget(BaseModel):
+    model_config = _STRICT
+
+    blocks: int = Field(ge=1, le=10_000, description="Number of candidate blocks to remove.")
+
+
+class ParamsRatioTarget(BaseModel):
+    model_config = _STRICT
+
+    params_ratio: float = Field(
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of the dense model's parameters (embeddings included) to remove, at least.",
+    )
+
+
+def _target_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        if "params_ratio" in value:
+            return "params_ratio"
+        if "blocks" in value:
+            return "blocks"
+        return None
+    if isinstance(value, ParamsRatioTarget):
+        return "params_ratio"
+    if isinstance(value, BlocksTarget):
+        return "blocks"
+    return None
+
+
+Target = Annotated[
+    Union[Annotated[BlocksTarget, Tag("blocks")], Annotated[ParamsRatioTarget, Tag("params_ratio")]],
+    Discriminator(
+        _target_kind,
+        custom_error_type="target",
+        custom_error_message="search.target needs exactly one of 'blocks' (an integer) or 'params_ratio' (0 < r < 1)",
+    ),
+]
+
+
+class SearchSpec(BaseModel):
+    model_config = _STRICT
+
+    strategy: str = Field("iterative", description="Search strategy (registry name).")
+    target: Target = Field(description="When to stop removing blocks.")
+    exact_scores: bool = Field(
+        True,
+        description="Evaluate every candidate fully; false stops hopeless candidates early and stores lower bounds.",
+    )
+    protect: tuple[str, ...] = Field(
+        (), description="Block ids that are never removed, e.g. layers.0 or layers.3.mlp."
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        return check_registered("strategy", value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_target(cls, data: Any) -> Any:
+        target = data.get("target") if isinstance(data, dict) else None
+        if isinstance(target, dict) and "blocks" in target and "params_ratio" in target:
+            raise ValueError("search.target takes either 'blocks' or 'params_ratio', not both")
+        return data
+
+
+PruneFormat = Literal["auto", "hf", "pruneflow"]
+
+
+class PruneSpec(BaseModel):
+    model_config = _STRICT
+
+    format: PruneFormat = Field(
+        "auto",
+        description="auto: a standard checkpoint when only whole layers go, else the pruneflow format.",
+    )
+
+
+class NoRecovery(BaseModel):
+    model_config = _STRICT
+
+    method: Literal["none"] = "none"
+
+
+RecoverSpec = Annotated[Union[NoRecovery], Field(discriminator="method")]
+
+
+class EvaluateSpec(BaseModel):
+    model_config = _STRICT
+
+    datasets: tuple[str, ...] = Field(
+        ("builtin:wiki-vital-en",),
+        description="Perplexity datasets; builtin:wiki-vital-en uses its evaluation split.",
+    )
+    seq_len: int = Field(512, ge=8, le=131_072, description="Tokens per evaluation window.")
+    max_tokens: int = Field(16_384, ge=8, description="Evaluate on at most this many leading tokens per dataset.")
+
+    @field_validator("datasets")
+    @classmethod
+    def _some_datasets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not item.strip() for item in value):
+            raise ValueError("evaluate.datasets entries must be non-empty strings")
+        return value
+
+
+class PipelineSpec(BaseModel):
+    """A whole pruning pipeline, as written in YAML."""
+
+    model_config = _STRICT
+
+    name: str = Field(
+        description="Pipeline name (letters, digits, dashes, underscores, dots).",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
+    )
+    model: ModelSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    score: ScoreSpec = ScoreSpec()
+    search: SearchSpec
+    prune: PruneSpec = PruneSpec()
+    recover: RecoverSpec = NoRecovery()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    output_dir: str = Field(description="Folder for checkpoints, reports and cached stage results.")
+    catalog: str = Field("", description="DuckDB catalog file; default catalog.duckdb inside output_dir's parent.")
+
+    def catalog_path(self) -> Path:
+        if self.catalog:
+            return Path(self.catalog)
+        return Path(self.output_dir).parent / "catalog.duckdb"
+
+    def section_json(self, *sections: str) -> str:
+        """Canonical JSON of some top-level sections: the unit of cache keys and run identity."""
+        dumped = self.model_dump(mode="json")
+        return json.dumps({s: dumped[s] for s in sections}, sort_keys=True, separators=(",", ":"))
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+# Sections that decide which blocks the search removes: a change here is a different run.
+IDENTITY_SECTIONS = ("name", "model", "calibration", "score", "search")

@@ -1,0 +1,89 @@
+"""Runs a decoder model as a chain of residual units (`layers.N.attn`, `layers.N.mlp`).
+
+One code path serves scoring and evaluation, so a skipped unit and a deleted one give the same numbers,
+and a candidate can be evaluated from the hidden state entering it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.surgery import adapter_of, layer_ids, removed_units
+from tasks.surgery.adapter import ForwardContext
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str
+    position: int
+    part: str
+
+
+class ResidualRunner:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adapter = adapter_of(model)
+        self.layers = self.adapter.decoder_layers(model)
+        gone = removed_units(model)
+        self.units: list[Unit] = [
+            Unit(f"layers.{lid}.{part}", position, part)
+            for position, lid in enumerate(layer_ids(model))
+            for part in ("attn", "mlp")
+            if f"layers.{lid}.{part}" not in gone
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.adapter.embed(self.model, input_ids.to(self.device))
+
+    def context(self, hidden: torch.Tensor) -> ForwardContext:
+        return self.adapter.context(self.model, hidden)
+
+    def apply(self, unit: Unit, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        layer = self.layers[unit.position]
+        delta_fn = self.adapter.attn_delta if unit.part == "attn" else self.adapter.mlp_delta
+        return hidden + delta_fn(layer, hidden, ctx)
+
+    def run(self, hidden: torch.Tensor, ctx: ForwardContext, units: Iterable[Unit]) -> torch.Tensor:
+        for unit in units:
+            hidden = self.apply(unit, hidden, ctx)
+        return hidden
+
+    def window_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Summed next-token NLL of every window (float64, shape [batch]); windows go one at a time."""
+        head = self.adapter.lm_head(self.model)
+        targets = input_ids.to(hidden.device)[:, 1:]
+        sums = []
+        for row in range(hidden.shape[0]):
+            normed = self.adapter.final_norm(self.model, hidden[row : row + 1, :-1])
+            logits = head(normed).float()[0]
+            sums.append(F.cross_entropy(logits, targets[row], reduction="sum").double())
+        return torch.stack(sums)
+
+    @torch.inference_mode()
+    def nll(self, input_ids: torch.Tensor, skip: Sequence[str] = ()) -> torch.Tensor:
+        """Per-window NLL sums of the model with the units in `skip` left out."""
+        skipped = set(skip)
+        hidden = self.embed(input_ids)
+        ctx = self.context(hidden)
+        hidden = self.run(hidden, ctx, (u for u in self.units if u.id not in skipped))
+        return self.window_nll(hidden, input_ids)
+
+
+def predictions(windows: torch.Tensor) -> int:
+    return windows.shape[0] * (windows.shape[1] - 1)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_windows: int = 4, skip: Sequence[str] = ()) -> float:
+    """exp of the mean next-token NLL over all windows."""
+    runner = ResidualRunner(model)
+    total = sum(float(runner.nll(batch, skip).sum()) for batch in windows.split(batch_windows))
+    return float(torch.exp(torch.tensor(total / predictions(windows), dtype=torch.float64)))

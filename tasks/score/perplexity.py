@@ -1,0 +1,139 @@
+"""Perplexity of the model without each candidate (BlockPruner, SLEB, Shortened LLaMA's PPL criterion).
+
+Removing a block changes nothing before it, so a step runs the current model once, keeps the hidden
+state entering every remaining unit, and evaluates each candidate from its own entry point. Entry
+states whose prefix did not change since the previous step are reused, so after removing block b only
+the states after b are recomputed. With `exact=False` a candidate stops as soon as its partial NLL sum
+exceeds the best complete total (NLL terms are non-negative, so it can no longer win); its value is then
+a lower bound. Every path runs the same unit functions on the same fixed micro-batches, so the chosen
+blocks are identical to a full forward per candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tasks.residual import ResidualRunner, Unit, predictions
+from tasks.score.base import CandidateScore, Metric, OnScore, register_metric
+from tasks.surgery import units_of
+
+
+@dataclass
+class WorkCounter:
+    """Unit and head applications, each counted per window: the scorer's compute in model pieces."""
+
+    unit_windows: int = 0
+    head_windows: int = 0
+    stored_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class PrefixReuseScorer:
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool):
+        self.runner = ResidualRunner(model)
+        self.batches = [b.contiguous() for b in windows.split(batch_windows)]
+        self.n_predictions = predictions(windows)
+        self.exact = exact
+        self.work = WorkCounter()
+        self._contexts = {}
+        self._entries: dict[str, tuple[tuple[str, ...], list[torch.Tensor]]] = {}
+        self._previous: dict[str, float] = {}
+
+    def _context(self, index: int, hidden: torch.Tensor):
+        if index not in self._contexts:
+            self._contexts[index] = self.runner.context(hidden)
+        return self._contexts[index]
+
+    def _apply(self, unit: Unit, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.work.unit_windows += sum(s.shape[0] for s in states)
+        return [self.runner.apply(unit, h, self._context(i, h)) for i, h in enumerate(states)]
+
+    def entry_states(self, active: list[Unit]) -> list[list[torch.Tensor]]:
+        """Per active unit, the per-batch hidden states entering it; unchanged prefixes are reused."""
+        entries: list[list[torch.Tensor]] = []
+        for i, unit in enumerate(active):
+            signature = tuple(u.id for u in active[:i])
+            cached = self._entries.get(unit.id)
+            if cached is not None and cached[0] == signature:
+                entries.append(cached[1])
+                continue
+            if i == 0:
+                states = [self.runner.embed(batch) for batch in self.batches]
+            else:
+                states = self._apply(active[i - 1], entries[i - 1])
+            self._entries[unit.id] = (signature, states)
+            entries.append(states)
+        active_ids = {u.id for u in active}
+        for stale in [k for k in self._entries if k not in active_ids]:
+            del self._entries[stale]
+        self.work.stored_bytes = max(
+            self.work.stored_bytes,
+            sum(t.numel() * t.element_size() for _, states in self._entries.values() for t in states),
+        )
+        return entries
+
+    def _evaluate(
+        self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], bound: float
+    ) -> tuple[float, int, bool]:
+        first = next(i for i, u in enumerate(active) if u.id in drop)
+        rest = [u for u in active[first:] if u.id not in drop]
+        total, done = 0.0, 0
+        for index, batch in enumerate(self.batches):
+            hidden = entries[first][index]
+            ctx = self._context(index, hidden)
+            for unit in rest:
+                hidden = self.runner.apply(unit, hidden, ctx)
+            self.work.unit_windows += len(rest) * batch.shape[0]
+            self.work.head_windows += batch.shape[0]
+            total += float(self.runner.window_nll(hidden, batch).sum())
+            done += batch.shape[0] * (batch.shape[1] - 1)
+            if not self.exact and total > bound and index < len(self.batches) - 1:
+                return total, done, False
+        return total, done, True
+
+    @torch.inference_mode()
+    def score(
+        self,
+        removed: set[str],
+        candidates: list[str],
+        known: dict[str, CandidateScore],
+        on_score: OnScore,
+    ) -> dict[str, CandidateScore]:
+        active = [u for u in self.runner.units if u.id not in removed]
+        results = {c: known[c] for c in candidates if c in known}
+        todo = [c for c in candidates if c not in results]
+        if todo:
+            entries = self.entry_states(active)
+            # Most promising first, so the early-abort bound is tight from the start.
+            todo.sort(key=lambda c: (self._previous.get(c, math.inf), candidates.index(c)))
+            best = min((math.log(s.value) * self.n_predictions for s in results.values() if s.exact), default=math.inf)
+            for block in todo:
+                start = time.perf_counter()
+                total, done, complete = self._evaluate(active, entries, units_of([block]), best)
+                score = CandidateScore(
+                    block=block,
+                    value=math.exp(total / self.n_predictions),
+                    n_tokens=done,
+                    seconds=time.perf_counter() - start,
+                    exact=complete,
+                )
+                if complete:
+                    best = min(best, total)
+                results[block] = score
+                on_score(score)
+        self._previous = {c: s.value for c, s in results.items()}
+        return results
+
+
+@register_metric
+class PerplexityMetric(Metric):
+    name = "perplexity"
+    remove = "lowest"
+
+    def scorer(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool) -> PrefixReuseScorer:
+        return PrefixReuseScorer(model, windows, batch_windows, exact)

@@ -1,0 +1,107 @@
+"""The iterative search against a brute-force reference computed here with plain full forwards."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from tasks.residual import perplexity
+from tasks.score import CandidateScore
+from tasks.search import MemoryRecorder, SearchContext, SearchError, Target, run_search
+from tasks.surgery import candidate_blocks, units_of
+from tests.tiny import tiny_model, tiny_windows
+
+
+def brute_force_order(model, windows, granularity, steps, batch_windows=1):
+    """Greedy reference: at every step, full-forward perplexity of each remaining candidate."""
+    removed: list[str] = []
+    for _ in range(steps):
+        candidates = candidate_blocks([0, 1, 2, 3], granularity, units_of(removed))
+        ppl = {c: perplexity(model, windows, batch_windows, skip=sorted(units_of([*removed, c]))) for c in candidates}
+        removed.append(min(candidates, key=lambda c: (ppl[c], candidates.index(c))))
+    return removed, ppl
+
+
+@pytest.mark.parametrize("granularity,steps", [("sublayer", 4), ("layer", 2), ("attn", 3), ("mlp", 2)])
+@pytest.mark.parametrize("exact", [True, False])
+def test_iterative_matches_brute_force(family, granularity, steps, exact):
+    model, windows = tiny_model(family), tiny_windows(samples=4)
+    expected, last_ppl = brute_force_order(model, windows, granularity, steps)
+    ctx = SearchContext(model, windows, metric="perplexity", granularity=granularity,
+                        target=Target(blocks=steps), exact=exact)
+    records = run_search(ctx, "iterative")
+    assert [r.block for r in records] == expected
+    assert records[-1].value == pytest.approx(last_ppl[expected[-1]], rel=1e-9)
+    # Every candidate of every step was recorded; in exact mode all are exact and equal the reference.
+    final_scores = ctx.recorder.scores[steps - 1]
+    assert set(final_scores) == set(last_ppl)
+    for block, score in final_scores.items():
+        if score.exact:
+            assert score.value == pytest.approx(last_ppl[block], rel=1e-9)
+        else:
+            assert not exact and score.value <= last_ppl[block] * (1 + 1e-12)
+
+
+def test_early_abort_skips_work_and_marks_lower_bounds():
+    model, windows = tiny_model("llama", layers=4), tiny_windows(samples=32, seq_len=16)
+    runs = {}
+    for exact in (True, False):
+        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer",
+                            target=Target(blocks=3), exact=exact)
+        runs[exact] = (run_search(ctx, "iterative"), ctx)
+    assert [r.block for r in runs[True][0]] == [r.block for r in runs[False][0]]
+    bounds = [s for step in runs[False][1].recorder.scores.values() for s in step.values() if not s.exact]
+    assert bounds, "no candidate was stopped early on a model with clearly unequal blocks"
+    assert runs[False][1].scorer.work.unit_windows < runs[True][1].scorer.work.unit_windows
+
+
+def test_prefix_reuse_does_less_work_than_naive():
+    model, windows = tiny_model("llama", layers=4), tiny_windows(samples=2)
+    ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=2))
+    run_search(ctx, "iterative")
+    naive_units = sum(n * (n - 1) for n in (8, 7)) * 2  # candidates x remaining units x windows
+    assert ctx.scorer.work.unit_windows < naive_units
+
+
+def test_params_ratio_target_stops_at_first_step_reaching_it():
+    model, windows = tiny_model("llama"), tiny_windows()
+    ctx = SearchContext(model, windows, metric="perplexity", granularity="layer", target=Target(params_ratio=0.2))
+    records = run_search(ctx, "iterative")
+    removed_ratio = [1 - r.params_remaining / ctx.dense_params for r in records]
+    assert removed_ratio[-1] >= 0.2 and all(r < 0.2 for r in removed_ratio[:-1])
+
+
+def test_protected_blocks_are_never_candidates():
+    model, windows = tiny_model("llama"), tiny_windows()
+    ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=5),
+                        protect=("layers.0", "layers.3.mlp"))
+    removed = [r.block for r in run_search(ctx, "iterative")]
+    assert not set(removed) & {"layers.0.attn", "layers.0.mlp", "layers.3.mlp"}
+
+
+def test_unreachable_targets_are_refused():
+    model, windows = tiny_model("llama"), tiny_windows()
+    with pytest.raises(SearchError, match="has 4 candidate blocks"):
+        SearchContext(model, windows, metric="perplexity", granularity="layer", target=Target(blocks=5))
+    with pytest.raises(SearchError, match="removes only"):
+        SearchContext(model, windows, metric="perplexity", granularity="attn", target=Target(params_ratio=0.9))
+
+
+def test_resume_reuses_recorded_scores_and_steps():
+    model, windows = tiny_model("llama"), tiny_windows()
+    full = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3))
+    expected = run_search(full, "iterative")
+    # An interrupted run: step 0 committed, step 1 has two scores recorded.
+    partial = MemoryRecorder()
+    partial.steps = [expected[0]]
+    partial.scores = {0: dict(full.recorder.scores[0]),
+                      1: dict(list(full.recorder.scores[1].items())[:2])}
+    evaluated = []
+    ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3),
+                        recorder=partial, on_score=lambda step, s: evaluated.append((step, s.block)))
+    records = run_search(ctx, "iterative")
+    assert records == expected
+    already = set(list(full.recorder.scores[1])[:2])
+    assert not any(step == 0 or (step == 1 and block in already) for step, block in evaluated)
+    assert len(evaluated) == (7 - 2) + 6

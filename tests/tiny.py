@@ -1,0 +1,43 @@
+"""Tiny random models and token windows built from a config in the test (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+VOCAB = 128
+
+
+def tiny_config(family: str = "llama", layers: int = 4):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers), attn_implementation="sdpa")
+    # Random init gives near-identical blocks; scale weights so blocks differ clearly in importance.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.mul_(1.0 + torch.rand(()) * 20.0)
+    return model.eval()
+
+
+def tiny_windows(samples: int = 4, seq_len: int = 32, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (samples, seq_len), generator=generator)
+
