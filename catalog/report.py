@@ -1,0 +1,209 @@
+"""Plain-text tables for `pruneflow runs` and `pruneflow show`.
+
+Plain ASCII on purpose: the output is read in terminals, CI logs and pasted into issues.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from datetime import datetime
+from typing import Sequence
+
+from catalog.rows import ArtifactRow, EvaluationRow, RunRow, RunSummary, ScoreRow, StepRow
+
+_MISSING = "-"
+_RUN_ID_WIDTH = 12
+_MODEL_WIDTH = 40
+_LOWER_BOUND = ">="
+
+
+def format_duration(seconds: float | None) -> str:
+    """`45s`, `12m03s`, `2h05m09s`."""
+    if seconds is None or not math.isfinite(seconds):
+        return _MISSING
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def format_number(value: float | None) -> str:
+    if value is None:
+        return _MISSING
+    if not math.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.2f}"
+
+
+def format_percent(ratio: float | None) -> str:
+    return _MISSING if ratio is None else f"{ratio * 100:.1f}%"
+
+
+def format_bytes(size: int | None) -> str:
+    if size is None:
+        return _MISSING
+    if size < 1024:
+        return f"{size} B"
+    amount = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if amount < 1024:
+            return f"{amount:.1f} {unit}"
+        amount /= 1024
+    return f"{amount:.1f} TiB"
+
+
+def format_time(moment: datetime | None) -> str:
+    return _MISSING if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    """Columns padded to their widest cell; indexes in `right` are right-aligned (numbers)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"table row has {len(row)} cells for {len(headers)} columns: {row!r}")
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths))
+        ]
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def _shorten_tail(text: str, width: int) -> str:
+    # Model sources end with the informative part (repo name, file name), so keep the tail.
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def format_runs(summaries: Sequence[RunSummary]) -> str:
+    headers = ["run", "pipeline", "status", "model", "blocks removed", "params removed",
+               "dense ppl", "final ppl", "wall time"]
+    rows = [
+        [
+            s.run_id[:_RUN_ID_WIDTH],
+            s.pipeline,
+            s.status,
+            _shorten_tail(s.model_source, _MODEL_WIDTH),
+            str(s.blocks_removed),
+            format_percent(s.params_removed),
+            format_number(s.dense_ppl),
+            format_number(s.final_ppl),
+            format_duration(s.wall_seconds),
+        ]
+        for s in summaries
+    ]
+    table = format_table(headers, rows, right=(4, 5, 6, 7, 8))
+    return table if rows else table + "\n(no runs recorded in this catalog yet)"
+
+
+def _pretty_json(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), indent=2, sort_keys=True)
+    except ValueError:
+        # The catalog validates JSON on write, but `show` must still display a hand-edited row.
+        return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _step_lines(steps: Sequence[StepRow], scores: Sequence[ScoreRow]) -> list[str]:
+    by_step: dict[int, list[ScoreRow]] = defaultdict(list)
+    for score in scores:
+        by_step[score.step].append(score)
+
+    rows = []
+    for step in steps:
+        candidates = by_step.get(step.step, [])
+        winner = [s for s in candidates if s.block == step.block]
+        bound = _LOWER_BOUND if any(not s.exact for s in winner) else ""
+        lower = {s.block for s in candidates if not s.exact}
+        rows.append([
+            str(step.step),
+            step.block,
+            bound + format_number(step.value),
+            str(len({s.block for s in candidates})),
+            str(len(lower)),
+            f"{step.params_remaining:,}",
+        ])
+    lines = [f"steps ({len(steps)})"]
+    lines.append(
+        format_table(["step", "removed block", "score", "candidates", "lower bounds",
+                      "params remaining"], rows, right=(0, 2, 3, 4, 5))
+        if rows else "(no block removed yet)"
+    )
+
+    # Scores without a step row belong to a step the search had not finished when it stopped.
+    # No "best so far": whether lower or higher wins depends on the metric, which the
+    # catalog does not know.
+    done = {step.step for step in steps}
+    for number in sorted(set(by_step) - done):
+        scored = {s.block for s in by_step[number]}
+        lines.append(f"step {number} unfinished: {_count(len(scored), 'candidate')} scored")
+    return lines
+
+
+def format_show(
+    run: RunRow,
+    steps: Sequence[StepRow],
+    scores: Sequence[ScoreRow],
+    evaluations: Sequence[EvaluationRow],
+    artifacts: Sequence[ArtifactRow],
+) -> str:
+    fields = [
+        ("run", run.run_id),
+        ("pipeline", run.pipeline),
+        ("status", run.status),
+        ("model", run.model_source),
+        ("model fingerprint", run.model_fingerprint),
+        ("data fingerprint", run.data_fingerprint),
+        ("spec hash", run.spec_hash),
+        ("output dir", run.output_dir),
+        ("created", format_time(run.created_at)),
+        ("finished", format_time(run.finished_at)),
+        ("wall time", format_duration(run.wall_seconds)),
+    ]
+    label_width = max(len(label) for label, _ in fields)
+    header = "\n".join(f"{label.ljust(label_width)}  {value}" for label, value in fields)
+    sections = [header, "spec\n" + _pretty_json(run.spec_json)]
+    if run.summary_json is not None:
+        sections.append("summary\n" + _pretty_json(run.summary_json))
+    sections.append("\n".join(_step_lines(steps, scores)))
+
+    eval_rows = [
+        [e.stage, e.kind, e.dataset, e.metric, format_number(e.value),
+         _MISSING if e.n_tokens is None else f"{e.n_tokens:,}",
+         _MISSING if e.seq_len is None else str(e.seq_len),
+         _MISSING if e.stride is None else str(e.stride)]
+        for e in evaluations
+    ]
+    sections.append(
+        f"evaluations ({len(evaluations)})\n"
+        + (format_table(["stage", "kind", "dataset", "metric", "value", "tokens", "seq len",
+                         "stride"], eval_rows, right=(4, 5, 6, 7))
+           if eval_rows else "(none)")
+    )
+
+    artifact_rows = [
+        [a.stage, a.kind, format_bytes(a.bytes), a.sha256[:12], a.path] for a in artifacts
+    ]
+    sections.append(
+        f"artifacts ({len(artifacts)})\n"
+        + (format_table(["stage", "kind", "size", "sha256", "path"], artifact_rows, right=(2,))
+           if artifact_rows else "(none)")
+    )
+    return "\n\n".join(sections)
