@@ -1,0 +1,10 @@
+"""The one error type for bad model or corpus sources."""
+
+from __future__ import annotations
+
+
+class SourceError(ValueError):
+    """A model or text source cannot be used as given.
+
+    The message names the problem and the accepted values; the CLI turns it into exit code 2.
+    """

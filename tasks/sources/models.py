@@ -1,0 +1,189 @@
+"""Resolve a `model.source` string to a local Hugging Face directory with a content fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.refs import sha256_file
+from tasks.sources.builtin import (
+    BUILTIN_MODELS,
+    BUILTIN_PREFIX,
+    cache_dir,
+    fetch_builtin,
+    lookup_builtin,
+)
+from tasks.sources.errors import SourceError
+
+FINGERPRINT_FILE = "pruneflow-fingerprint.txt"
+ACCEPTED = "a local Hugging Face directory, a hub id, a .gguf file, or builtin:smollm2-135m"
+
+# Files that decide what the model computes; tokenizer and generation files do not.
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
+_HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+_fingerprint_memo: dict[tuple, str] = {}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    fingerprint: str
+    source: str
+
+
+def resolve_model(source: str) -> ResolvedModel:
+    """A directory that `AutoModelForCausalLM.from_pretrained` can load, for any accepted source."""
+    source = source.strip()
+    if not source:
+        raise SourceError(f"model.source is empty; accepted: {ACCEPTED}")
+    if source.startswith(BUILTIN_PREFIX):
+        asset = lookup_builtin(BUILTIN_MODELS, source[len(BUILTIN_PREFIX) :], "model")
+        path = convert_gguf(fetch_builtin(asset))
+        return ResolvedModel(path, _read_sidecar(path), source)
+    local = Path(source).expanduser()
+    if local.exists():
+        return _resolve_local(local, source)
+    if source.endswith(".gguf") or not _HUB_ID.match(source):
+        raise SourceError(
+            f"model.source: no such file or directory: {source}; accepted: {ACCEPTED}"
+        )
+    path = _download_from_hub(source)
+    return ResolvedModel(path, model_fingerprint(path), source)
+
+
+def _resolve_local(path: Path, source: str) -> ResolvedModel:
+    if path.is_file() and path.suffix == ".gguf":
+        converted = convert_gguf(path)
+        return ResolvedModel(converted, _read_sidecar(converted), source)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ResolvedModel(path.resolve(), model_fingerprint(path), source)
+    if path.is_dir():
+        raise SourceError(
+            f"model.source: directory {source} has no config.json; accepted: {ACCEPTED}"
+        )
+    raise SourceError(f"model.source: unsupported file {source}; accepted: {ACCEPTED}")
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 over config.json and the weight files (names and contents), in sorted order.
+
+    Memoized by (path, size, mtime) of those files so repeated resolves do not rehash gigabytes.
+    """
+    files = _fingerprinted_files(model_dir)
+    if not any(f.name != "config.json" for f in files):
+        raise SourceError(
+            f"model.source: directory {model_dir} has config.json but no weights "
+            "(*.safetensors or pytorch_model*.bin)"
+        )
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (str(model_dir.resolve()), stats)
+    if key not in _fingerprint_memo:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode())
+            digest.update(b"\0")
+            digest.update(sha256_file(f).encode())
+        _fingerprint_memo[key] = digest.hexdigest()
+    return _fingerprint_memo[key]
+
+
+def _fingerprinted_files(model_dir: Path) -> list[Path]:
+    found = {model_dir / "config.json"}
+    for pattern in _WEIGHT_PATTERNS:
+        found.update(p for p in model_dir.glob(pattern) if p.is_file())
+    return sorted(found, key=lambda p: p.name)
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """A safetensors copy of a GGUF model, converted once and cached by the GGUF's sha256."""
+    if not gguf_path.is_file():
+        raise SourceError(
+            f"model.source: no such file or directory: {gguf_path}; accepted: {ACCEPTED}"
+        )
+    target = cache_dir() / "models" / sha256_file(gguf_path)
+    # A cached directory only ever appears by renaming a finished one, so existence means complete.
+    if (target / FINGERPRINT_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        _convert_into(gguf_path, tmp)
+        (tmp / FINGERPRINT_FILE).write_text(model_fingerprint(tmp) + "\n")
+        # mkdtemp creates 0700; the finished cache entry should be readable like any other.
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; its copy is equivalent.
+            if not (target / FINGERPRINT_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_into(gguf_path: Path, out_dir: Path) -> None:
+    # Imported here so that resolving a local directory does not pay for importing transformers.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The dequantized weights are plain fp32, but save_pretrained refuses while a GGUF
+    # quantization config is still attached.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    (out_dir / "pruneflow-conversion.txt").write_text(
+        f"converted from {gguf_path.name} in {time.perf_counter() - started:.1f}s\n"
+    )
+
+
+def _read_sidecar(model_dir: Path) -> str:
+    return (model_dir / FINGERPRINT_FILE).read_text().strip()
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    not_reachable = (
+        f"model.source: {repo_id} is not a local path and the Hugging Face hub is not reachable"
+    )
+    suggestion = "pass a local Hugging Face directory, a .gguf file, or builtin:smollm2-135m"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        raise SourceError(f"{not_reachable} (HF_HUB_OFFLINE is set); {suggestion}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise SourceError(
+            f"model.source: hub repository {repo_id} was not found (or is gated); {suggestion}"
+        ) from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, ConnectionError) as exc:
+        raise SourceError(f"{not_reachable} ({type(exc).__name__}); {suggestion}") from exc
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise SourceError(
+            f"model.source: hub repository {repo_id} has no config.json with safetensors weights; "
+            "download it yourself and pass the local directory"
+        )
+    return path
