@@ -41,3 +41,36 @@ def tiny_windows(samples: int = 4, seq_len: int = 32, seed: int = 1) -> torch.Te
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (samples, seq_len), generator=generator)
 
+
+
+CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer (97 symbols + unk), saved and reloaded like any HF tokenizer."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{ch: i + 1 for i, ch in enumerate(CHARS)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+
+
+def tiny_checkpoint(path, family: str = "llama", layers: int = 4, seed: int = 0):
+    """A tiny random model with its tokenizer, saved as a Hugging Face directory."""
+    model = tiny_model(family, layers, seed)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_corpus(path, articles: int = 60, seed: int = 0):
+    """A local .txt corpus: articles of pseudo-words separated by blank lines."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(40)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 60))) + "." for _ in range(articles)]
+    path.write_text("\n\n".join(docs))
+    return path

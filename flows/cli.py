@@ -1,0 +1,143 @@
+"""`pruneflow` command line: validate, run, runs, show, serve.
+
+Bad input exits 2 with one message per problem; nothing else is printed as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_prefect_defaults() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from catalog import CatalogError
+    from flows.outputs import OutputDirError
+    from pipelines import SpecError
+    from tasks.prune import PruneError
+    from tasks.search import SearchError
+    from tasks.sources import SourceError
+    from tasks.surgery import UnsupportedArchitecture
+
+    return (SpecError, SourceError, SearchError, UnsupportedArchitecture, CatalogError, OutputDirError, PruneError)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipelines import load_spec
+
+    spec = load_spec(args.pipeline, args.set)
+    print(f"{args.pipeline}: valid pipeline '{spec.name}'")
+    return 0
+
+
+def format_outcome(summary: dict) -> str:
+    lines = [
+        f"run        {summary['run_id']}",
+        f"pipeline   {summary['pipeline']}",
+        f"removed    {len(summary['blocks'])} blocks: {', '.join(summary['blocks'])}",
+        f"params     {summary['params_dense']:,} -> {summary['params_pruned']:,} "
+        f"({100 * summary['params_removed_ratio']:.2f}% removed)",
+    ]
+    for dataset, values in summary["perplexity"].items():
+        stages = "  ".join(f"{stage} {value:.3f}" for stage, value in values.items())
+        lines.append(f"perplexity {dataset}: {stages}")
+    lines += [
+        f"recover    {summary['recover']}",
+        f"checkpoint {summary['checkpoint']}",
+        f"catalog    {summary['catalog']}",
+        f"wall time  {summary['wall_seconds']:.1f} s for the run, {summary['invocation_seconds']:.1f} s this time",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows import prune_pipeline
+    from pipelines import load_spec
+
+    spec = load_spec(args.pipeline, args.set)
+    summary = prune_pipeline(spec, fresh=args.fresh)
+    print(format_outcome(summary))
+    return 0
+
+
+def _catalog(path: str):
+    from catalog import Catalog, CatalogError
+
+    if not Path(path).exists():
+        raise CatalogError(f"no catalog at {path}; run a pipeline first or pass --catalog PATH")
+    return Catalog(path)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from catalog.report import format_runs
+
+    print(format_runs(_catalog(args.catalog).run_summaries()))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from catalog import CatalogError
+    from catalog.report import format_show
+
+    catalog = _catalog(args.catalog)
+    matches = [s.run_id for s in catalog.run_summaries() if s.run_id.startswith(args.run_id)]
+    if len(matches) != 1:
+        found = "no run" if not matches else f"{len(matches)} runs"
+        raise CatalogError(f"{found} with id starting '{args.run_id}' in {args.catalog}; see `pruneflow runs`")
+    run_id = matches[0]
+    run = catalog.get_run(run_id)
+    print(format_show(run, catalog.steps(run_id), catalog.scores(run_id), catalog.evaluations(run_id),
+                      catalog.artifacts(run_id)))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.serve import serve_pipeline
+
+    serve_pipeline(args.pipeline, cron=args.cron, overrides=args.set)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pruneflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_text in (
+        ("validate", cmd_validate, "check a pipeline YAML; exit 2 with every error"),
+        ("run", cmd_run, "run or resume a pipeline"),
+        ("serve", cmd_serve, "serve a pipeline as a Prefect deployment"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("pipeline")
+        p.add_argument("--set", action="append", default=[], metavar="dotted.key=value")
+        p.set_defaults(fn=fn)
+    sub.choices["run"].add_argument("--fresh", action="store_true", help="discard this run's results and start over")
+    sub.choices["serve"].add_argument("--cron", default=None, help="cron schedule, e.g. '0 3 * * *'")
+    runs = sub.add_parser("runs", help="list runs in a catalog")
+    runs.set_defaults(fn=cmd_runs)
+    show = sub.add_parser("show", help="show one run: spec, steps, scores, evaluations, artifacts")
+    show.add_argument("run_id")
+    show.set_defaults(fn=cmd_show)
+    for p in (runs, show):
+        p.add_argument("--catalog", default="outputs/catalog.duckdb")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_prefect_defaults()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as exc:
+        print(f"pruneflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

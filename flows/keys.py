@@ -1,0 +1,89 @@
+"""Explicit cache keys: stage name + code version + spec sections read + upstream digests.
+
+Never a hash of a model or tensor: upstream artifacts enter a key by their sha256 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines.spec import IDENTITY_SECTIONS, PipelineSpec
+from tasks.calibrate import EvalData
+from tasks.load import ModelRef
+from tasks.refs import ArtifactRef
+
+# Bump when a stage's results change meaning, so old cached results are not reused.
+CODE_VERSION = "pruneflow-stages-1"
+
+# The spec sections each stage reads (dotted paths name a single field).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "load": ("model.source",),
+    "calibrate": ("calibration",),
+    "eval-data": ("evaluate",),
+    "search": IDENTITY_SECTIONS,
+    "prune": ("model.dtype", "prune"),
+    "evaluate": ("model", "score.batch_windows", "evaluate"),
+}
+
+# Parameters that carry live objects (catalog handles, callbacks), never part of a key.
+_RUNTIME_PARAMS = {"spec", "recorder", "progress", "out_dir", "checkpoint_path"}
+
+
+def section_values(spec: PipelineSpec, sections: tuple[str, ...]) -> dict[str, Any]:
+    dumped = spec.model_dump(mode="json")
+    out = {}
+    for dotted in sections:
+        node: Any = dumped
+        for part in dotted.split("."):
+            node = node[part]
+        out[dotted] = node
+    return out
+
+
+def keyable(value: Any) -> Any:
+    if isinstance(value, ArtifactRef):
+        return {"kind": value.kind, "sha256": value.sha256}
+    if isinstance(value, ModelRef):
+        return {"model": value.fingerprint}
+    if isinstance(value, EvalData):
+        return {"dataset": value.dataset, "sha256": value.ref.sha256}
+    if dataclasses.is_dataclass(value):
+        return keyable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): keyable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [keyable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(stage: str, spec: PipelineSpec, parameters: dict[str, Any]) -> str:
+    payload = {
+        "stage": stage,
+        "code": CODE_VERSION,
+        "spec": section_values(spec, STAGE_SECTIONS[stage]),
+        "inputs": {k: keyable(v) for k, v in sorted(parameters.items()) if k not in _RUNTIME_PARAMS},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
+    def key(_context: Any, parameters: dict[str, Any]) -> str:
+        return f"{stage}-{stage_key(stage, parameters['spec'], parameters)}"
+
+    return key
+
+
+def identity_hash(spec: PipelineSpec) -> str:
+    return hashlib.sha256(spec.section_json(*IDENTITY_SECTIONS).encode()).hexdigest()
+
+
+def derive_run_id(spec: PipelineSpec, model_fingerprint: str, data_fingerprint: str) -> str:
+    """Same pipeline + same model + same calibration tokens = same run, so a rerun finds it."""
+    material = json.dumps([identity_hash(spec), model_fingerprint, data_fingerprint])
+    return hashlib.sha256(material.encode()).hexdigest()[:20]

@@ -1,0 +1,34 @@
+"""The catalog as the search's recorder: every score committed before the next candidate starts."""
+
+from __future__ import annotations
+
+from catalog import Catalog
+from tasks.score import CandidateScore
+from tasks.search import StepRecord
+
+
+class CatalogRecorder:
+    def __init__(self, catalog: Catalog, run_id: str, metric: str):
+        self.catalog = catalog
+        self.run_id = run_id
+        self.metric = metric
+
+    def known_steps(self) -> list[StepRecord]:
+        return [
+            StepRecord(row.step, row.block, row.value, row.params_remaining) for row in self.catalog.steps(self.run_id)
+        ]
+
+    def known_scores(self, step: int) -> dict[str, CandidateScore]:
+        return {
+            row.block: CandidateScore(row.block, row.value, row.n_tokens, row.seconds, row.exact)
+            for row in self.catalog.scores(self.run_id, step)
+            if row.metric == self.metric
+        }
+
+    def record_score(self, step: int, score: CandidateScore) -> None:
+        self.catalog.add_score(
+            self.run_id, step, score.block, self.metric, score.value, score.n_tokens, score.seconds, score.exact
+        )
+
+    def record_step(self, record: StepRecord) -> None:
+        self.catalog.add_step(self.run_id, record.step, record.block, record.value, record.params_remaining)
