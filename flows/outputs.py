@@ -1,10 +1,17 @@
-"""The run's output folder: who owns it, and the report written into it."""
+"""The output folder: which pipeline owns it, which of its runs is current, and files written into it.
+
+A folder belongs to one pipeline. It can hold several runs of that pipeline (each in its own
+`run-<id>` subfolder, so nothing of an earlier run is overwritten), but a changed spec may not start a
+new run while the current one is unfinished: that run must be resumed with its own spec first, or the
+new spec pointed at another folder.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 OWNER_FILE = "pruneflow-run.json"
 
@@ -23,36 +30,44 @@ def _owner(out_dir: Path) -> dict | None:
         raise OutputDirError(f"output_dir {out_dir}: {OWNER_FILE} is not valid JSON ({exc}); move the folder aside") from exc
 
 
-def check_owner(out_dir: Path, pipeline: str, identity: str, run_id: str | None = None) -> None:
-    """Refuse a folder that holds another run's outputs, before anything is written into it.
-
-    Without run_id (before any stage wrote): also refuse a non-empty folder that is not a run folder.
-    """
+def check_owner(out_dir: Path, pipeline: str, identity: str, run_status: Callable[[str], str | None]) -> None:
+    """Refuse a folder of another pipeline, or one whose current run is unfinished under another spec."""
     owner = _owner(out_dir)
     if owner is None:
-        if run_id is None and out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
+        if out_dir.exists() and any(not p.name.startswith(".") for p in out_dir.iterdir()):
             raise OutputDirError(
                 f"output_dir {out_dir} exists and is not a pruneflow run folder; choose an empty or new folder"
             )
         return
-    same = owner.get("identity") == identity and (run_id is None or owner.get("run_id") == run_id)
-    if not same:
+    if owner.get("pipeline") != pipeline:
         raise OutputDirError(
-            f"output_dir {out_dir} belongs to run {owner.get('run_id')} of pipeline '{owner.get('pipeline')}', "
-            f"and this spec is a different run (model, calibration, score or search changed); "
-            "set another output_dir (e.g. --set output_dir=...) or remove that folder"
+            f"output_dir {out_dir} belongs to pipeline '{owner.get('pipeline')}', not '{pipeline}'; "
+            "set another output_dir (e.g. --set output_dir=...)"
+        )
+    current = owner.get("run_id")
+    if owner.get("identity") != identity and current and run_status(current) in ("running", "failed"):
+        raise OutputDirError(
+            f"output_dir {out_dir} holds unfinished run {current} of '{pipeline}', and this spec changes what "
+            "that run searches (model, calibration, score or search sections); resume it with its own spec, "
+            "start it over with --fresh, or set another output_dir"
         )
 
 
 def claim(out_dir: Path, pipeline: str, identity: str, run_id: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{OWNER_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps({"run_id": run_id, "pipeline": pipeline, "identity": identity}, indent=2))
-    os.replace(tmp, out_dir / OWNER_FILE)
+    owner = _owner(out_dir) or {}
+    runs = sorted(set(owner.get("runs", [])) | {run_id})
+    record = {"pipeline": pipeline, "run_id": run_id, "identity": identity, "runs": runs}
+    write_json(out_dir / OWNER_FILE, record)
+
+
+def run_dir(out_dir: Path, run_id: str) -> Path:
+    return out_dir / f"run-{run_id[:12]}"
 
 
 def write_json(path: Path, data: dict) -> Path:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from catalog import Catalog
 from flows.keys import derive_run_id, identity_hash
-from flows.outputs import check_owner, claim, write_json
+from flows.outputs import check_owner, claim, run_dir, write_json
 from flows.preflight import preflight
 from flows.progress import SearchProgress
 from flows.recorder import CatalogRecorder
@@ -48,7 +48,7 @@ class RunOutcome:
     recover: str
     wall_seconds: float
     invocation_seconds: float = 0.0
-    stages: dict[str, str] = field(default_factory=dict)
+    search: dict[str, int] = field(default_factory=dict)
 
 
 def source_stamp(source: str) -> str:
@@ -87,16 +87,14 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     logger = get_run_logger()
     out_dir = Path(spec.output_dir)
     identity = identity_hash(spec)
-    check_owner(out_dir, spec.name, identity)
+    catalog = Catalog(spec.catalog_path())
+    check_owner(out_dir, spec.name, identity, _status_in(catalog, fresh))
 
     model = _with(load_task, out_dir, fresh)(spec, source_stamp(spec.model.source))
     calibration = _with(calibrate_task, out_dir, fresh)(spec, model, out_dir)
     eval_data = _with(eval_data_task, out_dir, fresh)(spec, model, out_dir)
     run_id = derive_run_id(spec, model.fingerprint, calibration.sha256)
-    check_owner(out_dir, spec.name, identity, run_id)
     claim(out_dir, spec.name, identity, run_id)
-
-    catalog = Catalog(spec.catalog_path())
     if fresh:
         catalog.delete_run(run_id)
     previous = catalog.get_run(run_id)
@@ -115,10 +113,22 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     outcome.wall_seconds = _wall(previous, started)
     outcome.invocation_seconds = time.perf_counter() - started
     summary = asdict(outcome)
-    report = write_json(out_dir / "report.json", summary)
+    report = write_json(run_dir(out_dir, run_id) / "report.json", summary)
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
     catalog.finish_run(run_id, "completed", wall_seconds=outcome.wall_seconds, summary=summary)
     return summary
+
+
+def _status_in(catalog: Catalog, fresh: bool):
+    """Status of a run as the ownership check sees it (--fresh may abandon an unfinished run)."""
+
+    def status(run_id: str) -> str | None:
+        if fresh:
+            return None
+        row = catalog.get_run(run_id)
+        return row.status if row else None
+
+    return status
 
 
 def _wall(previous, started: float) -> float:
@@ -135,7 +145,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     result = _with(search_task, out_dir, fresh)(
         spec, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress
     )
-    checkpoint = _with(prune_task, out_dir, fresh)(spec, model, result.blocks, out_dir)
+    checkpoint = _with(prune_task, out_dir, fresh)(spec, model, result.blocks, run_dir(out_dir, run_id))
     _record_artifact(catalog, run_id, "pruned", checkpoint)
     recovered = recover_task(spec, checkpoint)
     recover_note = "none (recover.method: none; the pruned checkpoint is final)"
@@ -154,6 +164,8 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
         params_dense=params["dense"], params_pruned=params["pruned"],
         params_removed_ratio=1 - params["pruned"] / params["dense"],
         perplexity=ppl, checkpoint=str(Path(checkpoint.path).resolve()), recover=recover_note, wall_seconds=0.0,
+        search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
+                "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
     )
 
 
@@ -161,5 +173,5 @@ def prune_pipeline(spec_or_path: PipelineSpec | str | os.PathLike, overrides: li
                    fresh: bool = False) -> dict:
     """Python entry point: a validated spec or a YAML path (with optional dotted overrides)."""
     spec = spec_or_path if isinstance(spec_or_path, PipelineSpec) else load_spec(spec_or_path, overrides)
-    preflight(spec)
+    preflight(spec, fresh)
     return prune_pipeline_flow(spec, fresh=fresh)

@@ -4,17 +4,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from flows.keys import identity_hash
 from flows.outputs import check_owner
 from pipelines import PipelineSpec
+from tasks.calibrate import leading_stream
 from tasks.load import load_stage, resolve_device
-from tasks.sources import load_texts
+from tasks.sources import SourceError, load_texts
 
 
-def preflight(spec: PipelineSpec) -> None:
-    check_owner(Path(spec.output_dir), spec.name, identity_hash(spec))
+def _enough_tokens(texts: list[str], tokenizer, needed: int, what: str, hint: str) -> None:
+    # Only as many leading documents as the need requires are tokenized, so this stays cheap.
+    have = leading_stream(texts, tokenizer, needed).numel()
+    if have < needed:
+        raise SourceError(f"{what} gives {have} tokens; need at least {needed}; {hint}")
+
+
+def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
+    from catalog import Catalog
+
+    catalog = Catalog(spec.catalog_path()) if spec.catalog_path().exists() else None
+
+    def status(run_id: str) -> str | None:
+        row = catalog.get_run(run_id) if catalog is not None and not fresh else None
+        return row.status if row else None
+
+    check_owner(Path(spec.output_dir), spec.name, identity_hash(spec), status)
     resolve_device(spec.model.device)
-    load_stage(spec)
-    load_texts(spec.calibration.dataset, "calibration")
+    model = load_stage(spec)
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    cal = spec.calibration
+    _enough_tokens(
+        load_texts(cal.dataset, "calibration"), tokenizer, cal.samples * cal.seq_len,
+        f"calibration.dataset {cal.dataset}", "use a longer dataset or fewer calibration.samples / a shorter seq_len",
+    )
     for dataset in spec.evaluate.datasets:
-        load_texts(dataset, "evaluation")
+        _enough_tokens(
+            load_texts(dataset, "evaluation"), tokenizer, spec.evaluate.seq_len,
+            f"evaluate.datasets entry {dataset}", "use a longer dataset or a shorter evaluate.seq_len",
+        )

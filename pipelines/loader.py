@@ -32,10 +32,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Choices (a union member picked by its keys or its `method`) are replaced whole, never merged:
+# merging {blocks: 8} with {params_ratio: 0.2} would ask for both.
+_WHOLE_KEYS = {"target"}
+
+
+def _switches_choice(base: dict[str, Any], override: dict[str, Any]) -> bool:
+    return "method" in override and override["method"] != base.get("method")
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if key in _WHOLE_KEYS or (isinstance(value, dict) and isinstance(merged.get(key), dict)
+                                  and _switches_choice(merged[key], value)):
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value

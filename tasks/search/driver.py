@@ -92,6 +92,8 @@ class SearchContext:
         self.unit_params = block_param_counts(model)
         self.dense_params = total_params(model)
         self.scorer: StepScorer = self.metric.scorer(model, windows, batch_windows, exact)
+        self.evaluated = 0  # candidates scored by this invocation
+        self.reused = 0  # candidates whose recorded score was reused (resume)
         self._check_reachable()
 
     # --- rules -------------------------------------------------------------------------------
@@ -114,25 +116,15 @@ class SearchContext:
         return self.params_of(removed) / self.dense_params >= float(self.target.params_ratio)
 
     def _check_reachable(self) -> None:
-        every = self.candidates([])
-        if self.target.blocks is not None and self.target.blocks > len(every):
-            raise SearchError(
-                f"search.target.blocks={self.target.blocks} cannot be met: this model has {len(every)} "
-                f"candidate blocks at granularity '{self.granularity}' (after protections); use at most {len(every)}"
-            )
-        if self.target.params_ratio is not None:
-            most = self.params_of(every) / self.dense_params
-            if self.target.params_ratio > most:
-                raise SearchError(
-                    f"search.target.params_ratio={self.target.params_ratio} cannot be met: removing every "
-                    f"candidate at granularity '{self.granularity}' removes only {most:.3f} of the parameters"
-                )
+        check_reachable(self.model, self.granularity, self.target, tuple(sorted(self.protected)))
 
     # --- scoring and recording ---------------------------------------------------------------
     def score_step(self, step: int, removed: list[str], candidates: list[str]) -> dict[str, CandidateScore]:
         known = {b: s for b, s in self.recorder.known_scores(step).items() if b in candidates}
+        self.reused += len(known)
 
         def record(score: CandidateScore) -> None:
+            self.evaluated += 1
             self.recorder.record_score(step, score)
             if self.on_score:
                 self.on_score(step, score)
@@ -160,3 +152,24 @@ class SearchContext:
         for record in steps:
             parse_block(record.block)
         return [r.block for r in steps]
+
+
+def check_reachable(model: nn.Module, granularity: str, target: Target, protect: tuple[str, ...] = ()) -> None:
+    """Refuse a target this model cannot meet; works on a model on the meta device (no weights needed)."""
+    protected = units_of(protect)
+    every = [
+        c for c in candidate_blocks(layer_ids(model), granularity, set()) if not (units_of([c]) & protected)
+    ]
+    if target.blocks is not None and target.blocks > len(every):
+        raise SearchError(
+            f"search.target.blocks={target.blocks} cannot be met: this model has {len(every)} "
+            f"candidate blocks at granularity '{granularity}' (after protections); use at most {len(every)}"
+        )
+    if target.params_ratio is not None:
+        counts = block_param_counts(model)
+        most = sum(counts[u] for u in units_of(every)) / total_params(model)
+        if target.params_ratio > most:
+            raise SearchError(
+                f"search.target.params_ratio={target.params_ratio} cannot be met: removing every "
+                f"candidate at granularity '{granularity}' removes only {most:.3f} of the parameters"
+            )

@@ -1,0 +1,66 @@
+"""Stage `calibrate` (and evaluation data): text -> fixed token windows stored as safetensors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from pipelines.spec import CalibrationSpec, EvaluateSpec
+from tasks.refs import ArtifactRef
+from tasks.sources import load_texts
+from tasks.windows import leading_windows, sample_windows, tokenize_stream
+
+_DOCS_PER_CHUNK = 64
+
+
+def save_windows(windows: torch.Tensor, path: Path, kind: str) -> ArtifactRef:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"input_ids": windows.to(torch.int64).contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return ArtifactRef.of(path, kind)
+
+
+def load_windows(ref: ArtifactRef | str) -> torch.Tensor:
+    return load_file(ref.path if isinstance(ref, ArtifactRef) else ref)["input_ids"]
+
+
+def calibrate_stage(model_path: str, spec: CalibrationSpec, out_dir: Path, key: str) -> ArtifactRef:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    stream = tokenize_stream(load_texts(spec.dataset, "calibration"), tokenizer)
+    windows = sample_windows(stream, spec.seq_len, spec.samples, spec.seed)
+    return save_windows(windows, out_dir / "calibration" / f"calibration-{key[:16]}.safetensors", "calibration")
+
+
+def leading_stream(texts: list[str], tokenizer, max_tokens: int) -> torch.Tensor:
+    """Tokens of the leading documents, enough for max_tokens (a big corpus is not tokenized whole)."""
+    parts, count = [], 0
+    for start in range(0, len(texts), _DOCS_PER_CHUNK):
+        if count >= max_tokens:
+            break
+        chunk = texts[: start + _DOCS_PER_CHUNK]
+        parts = [tokenize_stream(chunk, tokenizer)]
+        count = parts[0].numel()
+    return parts[0]
+
+
+@dataclass(frozen=True)
+class EvalData:
+    dataset: str
+    ref: ArtifactRef
+
+
+def eval_data_stage(model_path: str, spec: EvaluateSpec, out_dir: Path, key: str) -> list[EvalData]:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    out = []
+    for index, dataset in enumerate(spec.datasets):
+        stream = leading_stream(load_texts(dataset, "evaluation"), tokenizer, spec.max_tokens)
+        windows = leading_windows(stream, spec.seq_len, spec.max_tokens)
+        path = out_dir / "evaluation" / f"eval-{key[:16]}-{index}.safetensors"
+        out.append(EvalData(dataset, save_windows(windows, path, "evaluation-data")))
+    return out

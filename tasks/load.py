@@ -1,0 +1,63 @@
+"""Stage `load`: resolve any model source to a local checkpoint and check it can be pruned as asked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipelines.spec import PipelineSpec
+from tasks.search.driver import Target, check_reachable
+from tasks.sources import resolve_model
+from tasks.surgery import adapter_for, load_model, total_params
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    path: str
+    fingerprint: str
+    source: str
+    model_type: str
+    num_layers: int
+    params: int
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return device
+
+
+def skeleton(path: str) -> nn.Module:
+    """The architecture without weights (meta device): enough to enumerate and count blocks."""
+    config = AutoConfig.from_pretrained(path)
+    adapter_for(config.model_type)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def search_target(spec: PipelineSpec) -> Target:
+    target = spec.search.target
+    return Target(blocks=getattr(target, "blocks", None), params_ratio=getattr(target, "params_ratio", None))
+
+
+def load_stage(spec: PipelineSpec) -> ModelRef:
+    resolved = resolve_model(spec.model.source)
+    model = skeleton(str(resolved.path))
+    check_reachable(model, spec.score.granularity, search_target(spec), spec.search.protect)
+    return ModelRef(
+        path=str(resolved.path),
+        fingerprint=resolved.fingerprint,
+        source=spec.model.source,
+        model_type=model.config.model_type,
+        num_layers=model.config.num_hidden_layers,
+        params=total_params(model),
+    )
+
+
+def open_model(path: str, spec: PipelineSpec) -> nn.Module:
+    return load_model(path, dtype=spec.model.dtype, device=resolve_device(spec.model.device))

@@ -1,0 +1,69 @@
+"""Stage `search`: run the configured strategy on the calibration windows, recording as it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pipelines.spec import PipelineSpec
+from tasks.calibrate import load_windows
+from tasks.load import open_model, search_target
+from tasks.refs import ArtifactRef
+from tasks.score import CandidateScore
+from tasks.search import Recorder, SearchContext, StepRecord, run_search
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    blocks: tuple[str, ...]
+    values: tuple[float, ...]
+    params_remaining: tuple[int, ...]
+    dense_params: int
+    unit_windows: int
+    head_windows: int
+    stored_bytes: int
+    evaluated: int
+    reused: int
+
+    @property
+    def params_removed_ratio(self) -> float:
+        if not self.params_remaining:
+            return 0.0
+        return 1.0 - self.params_remaining[-1] / self.dense_params
+
+
+def search_stage(
+    model_path: str,
+    calibration: ArtifactRef,
+    spec: PipelineSpec,
+    recorder: Recorder,
+    on_step: Callable[[int, dict[str, CandidateScore], StepRecord], None] | None = None,
+    on_score: Callable[[int, CandidateScore], None] | None = None,
+) -> SearchResult:
+    model = open_model(model_path, spec)
+    ctx = SearchContext(
+        model,
+        load_windows(calibration),
+        metric=spec.score.metric,
+        granularity=spec.score.granularity,
+        target=search_target(spec),
+        batch_windows=spec.score.batch_windows,
+        exact=spec.search.exact_scores,
+        protect=spec.search.protect,
+        recorder=recorder,
+        on_step=on_step,
+        on_score=on_score,
+    )
+    records = run_search(ctx, spec.search.strategy)
+    work = ctx.scorer.work
+    return SearchResult(
+        blocks=tuple(r.block for r in records),
+        values=tuple(r.value for r in records),
+        params_remaining=tuple(r.params_remaining for r in records),
+        dense_params=ctx.dense_params,
+        unit_windows=work.unit_windows,
+        head_windows=work.head_windows,
+        stored_bytes=work.stored_bytes,
+        evaluated=ctx.evaluated,
+        reused=ctx.reused,
+    )

@@ -1,0 +1,120 @@
+"""The Prefect flow on a tiny model: catalog rows, stage-by-stage caching, bad input."""
+
+import json
+
+import duckdb
+import pytest
+
+from catalog import Catalog
+from flows import prune_pipeline
+from flows.cli import main as cli
+from pipelines import load_spec
+from tests.flowkit import StageCalls, tiny_pipeline
+
+
+def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeypatch):
+    stages = StageCalls(monkeypatch)
+    path = tiny_pipeline(tmp_path)
+    first = prune_pipeline(path)
+    calls, forwards = stages.take()
+    assert calls == ["load", "calibrate", "eval_data", "search", "prune", "evaluate", "evaluate"]
+    assert forwards > 0
+
+    catalog = Catalog(tmp_path / "out" / "catalog.duckdb")
+    run_id = first["run_id"]
+    assert catalog.get_run(run_id).status == "completed"
+    assert [s.block for s in catalog.steps(run_id)] == first["blocks"]
+    assert len(catalog.scores(run_id)) == 8 + 7 + 6
+    assert {(e.stage, e.kind) for e in catalog.evaluations(run_id)} >= {("dense", "perplexity"), ("pruned", "perplexity"),
+                                                                       ("dense", "size"), ("pruned", "size")}
+    assert {(a.stage, a.kind) for a in catalog.artifacts(run_id)} == {
+        ("calibrate", "calibration"), ("pruned", "checkpoint"), ("pruned", "report")}
+    assert first["params_pruned"] == catalog.steps(run_id)[-1].params_remaining
+
+    # The same pipeline again: every stage from cache, not one model forward.
+    again = prune_pipeline(path)
+    assert stages.take() == ([], 0)
+    assert again["blocks"] == first["blocks"] and again["perplexity"] == first["perplexity"]
+
+    # Only evaluation settings changed: only evaluation data and evaluation run; same run.
+    changed_eval = prune_pipeline(path, ["evaluate.max_tokens=128"])
+    calls, _ = stages.take()
+    assert calls == ["eval_data", "evaluate", "evaluate"]
+    assert changed_eval["run_id"] == run_id
+
+    # Calibration changed: calibrate and everything downstream of it; load and the dense model's
+    # evaluation (which do not read calibration) stay cached. A new run, in its own subfolder.
+    changed_cal = prune_pipeline(path, ["evaluate.max_tokens=128", "calibration.seed=1"])
+    calls, _ = stages.take()
+    assert calls[:2] == ["calibrate", "search"] and "load" not in calls and "eval_data" not in calls
+    assert calls.count("evaluate") == (1 if "prune" in calls else 0)
+    assert changed_cal["run_id"] != run_id
+    assert len(catalog.run_summaries()) == 2
+
+
+def test_cli_runs_and_show(tmp_path, capsys):
+    path = tiny_pipeline(tmp_path)
+    assert cli(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split()[1]
+    catalog = str(tmp_path / "out" / "catalog.duckdb")
+    assert cli(["runs", "--catalog", catalog]) == 0
+    listing = capsys.readouterr().out
+    assert run_id[:12] in listing and "completed" in listing
+    assert cli(["show", run_id[:8], "--catalog", catalog]) == 0
+    shown = capsys.readouterr().out
+    assert "layers." in shown and "perplexity" in shown
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.source=/nonexistent/model", "no such file or directory"),
+    ("search.target.blocks=99", "cannot be met"),
+    ("calibration.dataset=/nonexistent.txt", "nonexistent.txt"),
+    ("calibration.samples=5000", "need at least 160000"),
+    ("evaluate.datasets=[/nonexistent-eval.txt]", "nonexistent-eval.txt"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, override, message):
+    path = tiny_pipeline(tmp_path)
+    before = _files(tmp_path)
+    assert cli(["run", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err and "Traceback" not in err
+    after = [f for f in _files(tmp_path) if "calibration/" not in f and ".prefect-results" not in f]
+    assert after == before
+    catalog = tmp_path / "out" / "catalog.duckdb"
+    if catalog.exists():
+        assert duckdb.connect(str(catalog), read_only=True).execute("select count(*) from runs").fetchone() == (0,)
+
+
+def test_validate_reports_every_error_with_its_path(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: x\nmodel: {source: m, dtype: float64}\nscore: {metric: perplexty, granularity: block}\n"
+        "search: {target: {blocks: 0}, strategy: greedy}\noutput_dir: o\nextra_key: 1\n"
+    )
+    assert cli(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    for expected in ("model.dtype", "score.metric", "did you mean 'perplexity'", "score.granularity",
+                     "search.target.blocks", "search.strategy", "extra_key: unknown key"):
+        assert expected in err, expected
+
+
+def test_other_pipeline_in_same_folder_is_refused(tmp_path, capsys):
+    path = tiny_pipeline(tmp_path)
+    assert cli(["run", str(path)]) == 0
+    assert cli(["run", str(path), "--set", "name=other"]) == 2
+    assert "belongs to pipeline 'tiny'" in capsys.readouterr().err
+
+
+def test_spec_file_overrides_and_extends(tmp_path):
+    base = tiny_pipeline(tmp_path)
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: pipeline.yaml\nname: child\nsearch: {target: {params_ratio: 0.3}}\n")
+    spec = load_spec(child, ["calibration.samples=2"])
+    assert spec.name == "child" and spec.search.target.params_ratio == 0.3
+    assert spec.calibration.samples == 2 and spec.model.source == load_spec(base).model.source
+    assert json.loads(spec.section_json("search"))["search"]["target"] == {"params_ratio": 0.3}
