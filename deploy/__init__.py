@@ -1,0 +1,1 @@
+"""Prefect deployment entry points."""

@@ -1,0 +1,19 @@
+"""`pruneflow serve`: serve one pipeline as a Prefect deployment named after it."""
+
+from __future__ import annotations
+
+from flows.pipeline import prune_pipeline_flow
+from flows.preflight import preflight
+from pipelines import load_spec
+
+
+def serve_pipeline(path: str, cron: str | None = None, overrides: list[str] | None = None) -> None:
+    spec = load_spec(path, overrides)
+    preflight(spec)
+    prune_pipeline_flow.serve(
+        name=spec.name,
+        cron=cron,
+        parameters={"spec": spec.model_dump(mode="json")},
+        tags=["pruneflow", spec.name, spec.model.source],
+        description=f"pruneflow pipeline '{spec.name}' from {path}",
+    )
