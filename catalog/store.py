@@ -349,9 +349,10 @@ class Catalog:
             with self._transaction("reading schema version", read_only=True) as conn:
                 try:
                     found = schema.read_version(conn)
+                    if found is not None:
+                        _read_every_table(conn)
                 except duckdb.Error as exc:
                     raise self._unreadable(exc) from exc
-                self._check_not_truncated(conn)
                 version = self._checked_version(found)
             if version == schema.latest_version():
                 return
@@ -452,29 +453,6 @@ class Catalog:
             "or pass another catalog path"
         )
 
-    def _check_not_truncated(self, conn: duckdb.DuckDBPyConnection) -> None:
-        """Refuse a file shorter than the blocks its header lists.
-
-        DuckDB reads blocks lazily, so a truncated file can open and fail only when a lost
-        block is needed, perhaps in the middle of a search. A pending WAL is replayed in
-        memory and can list blocks not yet on disk, so the check only applies without one.
-        """
-        if Path(f"{self.path}.wal").exists():
-            return
-        row = conn.execute("SELECT block_size, total_blocks FROM pragma_database_size() "
-            "WHERE database_name = current_database()").fetchone()
-        if row is None:
-            return
-        block_size, total_blocks = (int(v) for v in row)
-        size = self.path.stat().st_size
-        if size < block_size * total_blocks:
-            raise self._unreadable(
-                f"the file has {size} bytes but lists {total_blocks} blocks of {block_size} bytes: "
-                "it was truncated"
-            )
-
-    # ---- helpers on an open transaction -----------------------------------------------------
-
     def _get_run(self, conn: duckdb.DuckDBPyConnection, run_id: str) -> RunRow | None:
         row = conn.execute(f"SELECT {RunRow.columns()} FROM runs WHERE run_id = ?", [run_id]).fetchone()
         return None if row is None else RunRow.from_db(row)
@@ -497,6 +475,17 @@ class Catalog:
                     f"{name} {stored!r}, not {given!r}: its scores do not apply to these inputs; "
                     "delete the run (run --fresh) or use another run id"
                 )
+
+
+def _read_every_table(conn: duckdb.DuckDBPyConnection) -> None:
+    """Read every row once: DuckDB reads blocks lazily, so a truncated file opens fine and fails only
+    when a lost block is needed, perhaps in the middle of a search. A file left by a killed writer
+    (pending WAL, pre-allocated blocks) reads fine and passes."""
+    tables = conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
+    ).fetchall()
+    for (table,) in tables:
+        conn.execute(f'SELECT * FROM "{table}"').fetchall()
 
 
 # ---- boundary validation ----------------------------------------------------------------------

