@@ -65,7 +65,11 @@ class ScoreSpec(BaseModel):
     )
     metric: str = Field("perplexity", description="Block-importance metric (registry name).")
     batch_windows: int = Field(
-        4, ge=1, le=4096, description="Windows per forward micro-batch; fixed so results never depend on layout."
+        1, ge=1, le=4096, description="Windows per forward micro-batch; fixed so results never depend on layout."
+    )
+    memory_budget_gb: float = Field(
+        8.0, gt=0, le=4096,
+        description="Most memory for the hidden states a search step keeps; beyond it states are recomputed.",
     )
 
     @field_validator("metric")
@@ -141,7 +145,7 @@ class SearchSpec(BaseModel):
         return data
 
 
-PruneFormat = Literal["auto", "hf", "pruneflow"]
+PruneFormat = Literal["auto", "hf", "pruneflow", "remote_code", "nemotron_nas"]
 
 
 class PruneSpec(BaseModel):
@@ -149,7 +153,11 @@ class PruneSpec(BaseModel):
 
     format: PruneFormat = Field(
         "auto",
-        description="auto: a standard checkpoint when only whole layers go, else the pruneflow format.",
+        description=(
+            "auto: a standard checkpoint when only whole layers go, else a self-contained one; "
+            "hf: original architecture (whole layers only); remote_code: modeling code in the checkpoint; "
+            "nemotron_nas: DeciLM block_configs that vLLM serves."
+        ),
     )
 
 
