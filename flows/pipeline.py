@@ -11,13 +11,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
+from prefect.runtime import flow_run
 
 from catalog import Catalog
 from flows.keys import derive_run_id, identity_hash
 from flows.outputs import check_owner, claim, run_dir, write_json
 from flows.preflight import preflight
-from flows.progress import SearchProgress
+from flows.plots import perplexity_curve, score_heatmap
+from flows.progress import Fanout, SearchProgress
+from flows.ui import SearchArtifacts, expected_candidates, publish_summary
 from flows.recorder import CatalogRecorder
 from flows.stages import (
     calibrate_task,
@@ -31,6 +34,8 @@ from flows.stages import (
 from pipelines import PipelineSpec, load_spec
 from tasks.evaluate import Evaluation
 from tasks.refs import ArtifactRef
+from tasks.score import CandidateScore
+from tasks.surgery import candidate_blocks, units_of
 
 
 @dataclass
@@ -49,6 +54,7 @@ class RunOutcome:
     wall_seconds: float
     invocation_seconds: float = 0.0
     search: dict[str, int] = field(default_factory=dict)
+    pictures: dict[str, str] = field(default_factory=dict)
 
 
 def source_stamp(source: str) -> str:
@@ -80,7 +86,29 @@ def _record_artifact(catalog: Catalog, run_id: str, stage: str, ref: ArtifactRef
     catalog.add_artifact(run_id, stage, ref.kind, str(Path(ref.path).resolve()), ref.sha256, ref.bytes)
 
 
-@flow(name="prune-pipeline", persist_result=False, log_prints=True)
+def target_text(spec: PipelineSpec) -> str:
+    target = spec.search.target
+    if hasattr(target, "blocks"):
+        return f"{target.blocks} blocks"
+    return f"{100 * target.params_ratio:g}% params"
+
+
+def run_tags(spec: PipelineSpec) -> list[str]:
+    return ["pruneflow", f"pipeline:{spec.name}", f"model:{spec.model.source}",
+            f"target:{target_text(spec).replace(' ', '-')}", f"granularity:{spec.score.granularity}"]
+
+
+def _run_name() -> str:
+    spec = flow_run.parameters.get("spec")
+    if isinstance(spec, dict):
+        spec = PipelineSpec.model_validate(spec)
+    if not isinstance(spec, PipelineSpec):
+        return "prune-pipeline"
+    model = spec.model.source.removeprefix("builtin:").rstrip("/").split("/")[-1]
+    return f"{spec.name} | {model} | -{target_text(spec)}"
+
+
+@flow(name="prune-pipeline", persist_result=False, log_prints=True, flow_run_name=_run_name)
 def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     """Run (or resume) one pruning pipeline and return its summary."""
     started = time.perf_counter()
@@ -114,6 +142,9 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     outcome.invocation_seconds = time.perf_counter() - started
     summary = asdict(outcome)
     report = write_json(run_dir(out_dir, run_id) / "report.json", summary)
+    publish_summary(summary, {"Score per block over search steps": Path(outcome.pictures["plot-scores"]),
+                              "Perplexity against parameters removed": Path(outcome.pictures["plot-perplexity"])},
+                    spec.model.source, target_text(spec))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
     catalog.finish_run(run_id, "completed", wall_seconds=outcome.wall_seconds, summary=summary)
     return summary
@@ -141,10 +172,15 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     out_dir = Path(spec.output_dir)
     recorder = CatalogRecorder(catalog, run_id, spec.score.metric)
     total_steps = getattr(spec.search.target, "blocks", None)
-    progress = SearchProgress(total_steps, logger)
+    protected = units_of(spec.search.protect)
+    first = [c for c in candidate_blocks(list(range(model.num_layers)), spec.score.granularity, set())
+             if not units_of([c]) & protected]
+    ui = SearchArtifacts(spec.name, run_id, expected_candidates(len(first), total_steps))
+    progress = Fanout(SearchProgress(total_steps, logger), ui)
     result = _with(search_task, out_dir, fresh)(
         spec, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress
     )
+    ui.finish()
     checkpoint = _with(prune_task, out_dir, fresh)(spec, model, result.blocks, run_dir(out_dir, run_id))
     _record_artifact(catalog, run_id, "pruned", checkpoint)
     recovered = recover_task(spec, checkpoint)
@@ -158,7 +194,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
         if e.kind == "perplexity":
             ppl.setdefault(e.dataset, {})[e.stage] = e.value
     params = {e.stage: int(e.value) for e in [*dense, *pruned] if e.metric == "params"}
-    return RunOutcome(
+    outcome = RunOutcome(
         run_id=run_id, pipeline=spec.name, output_dir=str(out_dir.resolve()),
         catalog=str(spec.catalog_path().resolve()), blocks=list(result.blocks),
         params_dense=params["dense"], params_pruned=params["pruned"],
@@ -167,6 +203,24 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
         search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
                 "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
     )
+    outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl).items()}
+    for kind, path in outcome.pictures.items():
+        _record_artifact(catalog, run_id, "evaluate", ArtifactRef.of(Path(path), kind))
+    return outcome
+
+
+def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict) -> dict[str, Path]:
+    folder = run_dir(Path(spec.output_dir), run_id)
+    by_step: dict[int, dict[str, CandidateScore]] = {}
+    for row in catalog.scores(run_id):
+        by_step.setdefault(row.step, {})[row.block] = CandidateScore(row.block, row.value, row.n_tokens, row.seconds, row.exact)
+    steps = [by_step[s] for s in sorted(by_step)]
+    removed_ratio = [1 - p / result.dense_params for p in result.params_remaining]
+    evals = {d: (v["dense"], v["pruned"]) for d, v in ppl.items() if "dense" in v and "pruned" in v}
+    return {
+        "plot-scores": score_heatmap(steps, list(result.blocks), folder / "scores_per_block.png", spec.score.metric),
+        "plot-perplexity": perplexity_curve(removed_ratio, list(result.values), evals, folder / "perplexity_vs_params.png"),
+    }
 
 
 def prune_pipeline(spec_or_path: PipelineSpec | str | os.PathLike, overrides: list[str] | None = None,
@@ -174,4 +228,5 @@ def prune_pipeline(spec_or_path: PipelineSpec | str | os.PathLike, overrides: li
     """Python entry point: a validated spec or a YAML path (with optional dotted overrides)."""
     spec = spec_or_path if isinstance(spec_or_path, PipelineSpec) else load_spec(spec_or_path, overrides)
     preflight(spec, fresh)
-    return prune_pipeline_flow(spec, fresh=fresh)
+    with tags(*run_tags(spec)):
+        return prune_pipeline_flow(spec, fresh=fresh)

@@ -48,3 +48,18 @@ class SearchProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class Fanout:
+    """Sends search events to several listeners (terminal bar, Prefect artifacts)."""
+
+    def __init__(self, *listeners):
+        self.listeners = listeners
+
+    def on_score(self, step: int, score: CandidateScore) -> None:
+        for listener in self.listeners:
+            listener.on_score(step, score)
+
+    def on_step(self, step: int, scores: dict[str, CandidateScore], record: StepRecord) -> None:
+        for listener in self.listeners:
+            listener.on_step(step, scores, record)

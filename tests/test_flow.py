@@ -27,8 +27,12 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
     assert len(catalog.scores(run_id)) == 8 + 7 + 6
     assert {(e.stage, e.kind) for e in catalog.evaluations(run_id)} >= {("dense", "perplexity"), ("pruned", "perplexity"),
                                                                        ("dense", "size"), ("pruned", "size")}
-    assert {(a.stage, a.kind) for a in catalog.artifacts(run_id)} == {
-        ("calibrate", "calibration"), ("pruned", "checkpoint"), ("pruned", "report")}
+    artifacts = {(a.stage, a.kind): a for a in catalog.artifacts(run_id)}
+    assert set(artifacts) == {("calibrate", "calibration"), ("pruned", "checkpoint"), ("pruned", "report"),
+                              ("evaluate", "plot-scores"), ("evaluate", "plot-perplexity")}
+    for kind in ("plot-scores", "plot-perplexity"):
+        with open(artifacts[("evaluate", kind)].path, "rb") as png:
+            assert png.read(8) == b"\x89PNG\r\n\x1a\n"
     assert first["params_pruned"] == catalog.steps(run_id)[-1].params_remaining
 
     # The same pipeline again: every stage from cache, not one model forward.
