@@ -4,7 +4,6 @@ Only this process writes the catalog. Every stage is a cached task (see flows.ke
 resumes from the catalog, which is the source of truth for what an interrupted run already did.
 """
 
-from __future__ import annotations
 
 import os
 import time
