@@ -105,3 +105,24 @@ def test_resume_reuses_recorded_scores_and_steps():
     already = set(list(full.recorder.scores[1])[:2])
     assert not any(step == 0 or (step == 1 and block in already) for step, block in evaluated)
     assert len(evaluated) == (7 - 2) + 6
+
+
+def test_memory_budget_keeps_fewer_states_and_changes_no_number():
+    from tasks.score.perplexity import PrefixReuseScorer
+
+    model, windows = tiny_model("llama", layers=4), tiny_windows(samples=4)
+    runs = {}
+    for budget in (math.inf, 3 * windows.numel() * 64 * 4):  # room for 3 of the 8 entry states
+        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3))
+        ctx.scorer = PrefixReuseScorer(model, windows, 1, True, budget)
+        runs[budget] = (run_search(ctx, "iterative"), ctx)
+    (full, full_ctx), (small, small_ctx) = runs.values()
+    assert full == small
+    def numbers(ctx):
+        return {step: {b: (s.value, s.exact) for b, s in scores.items()} for step, scores in ctx.recorder.scores.items()}
+
+    assert numbers(small_ctx) == numbers(full_ctx)
+    assert small_ctx.scorer.stride == 3 and full_ctx.scorer.stride == 1
+    assert small_ctx.scorer.work.stored_bytes <= 3 * windows.numel() * 64 * 4
+    assert small_ctx.scorer.work.stored_bytes < full_ctx.scorer.work.stored_bytes
+    assert small_ctx.scorer.work.unit_windows > full_ctx.scorer.work.unit_windows

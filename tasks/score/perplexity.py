@@ -7,6 +7,10 @@ the states after b are recomputed. With `exact=False` a candidate stops as soon 
 exceeds the best complete total (NLL terms are non-negative, so it can no longer win); its value is then
 a lower bound. Every path runs the same unit functions on the same fixed micro-batches, so the chosen
 blocks are identical to a full forward per candidate.
+
+Memory: the kept states are units x tokens x hidden values. When that exceeds the budget only every
+k-th state is kept, and a candidate rebuilds its entry state from the nearest kept one (at most k-1
+extra units), which changes the cost, never the numbers.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ class WorkCounter:
 
 
 class PrefixReuseScorer:
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool):
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
+                 memory_budget_bytes: float = math.inf):
         self.runner = ResidualRunner(model)
         self.batches = [b.contiguous() for b in windows.split(batch_windows)]
+        self.stride = _checkpoint_stride(self.runner, windows, memory_budget_bytes)
         self.n_predictions = predictions(windows)
         self.exact = exact
         self.work = WorkCounter()
@@ -130,10 +136,20 @@ class PrefixReuseScorer:
         return results
 
 
+def _checkpoint_stride(runner: ResidualRunner, windows: torch.Tensor, budget_bytes: float) -> int:
+    """Keep every k-th entry state so that all kept states fit the budget."""
+    param = next(runner.model.parameters())
+    hidden = runner.model.config.hidden_size
+    per_state = windows.numel() * hidden * param.element_size()
+    states = max(1, len(runner.units))
+    return max(1, math.ceil(states * per_state / max(budget_bytes, 1.0)))
+
+
 @register_metric
 class PerplexityMetric(Metric):
     name = "perplexity"
     remove = "lowest"
 
-    def scorer(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool) -> PrefixReuseScorer:
-        return PrefixReuseScorer(model, windows, batch_windows, exact)
+    def scorer(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
+               memory_budget_bytes: float = math.inf) -> PrefixReuseScorer:
+        return PrefixReuseScorer(model, windows, batch_windows, exact, memory_budget_bytes)
