@@ -59,22 +59,25 @@ class PrefixReuseScorer:
         self.work.unit_windows += sum(s.shape[0] for s in states)
         return [self.runner.apply(unit, h, self._context(i, h)) for i, h in enumerate(states)]
 
-    def entry_states(self, active: list[Unit]) -> list[list[torch.Tensor]]:
-        """Per active unit, the per-batch hidden states entering it; unchanged prefixes are reused."""
-        entries: list[list[torch.Tensor]] = []
+    def entry_states(self, active: list[Unit]) -> list[list[torch.Tensor] | None]:
+        """Per active unit, the per-batch hidden states entering it (None where the budget keeps none);
+        states whose prefix is unchanged since the previous step are reused."""
+        entries: list[list[torch.Tensor] | None] = []
+        current: list[torch.Tensor] | None = None
         for i, unit in enumerate(active):
             signature = tuple(u.id for u in active[:i])
             cached = self._entries.get(unit.id)
             if cached is not None and cached[0] == signature:
-                entries.append(cached[1])
-                continue
-            if i == 0:
-                states = [self.runner.embed(batch) for batch in self.batches]
+                current = cached[1]
+            elif i == 0:
+                current = [self.runner.embed(batch) for batch in self.batches]
             else:
-                states = self._apply(active[i - 1], entries[i - 1])
-            self._entries[unit.id] = (signature, states)
-            entries.append(states)
-        active_ids = {u.id for u in active}
+                current = self._apply(active[i - 1], current)
+            keep = i % self.stride == 0
+            if keep:
+                self._entries[unit.id] = (signature, current)
+            entries.append(current if keep else None)
+        active_ids = {u.id for u, e in zip(active, entries) if e is not None}
         for stale in [k for k in self._entries if k not in active_ids]:
             del self._entries[stale]
         self.work.stored_bytes = max(
@@ -87,11 +90,16 @@ class PrefixReuseScorer:
         self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], bound: float
     ) -> tuple[float, int, bool]:
         first = next(i for i, u in enumerate(active) if u.id in drop)
+        kept = first - first % self.stride
+        rebuild = active[kept:first]
         rest = [u for u in active[first:] if u.id not in drop]
         total, done = 0.0, 0
         for index, batch in enumerate(self.batches):
-            hidden = entries[first][index]
+            hidden = entries[kept][index]
             ctx = self._context(index, hidden)
+            for unit in rebuild:
+                hidden = self.runner.apply(unit, hidden, ctx)
+            self.work.unit_windows += len(rebuild) * batch.shape[0]
             for unit in rest:
                 hidden = self.runner.apply(unit, hidden, ctx)
             self.work.unit_windows += len(rest) * batch.shape[0]
