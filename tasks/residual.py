@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from tasks.surgery import adapter_of, layer_ids, removed_units
 from tasks.surgery.adapter import ForwardContext
@@ -22,20 +23,37 @@ class Unit:
     id: str
     position: int
     part: str
+    # Half of a parallel layer (GPT-NeoX): it reads the layer input, not the state after its sibling.
+    parallel: bool = False
 
 
 class ResidualRunner:
+    """Runs units one at a time: `apply(unit, h, ctx)` is h + delta(h), for any chain of units.
+
+    Parallel layers (GPT-NeoX) compute h + attn(h) + mlp(h): the MLP reads the layer input, not the state
+    after the attention. The runner remembers, for every state its attention unit returned, the layer
+    input that attention read; the MLP applied to that very tensor reads the same input. An MLP applied
+    to any other tensor reads that tensor: its attention was skipped or removed, so the state entering
+    the MLP is the layer input. Every caller that chains `apply` (scorers, benchmarks) is thus exact
+    without knowing about parallel layers, as long as it hands the attention's output tensor on as is;
+    a caller that copies or moves states in between passes `layer_input` itself.
+    """
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.adapter = adapter_of(model)
         self.layers = self.adapter.decoder_layers(model)
+        parallel = self.adapter.is_parallel(model)
         gone = removed_units(model)
         self.units: list[Unit] = [
-            Unit(f"layers.{lid}.{part}", position, part)
+            Unit(f"layers.{lid}.{part}", position, part, parallel)
             for position, lid in enumerate(layer_ids(model))
             for part in ("attn", "mlp")
             if f"layers.{lid}.{part}" not in gone
         ]
+        # Output of a parallel attention unit -> (its layer position, the layer input it read). Keyed by
+        # tensor identity, held weakly: an entry lives exactly as long as the caller keeps that state.
+        self._layer_inputs: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     @property
     def device(self) -> torch.device:
@@ -47,10 +65,21 @@ class ResidualRunner:
     def context(self, hidden: torch.Tensor) -> ForwardContext:
         return self.adapter.context(self.model, hidden)
 
-    def apply(self, unit: Unit, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def apply(
+        self, unit: Unit, hidden: torch.Tensor, ctx: ForwardContext, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
         layer = self.layers[unit.position]
-        delta_fn = self.adapter.attn_delta if unit.part == "attn" else self.adapter.mlp_delta
-        return hidden + delta_fn(layer, hidden, ctx)
+        if not unit.parallel:
+            delta_fn = self.adapter.attn_delta if unit.part == "attn" else self.adapter.mlp_delta
+            return hidden + delta_fn(layer, hidden, ctx, unit.position)
+        if unit.part == "attn":
+            out = hidden + self.adapter.attn_delta(layer, hidden, ctx, unit.position)
+            self._layer_inputs[out] = (unit.position, hidden)
+            return out
+        if layer_input is None:
+            position, remembered = self._layer_inputs.get(hidden, (None, None))
+            layer_input = remembered if position == unit.position else hidden
+        return hidden + self.adapter.mlp_delta(layer, layer_input, ctx, unit.position)
 
     def run(self, hidden: torch.Tensor, ctx: ForwardContext, units: Iterable[Unit]) -> torch.Tensor:
         for unit in units:
@@ -59,12 +88,10 @@ class ResidualRunner:
 
     def window_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Summed next-token NLL of every window (float64, shape [batch]); windows go one at a time."""
-        head = self.adapter.lm_head(self.model)
         targets = input_ids.to(hidden.device)[:, 1:]
         sums = []
         for row in range(hidden.shape[0]):
-            normed = self.adapter.final_norm(self.model, hidden[row : row + 1, :-1])
-            logits = head(normed).float()[0]
+            logits = self.adapter.logits(self.model, hidden[row : row + 1, :-1]).float()[0]
             sums.append(F.cross_entropy(logits, targets[row], reduction="sum").double())
         return torch.stack(sums)
 

@@ -1,9 +1,11 @@
 """Model surgery, in one place: what a block is per architecture, how to skip it, how to delete it."""
 
-from tasks.surgery import llama  # noqa: F401  (registers the Llama-family adapter)
+# One module per architecture family; importing it registers its adapter.
+from tasks.surgery import gemma, gpt2, gpt_neox, llama, moe, olmo2, opt, phi3  # noqa: F401
 from tasks.surgery.adapter import (
     ArchitectureAdapter,
     ForwardContext,
+    HalfLayout,
     UnsupportedArchitecture,
     adapter_for,
     adapter_of,
@@ -25,6 +27,7 @@ __all__ = [
     "ArchitectureAdapter",
     "Block",
     "ForwardContext",
+    "HalfLayout",
     "UnsupportedArchitecture",
     "adapter_for",
     "adapter_of",

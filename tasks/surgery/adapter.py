@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,48 +14,121 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class HalfLayout:
+    """Where one half (attention or MLP) of a decoder layer lives, as attribute names on the layer module.
+
+    Deleting the half replaces `slot` by a parameter-free stand-in that outputs zeros, and every module in
+    `norms` and `inner` by the identity, so the family's own forward still runs and adds nothing to the
+    residual stream. Parameters of all of them are the half's parameters.
+    """
+
+    slot: str
+    norms: tuple[str, ...] = ()
+    # Weighted modules of the half that run before `slot` (OPT's fc1 sits on the layer itself, next to fc2).
+    inner: tuple[str, ...] = ()
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return (*self.norms, *self.inner, self.slot)
+
+
 @dataclass
 class ForwardContext:
-    """What every layer of one batch shares: rotary embeddings and attention masks per layer type."""
+    """What every layer of one batch shares: masks and rotary tables, each keyed by the layer's attention type."""
 
-    position_embeddings: Any
+    position_ids: torch.Tensor
+    layer_types: tuple[str, ...]  # per layer position: the key of its mask and rotary table
     masks: dict[str, Any] = field(default_factory=dict)
+    rotary: dict[str, Any] = field(default_factory=dict)
+
+    def mask(self, position: int) -> Any:
+        return self.masks[self.layer_types[position]]
+
+    def rotary_for(self, position: int) -> Any:
+        return self.rotary.get(self.layer_types[position])
 
 
 class ArchitectureAdapter:
     """Says, for one family, what a block is, how to run it piece by piece, and how to delete it.
 
-    The residual view: a decoder layer is h -> h + attn(norm1(h)) -> h + mlp(norm2(h)); each half is a
-    unit that can be skipped (its delta is zero) or deleted with the norm that feeds it.
+    The residual view: a decoder layer is h -> h + attn_delta(h) -> h + mlp_delta(h); each half is a unit
+    that can be skipped (its delta is zero) or deleted with the norms that belong to it. A post-norm layer
+    (h -> norm(h + f(h))) fits the same view with delta = norm(h + f(h)) - h. In a parallel layer
+    (`is_parallel`), both halves read the layer input: h -> h + attn_delta(h) + mlp_delta(h).
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    attn_names: ClassVar[tuple[str, str]] = ("input_layernorm", "self_attn")
-    mlp_names: ClassVar[tuple[str, str]] = ("post_attention_layernorm", "mlp")
+    # Checkpoint formats the prune stage may write for this family: "hf" (only whole layers removed: the
+    # original architecture with fewer layers) and "pruneflow" (removed halves recorded in config.pruneflow).
+    export_formats: ClassVar[tuple[str, ...]] = ("hf", "pruneflow")
+    attn: ClassVar[HalfLayout] = HalfLayout("self_attn", norms=("input_layernorm",))
+    mlp: ClassVar[HalfLayout] = HalfLayout("mlp", norms=("post_attention_layernorm",))
+    # The attention kernel pruneflow loads checkpoints with (one kernel everywhere keeps numbers comparable).
+    attn_implementation: ClassVar[str] = "sdpa"
 
+    @property
+    def attn_names(self) -> tuple[str, ...]:
+        """Every attribute of the attention half, norms first, the stand-in's slot last."""
+        return self.attn.attributes
+
+    @property
+    def mlp_names(self) -> tuple[str, ...]:
+        return self.mlp.attributes
+
+    def half(self, part: str) -> HalfLayout:
+        return self.attn if part == "attn" else self.mlp
+
+    # --- running the model piece by piece --------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden state entering the first layer (token embeddings, scaled or with learned positions)."""
         raise NotImplementedError
 
     def context(self, model: nn.Module, hidden: torch.Tensor) -> ForwardContext:
         raise NotImplementedError
 
-    def attn_delta(self, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def attn_delta(self, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, position: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def mlp_delta(self, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def mlp_delta(self, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, position: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def is_parallel(self, model: nn.Module) -> bool:
+        """True when both halves of every layer read the layer input (GPT-NeoX's parallel residual)."""
+        return False
 
     def final_norm(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def lm_head(self, model: nn.Module) -> nn.Linear:
+    def lm_head(self, model: nn.Module) -> nn.Module:
         return model.get_output_embeddings()
 
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the last layer's output, exactly as the family's own forward makes them."""
+        return self.lm_head(model)(self.final_norm(model, hidden))
+
+    # --- deleting ----------------------------------------------------------------------------------
+    def check_layer_deletion(self, model: nn.Module, kept_positions: list[int]) -> None:
+        """Raise before anything changes when this model cannot lose the other layers faithfully."""
+
     def on_layers_deleted(self, model: nn.Module, kept_positions: list[int]) -> None:
-        """Fix per-layer config and layer indices after whole layers were deleted."""
+        """Fix per-layer config and layer indices after whole layers were deleted.
+
+        `kept_positions` are positions in the layer list before the deletion; the layer list already holds
+        only the kept layers. Families with per-layer config lists extend this.
+        """
+        config = model.config
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            config.layer_types = [layer_types[p] for p in kept_positions]
+        for new_idx, layer in enumerate(self.decoder_layers(model)):
+            # The KV cache is indexed by layer position; attention modules (and stand-ins) carry it.
+            for module in layer.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new_idx
 
 
 _ADAPTERS: dict[str, ArchitectureAdapter] = {}
@@ -64,6 +137,9 @@ _ADAPTERS: dict[str, ArchitectureAdapter] = {}
 def register_adapter(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
     instance = cls()
     for model_type in cls.model_types:
+        existing = _ADAPTERS.get(model_type)
+        if existing is not None and type(existing).__qualname__ != cls.__qualname__:
+            raise ValueError(f"model_type '{model_type}' already has the adapter {type(existing).__qualname__}")
         _ADAPTERS[model_type] = instance
     return cls
 
@@ -86,6 +162,3 @@ def adapter_for(model_type: str) -> ArchitectureAdapter:
 
 def adapter_of(model: nn.Module) -> ArchitectureAdapter:
     return adapter_for(model.config.model_type)
-
-
-AttnCall = Callable[..., Any]

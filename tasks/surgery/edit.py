@@ -3,7 +3,7 @@
 A pruned model records its history in `config.pruneflow`: `layer_ids` (the original index of every
 kept layer) and `removed` (every removed unit, as original block ids). Whole layers are deleted from
 the layer list; a lone attention or MLP half is replaced by a parameter-free stand-in together with
-the norm that fed it.
+the norms that belong to it (the adapter's `HalfLayout`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tasks.surgery.adapter import adapter_of
+from tasks.surgery.adapter import HalfLayout, adapter_for, adapter_of
 from tasks.surgery.blocks import units_of
-from tasks.surgery.removed import RemovedAttention, RemovedMLP
+from tasks.surgery.removed import RemovedAttention, RemovedMLP, is_removed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,18 +60,19 @@ def block_param_counts(model: nn.Module) -> dict[str, int]:
     adapter = adapter_of(model)
     counts: dict[str, int] = {}
     seen: set[int] = set()
+    gone = removed_units(model)
     for layer_id, layer in zip(layer_ids(model), adapter.decoder_layers(model)):
-        for part, names in (("attn", adapter.attn_names), ("mlp", adapter.mlp_names)):
+        for part in ("attn", "mlp"):
             unit = f"layers.{layer_id}.{part}"
-            if unit not in removed_units(model):
-                counts[unit] = sum(_param_count(getattr(layer, name), seen) for name in names)
+            if unit not in gone:
+                counts[unit] = sum(_param_count(getattr(layer, name), seen) for name in adapter.half(part).attributes)
     return counts
 
 
-def _stub_unit(layer: nn.Module, part: str, names: tuple[str, str], position: int) -> None:
-    norm_name, module_name = names
-    setattr(layer, norm_name, nn.Identity())
-    setattr(layer, module_name, RemovedAttention(position) if part == "attn" else RemovedMLP())
+def _stub_unit(layer: nn.Module, part: str, half: HalfLayout, position: int) -> None:
+    for name in (*half.norms, *half.inner):
+        setattr(layer, name, nn.Identity())
+    setattr(layer, half.slot, RemovedAttention(position) if part == "attn" else RemovedMLP())
 
 
 def remove_blocks(model: nn.Module, block_ids: list[str]) -> nn.Module:
@@ -84,6 +85,7 @@ def remove_blocks(model: nn.Module, block_ids: list[str]) -> nn.Module:
         p for p, lid in enumerate(record["layer_ids"])
         if not {f"layers.{lid}.attn", f"layers.{lid}.mlp"} <= gone
     ]
+    adapter.check_layer_deletion(model, kept_positions)
     new_layers = nn.ModuleList([layers[p] for p in kept_positions])
     new_ids = [record["layer_ids"][p] for p in kept_positions]
     layers_parent = _parent_of(model, layers)
@@ -91,9 +93,10 @@ def remove_blocks(model: nn.Module, block_ids: list[str]) -> nn.Module:
     model.config.num_hidden_layers = len(new_layers)
     adapter.on_layers_deleted(model, kept_positions)
     for position, (lid, layer) in enumerate(zip(new_ids, new_layers)):
-        for part, names in (("attn", adapter.attn_names), ("mlp", adapter.mlp_names)):
-            if f"layers.{lid}.{part}" in gone and not isinstance(getattr(layer, names[1]), (RemovedAttention, RemovedMLP)):
-                _stub_unit(layer, part, names, position)
+        for part in ("attn", "mlp"):
+            half = adapter.half(part)
+            if f"layers.{lid}.{part}" in gone and not is_removed(getattr(layer, half.slot)):
+                _stub_unit(layer, part, half, position)
     model.config.pruneflow = {"layer_ids": new_ids, "removed": sorted(gone)}
     return model
 
@@ -124,7 +127,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     config = AutoConfig.from_pretrained(path)
     record = getattr(config, "pruneflow", None) or {}
     stub_layers = {int(u.split(".")[1]) for u in record.get("removed", [])} & set(record.get("layer_ids", []))
-    kwargs = dict(dtype=_DTYPES[dtype], attn_implementation="sdpa")
+    kwargs = dict(dtype=_DTYPES[dtype], attn_implementation=adapter_for(config.model_type).attn_implementation)
     if not stub_layers:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         return model.to(device).eval()
@@ -143,9 +146,9 @@ def _restub(model: nn.Module) -> None:
     adapter = adapter_of(model)
     gone = removed_units(model)
     for position, (lid, layer) in enumerate(zip(layer_ids(model), adapter.decoder_layers(model))):
-        for part, names in (("attn", adapter.attn_names), ("mlp", adapter.mlp_names)):
+        for part in ("attn", "mlp"):
             if f"layers.{lid}.{part}" in gone:
-                _stub_unit(layer, part, names, position)
+                _stub_unit(layer, part, adapter.half(part), position)
 
 
 def _check_missing(model: nn.Module, missing: list[str] | set[str]) -> None:

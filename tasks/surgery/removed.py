@@ -5,20 +5,41 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Families pass the layer's KV cache under one of these keyword names (GPT-NeoX says layer_past).
+_CACHE_KWARGS = ("past_key_values", "layer_past")
+
 
 class RemovedAttention(nn.Module):
-    """Takes an attention module's place; keeps no weights and writes nothing to a KV cache."""
+    """Takes an attention module's place; keeps no weights and outputs zeros.
+
+    It still writes a one-channel zero placeholder to its KV-cache slot. Transformers reads the cached
+    length (positions, mask sizes) from the first attention layer's slot, so a slot that is never written
+    would say 0 tokens and break cached decoding when that layer's attention was removed. The placeholder
+    holds batch x tokens numbers (not heads x head_dim of them) and goes through the public `update`, so
+    every cache type (dynamic, sliding, static, beam reordering) keeps its own length bookkeeping.
+    """
 
     def __init__(self, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if cache is not None:
+            _hold_length(cache, hidden_states, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 
+def _hold_length(cache, hidden_states: torch.Tensor, layer_idx: int) -> None:
+    # Encoder-decoder caches keep decoder self-attention in a sub-cache.
+    cache = getattr(cache, "self_attention_cache", cache)
+    batch, tokens = hidden_states.shape[:2]
+    placeholder = hidden_states.new_zeros(batch, 1, tokens, 1)
+    cache.update(placeholder, placeholder, layer_idx)
+
+
 class RemovedMLP(nn.Module):
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
 
 
