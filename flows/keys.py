@@ -17,7 +17,7 @@ from tasks.load import ModelRef
 from tasks.refs import ArtifactRef
 
 # Bump when a stage's results change meaning, so old cached results are not reused.
-CODE_VERSION = "pruneflow-stages-1"
+CODE_VERSION = "pruneflow-stages-2"
 
 # The spec sections each stage reads (dotted paths name a single field).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -34,12 +34,13 @@ _RUNTIME_PARAMS = {"spec", "recorder", "progress", "out_dir", "checkpoint_path"}
 
 
 def section_values(spec: PipelineSpec, sections: tuple[str, ...]) -> dict[str, Any]:
-    dumped = spec.model_dump(mode="json")
+    # Defaults left out, as in PipelineSpec.section_json: new settings keep old cache keys valid.
+    dumped = spec.model_dump(mode="json", exclude_defaults=True)
     out = {}
     for dotted in sections:
         node: Any = dumped
         for part in dotted.split("."):
-            node = node[part]
+            node = node.get(part) if isinstance(node, dict) else None
         out[dotted] = node
     return out
 

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pipelines.spec import PipelineSpec
 from tasks.search.driver import Target, check_reachable
 from tasks.sources import resolve_model
-from tasks.surgery import adapter_for, load_model, total_params
+from tasks.export import load_checkpoint
+from tasks.surgery import adapter_for, total_params
 
 
 @dataclass(frozen=True)
@@ -60,4 +61,5 @@ def load_stage(spec: PipelineSpec) -> ModelRef:
 
 
 def open_model(path: str, spec: PipelineSpec) -> nn.Module:
-    return load_model(path, dtype=spec.model.dtype, device=resolve_device(spec.model.device))
+    """Any model pruneflow reads (a source model or an export in any format) as pruneflow's in-memory model."""
+    return load_checkpoint(path, dtype=spec.model.dtype, device=resolve_device(spec.model.device))

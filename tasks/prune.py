@@ -1,4 +1,4 @@
-"""Stage `prune`: delete the chosen blocks for real and save a checkpoint that loads elsewhere."""
+"""Stage `prune`: delete the chosen blocks for real and export a checkpoint that loads where models are served."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from transformers import AutoTokenizer, GenerationConfig
 
 from pipelines.spec import PipelineSpec
+from tasks.export import ExportError, export_model, resolve_format
 from tasks.load import open_model
 from tasks.refs import ArtifactRef
-from tasks.surgery import remove_blocks, save_model
-from tasks.surgery.edit import stubbed_units
+from tasks.surgery import remove_blocks
 
 
 class PruneError(ValueError):
@@ -20,18 +20,18 @@ class PruneError(ValueError):
 
 
 def prune_stage(model_path: str, blocks: tuple[str, ...], spec: PipelineSpec, out_dir: Path) -> ArtifactRef:
+    """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json)."""
     model = open_model(model_path, spec)
     remove_blocks(model, list(blocks))
-    stubs = stubbed_units(model)
-    if spec.prune.format == "hf" and stubs:
-        raise PruneError(
-            f"prune.format 'hf' keeps the original architecture, which cannot express removed halves {stubs}; "
-            "use format 'auto' or 'pruneflow', or score.granularity 'layer'"
-        )
+    try:
+        fmt = resolve_format(spec.prune.format, model)
+    except ExportError as err:
+        raise PruneError(str(err)) from err
     target = out_dir / "checkpoint-pruned"
     tmp = out_dir / f".checkpoint-pruned.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model.to("cpu"), AutoTokenizer.from_pretrained(model_path), tmp)
+    export_model(model.to("cpu"), tmp, fmt)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
     _copy_generation_config(model_path, tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
@@ -42,4 +42,4 @@ def _copy_generation_config(source: str, out: Path) -> None:
     try:
         GenerationConfig.from_pretrained(source).save_pretrained(out)
     except OSError:
-        pass  # the source has no generation config; transformers derives one from the model config
+        pass  # the source has no generation config; the one saved with the weights stays

@@ -59,9 +59,9 @@ def test_reduced_demo_pipeline(tmp_path):
     # The saved checkpoint reloads in a fresh process with the same evaluation perplexity.
     (eval_file,) = (tmp_path / "out" / "demo" / "evaluation").glob("*.safetensors")
     code = (
-        "import sys; from safetensors.torch import load_file; from tasks.surgery import load_model; "
+        "import sys; from safetensors.torch import load_file; from tasks.export import load_checkpoint; "
         "from tasks.residual import perplexity; "
-        f"w = load_file(r'{eval_file}')['input_ids']; m = load_model(r'{summary['checkpoint']}'); "
+        f"w = load_file(r'{eval_file}')['input_ids']; m = load_checkpoint(r'{summary['checkpoint']}'); "
         "print(repr(perplexity(m, w, 1)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,69 @@
+"""Export pruned models in formats that load where models are served, and read any of them back.
+
+Formats (`prune.format`): `hf` (original architecture, whole layers only), `remote_code` (modeling code
+in the checkpoint, any removed blocks), `nemotron_nas` (DeciLM block_configs that vLLM serves),
+`pruneflow` (weights and record only, read by pruneflow). `auto` picks `hf` when only whole layers went,
+else `remote_code`, or `pruneflow` for an architecture that has no modeling template.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from tasks.export import hf, nemotron_nas, pruneflow_format, remote_code  # noqa: F401  (register the formats)
+from tasks.export.common import has_lone_halves
+from tasks.export.registry import ExportError, ExportFormat, format_names, format_of, get_format, register_format
+
+log = logging.getLogger(__name__)
+
+
+def auto_format(model: nn.Module) -> str:
+    if not has_lone_halves(model):
+        return "hf"
+    problem = get_format("remote_code").problem(model)
+    if problem is None:
+        return "remote_code"
+    log.warning("%s; writing format 'pruneflow' instead, which only pruneflow reads", problem)
+    return "pruneflow"
+
+
+def resolve_format(requested: str, model: nn.Module) -> str:
+    """The concrete format for `requested` (`auto` included), or ExportError saying why it cannot be used."""
+    name = auto_format(model) if requested == "auto" else requested
+    problem = get_format(name).problem(model)
+    if problem:
+        raise ExportError(problem)
+    return name
+
+
+def export_model(model: nn.Module, out_dir: Path, fmt: str = "auto") -> str:
+    """Write the pruned in-memory model's weights, config and code to `out_dir`; returns the format used."""
+    name = resolve_format(fmt, model)
+    get_format(name).write(model, Path(out_dir))
+    return name
+
+
+def checkpoint_format(path: str | Path) -> str:
+    return format_of(Path(path)).name
+
+
+def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
+    """Any checkpoint pruneflow reads or writes, as pruneflow's in-memory model (tasks.surgery's form)."""
+    return format_of(Path(path)).load(Path(path), dtype, device)
+
+
+__all__ = [
+    "ExportError",
+    "ExportFormat",
+    "auto_format",
+    "checkpoint_format",
+    "export_model",
+    "format_names",
+    "get_format",
+    "load_checkpoint",
+    "register_format",
+    "resolve_format",
+]

@@ -1,0 +1,126 @@
+"""Pieces every format shares: the kept-layer layout, weights on disk, and reading back into pruneflow's model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tasks.export.registry import ExportError, read_config
+from tasks.surgery import adapter_for, layer_ids, remove_blocks, removed_units
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Keys of a written config.json that describe the file format rather than the base architecture.
+FORMAT_KEYS = ("auto_map", "architectures", "model_type", "transformers_version", "block_configs", "pruneflow")
+
+
+@dataclass(frozen=True)
+class KeptLayer:
+    layer_id: int  # index in the ORIGINAL model
+    attention: bool
+    mlp: bool
+
+
+def kept_layers(model: nn.Module) -> list[KeptLayer]:
+    gone = removed_units(model)
+    return [
+        KeptLayer(lid, f"layers.{lid}.attn" not in gone, f"layers.{lid}.mlp" not in gone)
+        for lid in layer_ids(model)
+    ]
+
+
+def has_lone_halves(model: nn.Module) -> bool:
+    return any(not (layer.attention and layer.mlp) for layer in kept_layers(model))
+
+
+# Prefix of the model_type of checkpoints that transformers must not read as the base architecture.
+PRUNED_MODEL_TYPE_PREFIX = "pruneflow_"
+
+
+def pruneflow_record(model: nn.Module, fmt: str) -> dict:
+    """What the written config says about the pruning, in original block ids."""
+    return {
+        "format": fmt,
+        "base_model_type": model.config.model_type,
+        "layer_ids": list(layer_ids(model)),
+        "removed": sorted(removed_units(model)),
+    }
+
+
+def write_weights(model: nn.Module, out_dir: Path) -> dict:
+    """Safetensors weights under the model's own parameter names; returns the config as a dict to edit.
+
+    Removed halves are parameter-free stand-ins, so they contribute no tensors."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return json.loads((out_dir / "config.json").read_text())
+
+
+def write_config(out_dir: Path, config: dict) -> None:
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def base_values(config: dict) -> dict:
+    values = {k: v for k, v in config.items() if k not in FORMAT_KEYS}
+    if "rope_parameters" in values:
+        # Legacy copies written for older readers; rope_parameters is the source of truth.
+        values.pop("rope_theta", None)
+        values.pop("rope_scaling", None)
+    return values
+
+
+def load_as_pruned(path: Path, base_model_type: str, values: dict, kept_ids: list[int], removed: list[str],
+                   dtype: str, device: str) -> nn.Module:
+    """Load a checkpoint whose weights carry the base architecture's names into pruneflow's representation.
+
+    The base model is built with the kept layers only (`values` is its config), its weights loaded, then
+    the removed halves are replaced by pruneflow's stand-ins, as `remove_blocks` leaves an in-memory model."""
+    kept = set(kept_ids)
+    whole = [u for u in removed if int(u.split(".")[1]) not in kept]
+    halves = [u for u in removed if int(u.split(".")[1]) in kept]
+    config = AutoConfig.for_model(base_model_type, **values)
+    if config.num_hidden_layers != len(kept_ids):
+        raise ExportError(f"{path}: config has {config.num_hidden_layers} layers, its record names {len(kept_ids)}")
+    config.pruneflow = {"layer_ids": list(kept_ids), "removed": sorted(whole)}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the removed halves are reported missing; checked below
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=DTYPES[dtype], output_loading_info=True,
+            attn_implementation=getattr(adapter_for(base_model_type), "attn_implementation", "sdpa"),
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    remove_blocks(model, halves)
+    present = set(model.state_dict())
+    missing = sorted(k for k in info.get("missing_keys", []) if k in present)
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        raise ExportError(
+            f"{path}: weights do not match the blocks its config keeps "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return model.to(device).eval()
+
+
+def load_recorded(path: Path, dtype: str, device: str) -> nn.Module:
+    """Read a checkpoint whose config.json carries pruneflow's full record (base model type, kept layers)."""
+    config = read_config(path)
+    record = config.get("pruneflow") or {}
+    missing = [k for k in ("base_model_type", "layer_ids", "removed") if k not in record]
+    if missing:
+        raise ExportError(f"{path}/config.json: pruneflow record lacks {missing}")
+    return load_as_pruned(
+        Path(path), record["base_model_type"], base_values(config), record["layer_ids"], record["removed"],
+        dtype, device,
+    )
+
+
+def recorded_format(config: dict) -> str | None:
+    return (config.get("pruneflow") or {}).get("format")

@@ -1,0 +1,70 @@
+"""Export formats and their registry: each format writes a pruned model and reads its own checkpoints back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+from torch import nn
+
+
+class ExportError(ValueError):
+    pass
+
+
+class ExportFormat:
+    """One checkpoint layout. `write` gets the in-memory pruned model (tasks.surgery's representation);
+    `load` returns that same representation, whatever the files look like."""
+
+    name: ClassVar[str]
+
+    def problem(self, model: nn.Module) -> str | None:
+        """Why this format cannot express `model`, or None when it can."""
+        return None
+
+    def write(self, model: nn.Module, out_dir: Path) -> None:
+        """Weights, config.json and any code files (the caller adds tokenizer and generation config)."""
+        raise NotImplementedError
+
+    def claims(self, config: dict) -> bool:
+        """Whether a checkpoint with this config.json is in this format."""
+        raise NotImplementedError
+
+    def load(self, path: Path, dtype: str, device: str) -> nn.Module:
+        raise NotImplementedError
+
+
+_FORMATS: dict[str, ExportFormat] = {}
+# Checked last when reading: it accepts any checkpoint transformers itself can load.
+_FALLBACK = "hf"
+
+
+def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
+    _FORMATS[cls.name] = cls()
+    return cls
+
+
+def format_names() -> list[str]:
+    return sorted(_FORMATS)
+
+
+def get_format(name: str) -> ExportFormat:
+    if name not in _FORMATS:
+        raise ExportError(f"unknown export format '{name}'; known: {', '.join(format_names())}")
+    return _FORMATS[name]
+
+
+def read_config(path: Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{path} is not a checkpoint folder: it has no config.json")
+    return json.loads(config_file.read_text())
+
+
+def format_of(path: Path) -> ExportFormat:
+    config = read_config(path)
+    for name, fmt in _FORMATS.items():
+        if name != _FALLBACK and fmt.claims(config):
+            return fmt
+    return get_format(_FALLBACK)

@@ -1,0 +1,125 @@
+"""Llama whose layers may each lack attention or MLP (written by pruneflow; load with trust_remote_code=True).
+
+A removed half has no weights and computes nothing: its layer adds zero to the residual stream there.
+Only kept attention owns a KV-cache slot (slot j belongs to the j-th kept attention), so the cache holds
+keys and values for kept attention only.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+)
+
+from .configuration_pruned import PrunedLlamaConfig
+
+
+def attention_cache_slots(config: PrunedLlamaConfig) -> dict[int, int]:
+    """Layer position -> KV-cache slot, for the layers that keep their attention."""
+    kept = [p for p in range(config.num_hidden_layers) if config.keeps_attention(p)]
+    return {position: slot for slot, position in enumerate(kept)}
+
+
+def kv_cache_config(config: PrunedLlamaConfig) -> PrunedLlamaConfig:
+    """The config a cache is built from: one layer per kept attention, with that layer's type."""
+    slots = attention_cache_slots(config)
+    cache_config = copy.copy(config)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        cache_config.layer_types = [layer_types[p] for p in slots]
+    cache_config.num_hidden_layers = len(slots)
+    return cache_config
+
+
+class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: PrunedLlamaConfig, layer_idx: int, cache_slot: int | None):
+        # Build only the kept halves (the parent's __init__ would allocate both).
+        GradientCheckpointingLayer.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.input_layernorm = self.self_attn = None
+        self.post_attention_layernorm = self.mlp = None
+        if cache_slot is not None:
+            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+            self.self_attn.layer_idx = cache_slot
+        if config.keeps_mlp(layer_idx):
+            self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = LlamaMLP(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        if self.self_attn is not None:
+            attn_out, _ = self.self_attn(
+                hidden_states=self.input_layernorm(hidden_states),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attn_out
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
+
+
+class PrunedLlamaModel(LlamaModel):
+    config_class = PrunedLlamaConfig
+    _no_split_modules = ["PrunedLlamaDecoderLayer"]
+
+    def __init__(self, config: PrunedLlamaConfig):
+        # The parent builds full layers (on the meta device under from_pretrained); replace them.
+        super().__init__(config)
+        slots = attention_cache_slots(config)
+        self.layers = nn.ModuleList(
+            [PrunedLlamaDecoderLayer(config, p, slots.get(p)) for p in range(config.num_hidden_layers)]
+        )
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        wants_cache = self.config.use_cache if use_cache is None else use_cache
+        if wants_cache and past_key_values is None and not (self.gradient_checkpointing and self.training):
+            past_key_values = self.new_cache()
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=kv_cache_config(self.config))
+
+
+class PrunedLlamaForCausalLM(LlamaForCausalLM):
+    config_class = PrunedLlamaConfig
+    _no_split_modules = ["PrunedLlamaDecoderLayer"]
+
+    def __init__(self, config: PrunedLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = PrunedLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() sizes a default cache by num_hidden_layers; give it one slot per kept attention instead.
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        default = generation_config.cache_implementation in (None, "dynamic")
+        if default and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["past_key_values"] = self.model.new_cache()
+
+
+__all__ = ["PrunedLlamaDecoderLayer", "PrunedLlamaForCausalLM", "PrunedLlamaModel"]
