@@ -81,6 +81,8 @@ class ScoreRow(_FromDb):
     # False: evaluation stopped early, so `value` is only a lower bound.
     exact: bool
     created_at: datetime
+    # Standard error of `value` when the metric is a sampling estimate (Shapley); None otherwise.
+    std_error: float | None = None
 
 
 @dataclass(frozen=True)

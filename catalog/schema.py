@@ -108,8 +108,15 @@ def _m1_initial(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute(statement)
 
 
+def _m2_score_std_error(conn: duckdb.DuckDBPyConnection) -> None:
+    # Sampled metrics (Shapley) are estimates: their standard error sits beside the value, NULL for
+    # exact metrics.
+    conn.execute("ALTER TABLE scores ADD COLUMN std_error DOUBLE")
+
+
 MIGRATIONS: list[Migration] = [
     _m1_initial,
+    _m2_score_std_error,
 ]
 
 # Tables that every migrated catalog has; `delete_run` clears a run from each of them.

@@ -187,6 +187,7 @@ class Catalog:
         n_tokens: int,
         seconds: float,
         exact: bool = True,
+        std_error: float | None = None,
     ) -> None:
         _text("run_id", run_id)
         step = _integer("step", step, minimum=0)
@@ -198,15 +199,17 @@ class Catalog:
         seconds = _real("seconds", seconds, minimum=0.0)
         if not isinstance(exact, bool):
             raise CatalogError(f"exact must be True or False, got {exact!r}")
+        if std_error is not None:
+            std_error = _real("std_error", std_error, minimum=0.0)
         with self._transaction("recording score", read_only=False) as conn:
             self._require_run(conn, run_id)
             conn.execute(
-                "INSERT INTO scores (run_id, step, block, metric, value, n_tokens, seconds, exact) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO scores (run_id, step, block, metric, value, n_tokens, seconds, exact, std_error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (run_id, step, block, metric) DO UPDATE SET "
                 "value = excluded.value, n_tokens = excluded.n_tokens, "
-                "seconds = excluded.seconds, exact = excluded.exact",
-                [run_id, step, block, metric, value, n_tokens, seconds, exact],
+                "seconds = excluded.seconds, exact = excluded.exact, std_error = excluded.std_error",
+                [run_id, step, block, metric, value, n_tokens, seconds, exact, std_error],
             )
 
     def scores(self, run_id: str, step: int | None = None) -> list[ScoreRow]:

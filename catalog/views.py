@@ -53,6 +53,9 @@ LEFT JOIN ppl recovered ON recovered.run_id = r.run_id AND recovered.stage = 're
 # One row per search step: the removed block, its winning score and how contested the step
 # was. `lower_bounds` counts candidates whose evaluation stopped early (scores.exact = false).
 # If the winner was scored with several metrics, the one equal to steps.value is reported.
+# Beam search records removal sets ('layers.3+layers.7.mlp'); the winner is then the set holding
+# the step's block whose score equals steps.value. A consecutive window is scored once, at step 0,
+# under its first layer, so its later steps have no score of their own.
 STEP_SCORES = """
 CREATE OR REPLACE VIEW step_scores AS
 WITH candidates AS (
@@ -63,11 +66,13 @@ WITH candidates AS (
     GROUP BY run_id, step
 ),
 winner AS (
-    SELECT st.run_id, st.step, sc.metric, sc.value, sc.exact, sc.n_tokens, sc.seconds
+    SELECT st.run_id, st.step, sc.metric, sc.value, sc.exact, sc.n_tokens, sc.seconds, sc.std_error
     FROM steps st
-    JOIN scores sc ON sc.run_id = st.run_id AND sc.step = st.step AND sc.block = st.block
+    JOIN scores sc ON sc.run_id = st.run_id AND sc.step = st.step
+        AND (sc.block = st.block OR list_contains(string_split(sc.block, '+'), st.block))
     QUALIFY row_number() OVER (
-        PARTITION BY st.run_id, st.step ORDER BY (sc.value = st.value) DESC, sc.metric
+        PARTITION BY st.run_id, st.step
+        ORDER BY (sc.value = st.value) DESC, (sc.block = st.block) DESC, sc.metric, sc.block
     ) = 1
 )
 SELECT st.run_id,
@@ -82,13 +87,55 @@ SELECT st.run_id,
        w.seconds AS score_seconds,
        coalesce(c.candidates, 0) AS candidates,
        coalesce(c.lower_bounds, 0) AS lower_bounds,
-       st.created_at
+       st.created_at,
+       w.std_error AS score_std_error
 FROM steps st
 LEFT JOIN winner w ON w.run_id = st.run_id AND w.step = st.step
 LEFT JOIN candidates c ON c.run_id = st.run_id AND c.step = st.step
 """
 
-VIEWS: tuple[str, ...] = (RUN_OVERVIEW, STEP_SCORES)
+# Runs of the same model lined up by budget (the search target) and method (metric, strategy,
+# granularity), best final perplexity first within each budget. Read from each run's spec, so runs
+# of different pipelines compare as long as they prune the same model_source.
+METHOD_COMPARISON = """
+CREATE OR REPLACE VIEW method_comparison AS
+WITH methods AS (
+    SELECT o.run_id, o.pipeline, o.status, o.model_source,
+           json_extract_string(r.spec_json, '$.score.metric') AS metric,
+           json_extract_string(r.spec_json, '$.search.strategy') AS strategy,
+           json_extract_string(r.spec_json, '$.score.granularity') AS granularity,
+           TRY_CAST(json_extract_string(r.spec_json, '$.search.target.blocks') AS INTEGER) AS target_blocks,
+           TRY_CAST(json_extract_string(r.spec_json, '$.search.target.params_ratio') AS DOUBLE)
+               AS target_params_ratio,
+           o.blocks_removed, o.params_removed, o.dense_ppl, o.final_ppl, o.final_stage, o.created_at
+    FROM run_overview o
+    JOIN runs r USING (run_id)
+)
+SELECT model_source,
+       CASE WHEN target_params_ratio IS NOT NULL THEN 'params_ratio=' || CAST(target_params_ratio AS VARCHAR)
+            ELSE 'blocks=' || CAST(target_blocks AS VARCHAR) END AS budget,
+       metric || '/' || strategy || '/' || granularity AS method,
+       metric,
+       strategy,
+       granularity,
+       params_removed,
+       blocks_removed,
+       dense_ppl,
+       final_ppl,
+       final_ppl / dense_ppl AS ppl_ratio,
+       rank() OVER (
+           PARTITION BY model_source, target_blocks, target_params_ratio
+           ORDER BY final_ppl ASC NULLS LAST
+       ) AS rank_in_budget,
+       pipeline,
+       run_id,
+       status,
+       final_stage,
+       created_at
+FROM methods
+"""
+
+VIEWS: tuple[str, ...] = (RUN_OVERVIEW, STEP_SCORES, METHOD_COMPARISON)
 
 # Documented in the README; tests run them so the documentation cannot rot.
 EXAMPLE_QUERIES: dict[str, str] = {
@@ -102,6 +149,12 @@ FROM run_overview
 WHERE status = 'completed' AND final_ppl IS NOT NULL
 GROUP BY model_source
 ORDER BY model_source
+""".strip(),
+    "methods compared per model and budget": """
+SELECT model_source, budget, rank_in_budget, method, params_removed, final_ppl, pipeline, run_id
+FROM method_comparison
+WHERE status = 'completed'
+ORDER BY model_source, budget, rank_in_budget, run_id
 """.strip(),
     "which block was removed first in every run": """
 SELECT s.run_id, r.pipeline, r.model_source,

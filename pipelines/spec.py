@@ -15,8 +15,11 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     Tag,
+    ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -56,6 +59,57 @@ class CalibrationSpec(BaseModel):
     seed: int = Field(0, ge=0, description="Seed that draws the calibration windows.")
 
 
+class AngularDistanceSettings(BaseModel):
+    model_config = _STRICT
+
+    tokens: Literal["last", "all"] = Field(
+        "last", description="last: the last token of each window (Gromov et al.); all: every token."
+    )
+
+
+class ShapleySettings(BaseModel):
+    model_config = _STRICT
+
+    estimator: Literal["leave_one_out", "sampled"] = Field(
+        "sampled",
+        description=(
+            "leave_one_out: loss rise without each block; sampled: random half-subnetworks and their complements."
+        ),
+    )
+    samples: int = Field(
+        16, ge=1, le=100_000, description="sampled: subnetworks drawn (each also evaluated with its complement)."
+    )
+    seed: int = Field(0, ge=0, description="sampled: seed that draws the subnetworks.")
+
+    @model_validator(mode="after")
+    def _sampling_keys_need_sampling(self) -> "ShapleySettings":
+        given = sorted(self.model_fields_set & {"samples", "seed"})
+        if self.estimator == "leave_one_out" and given:
+            raise ValueError(f"{', '.join(given)} apply only to estimator 'sampled', not 'leave_one_out'")
+        return self
+
+
+# Settings sections of metrics that take some, named after the metric (`score.<metric>`).
+_METRIC_SETTINGS: dict[str, type[BaseModel]] = {
+    "angular_distance": AngularDistanceSettings,
+    "shapley": ShapleySettings,
+}
+
+
+def _drop_unused_settings(data: dict[str, Any], table: dict[str, type[BaseModel]], active: str,
+                          settings: dict[str, Any]) -> dict[str, Any]:
+    """A section's canonical form: only the active method's settings, with their defaults filled in.
+
+    Sections of other methods are always empty, so leaving them out keeps the identity (run id, cache
+    keys) of pipelines written before those settings existed.
+    """
+    for name in table:
+        data.pop(name, None)
+    if active in table:
+        data[active] = settings
+    return data
+
+
 class ScoreSpec(BaseModel):
     model_config = _STRICT
 
@@ -71,11 +125,40 @@ class ScoreSpec(BaseModel):
         8.0, gt=0, le=4096,
         description="Most memory for the hidden states a search step keeps; beyond it states are recomputed.",
     )
+    angular_distance: AngularDistanceSettings | None = Field(
+        None, description="Settings of metric angular_distance (only with that metric)."
+    )
+    shapley: ShapleySettings | None = Field(None, description="Settings of metric shapley (only with that metric).")
 
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
         return check_registered("metric", value)
+
+    @model_validator(mode="after")
+    def _settings_and_granularity_fit_metric(self) -> "ScoreSpec":
+        from tasks.search.fit import metric_problems
+
+        problems = [
+            f"score.{name} applies only with score.metric: {name} (the metric is '{self.metric}')"
+            for name in _METRIC_SETTINGS
+            if getattr(self, name) is not None and name != self.metric
+        ]
+        problems += metric_problems(self.metric, self.granularity)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def metric_settings(self) -> dict[str, Any]:
+        """Keyword settings of the chosen metric (its section, defaults filled in), for SearchContext."""
+        settings_cls = _METRIC_SETTINGS.get(self.metric)
+        if settings_cls is None:
+            return {}
+        return (getattr(self, self.metric) or settings_cls()).model_dump()
+
+    @model_serializer(mode="wrap")
+    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_unused_settings(handler(self), _METRIC_SETTINGS, self.metric, self.metric_settings())
 
 
 class BlocksTarget(BaseModel):
@@ -118,6 +201,16 @@ Target = Annotated[
 ]
 
 
+class BeamSettings(BaseModel):
+    model_config = _STRICT
+
+    width: int = Field(4, ge=1, le=1024, description="Partial removal sets kept at every depth (1 = iterative).")
+
+
+# Settings sections of strategies that take some, named after the strategy (`search.<strategy>`).
+_STRATEGY_SETTINGS: dict[str, type[BaseModel]] = {"beam": BeamSettings}
+
+
 class SearchSpec(BaseModel):
     model_config = _STRICT
 
@@ -130,6 +223,11 @@ class SearchSpec(BaseModel):
     protect: tuple[str, ...] = Field(
         (), description="Block ids that are never removed, e.g. layers.0 or layers.3.mlp."
     )
+    protect_first: int = Field(
+        0, ge=0, le=10_000, description="Never remove the first N layers, attention and MLP (Shortened LLaMA's '+')."
+    )
+    protect_last: int = Field(0, ge=0, le=10_000, description="Never remove the last N layers, attention and MLP.")
+    beam: BeamSettings | None = Field(None, description="Settings of strategy beam (only with that strategy).")
 
     @field_validator("strategy")
     @classmethod
@@ -143,6 +241,42 @@ class SearchSpec(BaseModel):
         if isinstance(target, dict) and "blocks" in target and "params_ratio" in target:
             raise ValueError("search.target takes either 'blocks' or 'params_ratio', not both")
         return data
+
+    @model_validator(mode="after")
+    def _settings_fit_strategy(self) -> "SearchSpec":
+        problems = [
+            f"search.{name} applies only with search.strategy: {name} (the strategy is '{self.strategy}')"
+            for name in _STRATEGY_SETTINGS
+            if getattr(self, name) is not None and name != self.strategy
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def strategy_settings(self) -> dict[str, Any]:
+        """Keyword settings of the chosen strategy (its section, defaults filled in), for SearchContext."""
+        settings_cls = _STRATEGY_SETTINGS.get(self.strategy)
+        if settings_cls is None:
+            return {}
+        return (getattr(self, self.strategy) or settings_cls()).model_dump()
+
+    @model_serializer(mode="wrap")
+    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = _drop_unused_settings(handler(self), _STRATEGY_SETTINGS, self.strategy, self.strategy_settings())
+        # Zero protections are the default; leaving them out keeps older pipelines' identity.
+        for key in ("protect_first", "protect_last"):
+            if data.get(key) == 0:
+                data.pop(key)
+        return data
+
+
+def check_combination(score: ScoreSpec, search: SearchSpec) -> None:
+    """Refuse a strategy that cannot use the metric, granularity or exact_scores setting given."""
+    from tasks.search.fit import combination_problems
+
+    problems = combination_problems(score.metric, score.granularity, search.strategy, search.exact_scores)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 PruneFormat = Literal["auto", "hf", "pruneflow", "remote_code", "nemotron_nas"]
@@ -207,15 +341,26 @@ class PipelineSpec(BaseModel):
     output_dir: str = Field(description="Folder for checkpoints, reports and cached stage results.")
     catalog: str = Field("", description="DuckDB catalog file; default catalog.duckdb inside output_dir's parent.")
 
+    @field_validator("search")
+    @classmethod
+    def _search_fits_score(cls, search: SearchSpec, info: ValidationInfo) -> SearchSpec:
+        score = info.data.get("score")
+        if score is not None:  # a bad score section has its own errors already
+            check_combination(score, search)
+        return search
+
     def catalog_path(self) -> Path:
         if self.catalog:
             return Path(self.catalog)
         return Path(self.output_dir).parent / "catalog.duckdb"
 
     def section_json(self, *sections: str) -> str:
-        """Canonical JSON of some top-level sections: the unit of cache keys and run identity."""
-        dumped = self.model_dump(mode="json")
-        return json.dumps({s: dumped[s] for s in sections}, sort_keys=True, separators=(",", ":"))
+        """Canonical JSON of some top-level sections: the unit of cache keys and run identity.
+
+        Values equal to their defaults are left out, so adding a new setting with a default does not
+        change the identity of existing runs (a change of meaning bumps flows.keys.CODE_VERSION)."""
+        dumped = self.model_dump(mode="json", exclude_defaults=True)
+        return json.dumps({s: dumped.get(s) for s in sections}, sort_keys=True, separators=(",", ":"))
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal, Protocol
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ class CandidateScore:
     n_tokens: int
     seconds: float
     exact: bool = True  # False: evaluation stopped early, `value` is a lower bound
+    std_error: float | None = None  # sampling estimates (Shapley): the standard error of `value`
 
 
 OnScore = Callable[[CandidateScore], None]
@@ -32,14 +34,45 @@ class StepScorer(Protocol):
         """Scores of every candidate (known ones reused, never recomputed), each reported to on_score."""
 
 
+class WindowScorer(Protocol):
+    def score_windows(
+        self,
+        removed: set[str],
+        windows: dict[str, tuple[str, ...]],
+        known: dict[str, CandidateScore],
+        on_score: OnScore,
+    ) -> dict[str, CandidateScore]:
+        """Scores of windows of consecutive layers, keyed (and named in each score) by their first layer."""
+
+
+# What one score describes, which decides the strategies that can use it:
+# - "removal": the model without `removed` and the candidate (comparable across removal sets, so beam
+#   search and windows of layers can use it; perplexity);
+# - "block": the candidate's own importance inside the current model (comparable only within a step);
+# - "window": a run of consecutive layers, scored by `score_windows` (angular distance).
+Measure = Literal["removal", "block", "window"]
+
+
 class Metric:
     name: ClassVar[str]
     # Which end of the scale marks the block to remove first.
     remove: ClassVar[Literal["lowest", "highest"]]
     granularities: ClassVar[frozenset[str]] = frozenset({"layer", "attn", "mlp", "sublayer"})
     needs_grad: ClassVar[bool] = False
+    measures: ClassVar[Measure] = "removal"
 
-    def scorer(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool) -> StepScorer:
+    def configure(self, **settings: Any) -> "Metric":
+        """This metric with its `score.<name>` settings applied; metrics without settings take none."""
+        if settings:
+            raise ValueError(f"metric '{self.name}' takes no settings; got {', '.join(sorted(settings))}")
+        return self
+
+    def scorer(
+        self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
+        memory_budget_bytes: float = math.inf,
+    ) -> StepScorer:
+        """`memory_budget_bytes` caps the hidden states a scorer keeps between candidates; scorers that
+        keep none beyond one micro-batch ignore it."""
         raise NotImplementedError
 
 
@@ -49,3 +82,4 @@ METRICS: dict[str, Metric] = {}
 def register_metric(cls: type[Metric]) -> type[Metric]:
     METRICS[cls.name] = cls()
     return cls
+

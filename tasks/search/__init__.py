@@ -1,22 +1,44 @@
 """Search: the driver shared by all strategies, and the strategy registry."""
 
+from tasks.search import beam  # noqa: F401  (registers)
+from tasks.search import consecutive  # noqa: F401  (registers)
 from tasks.search import iterative  # noqa: F401  (registers)
-from tasks.search.driver import MemoryRecorder, Recorder, SearchContext, SearchError, StepRecord, Target
-from tasks.search.registry import STRATEGIES, register_strategy
+from tasks.search import one_shot  # noqa: F401  (registers)
+from tasks.search.driver import (
+    MemoryRecorder,
+    Recorder,
+    SearchContext,
+    SearchError,
+    StepRecord,
+    Target,
+    edge_layers,
+    set_key,
+)
+from tasks.search.fit import combination_problems
+from tasks.search.registry import NEEDS, STRATEGIES, StrategyNeeds, register_strategy
 
 
 def run_search(ctx: SearchContext, strategy: str) -> list[StepRecord]:
+    if strategy not in STRATEGIES:
+        raise SearchError(f"unknown strategy '{strategy}'; accepted: {', '.join(sorted(STRATEGIES))}")
+    problems = combination_problems(ctx.metric_name, ctx.granularity, strategy, ctx.exact)
+    if problems:
+        raise SearchError("; ".join(problems))
     return STRATEGIES[strategy](ctx)
 
 
 __all__ = [
+    "NEEDS",
     "STRATEGIES",
     "MemoryRecorder",
     "Recorder",
     "SearchContext",
     "SearchError",
     "StepRecord",
+    "StrategyNeeds",
     "Target",
+    "edge_layers",
     "register_strategy",
     "run_search",
+    "set_key",
 ]

@@ -3,12 +3,19 @@
 Strategies decide which block goes next; the driver owns the rules: protected blocks, the stopping
 target, and a recorder that persists every score and step as soon as it exists (the catalog, in the
 flow) and hands back what an interrupted run had already computed.
+
+What a score row names: a candidate block at a step (iterative, one_shot); the first layer of a window
+of consecutive layers, all scored at step 0 (consecutive); or, for beam search, the whole removal set
+reached at that depth, its block ids joined by '+' in model order (`set_key`), since the same block
+scores differently under different partial sets.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -62,6 +69,19 @@ class Target:
     params_ratio: float | None = None
 
 
+def set_key(blocks: list[str] | tuple[str, ...]) -> str:
+    """One removal set as text: its block ids in model order, joined by '+'."""
+    return "+".join(sorted(blocks, key=parse_block))
+
+
+def edge_layers(ids: list[int], first: int, last: int) -> list[str]:
+    """The first `first` and last `last` layers of a model with layers `ids` (Shortened LLaMA's "+")."""
+    if first < 0 or last < 0:
+        raise SearchError(f"protect_first and protect_last count layers, so they cannot be negative ({first}, {last})")
+    kept = set(ids[:first]) | set(ids[max(0, len(ids) - last):] if last else [])
+    return [f"layers.{lid}" for lid in ids if lid in kept]
+
+
 class SearchContext:
     def __init__(
         self,
@@ -74,24 +94,41 @@ class SearchContext:
         batch_windows: int = 1,
         exact: bool = True,
         protect: tuple[str, ...] = (),
+        protect_first: int = 0,
+        protect_last: int = 0,
+        memory_budget_gb: float | None = None,
+        metric_settings: Mapping[str, Any] | None = None,
+        strategy_settings: Mapping[str, Any] | None = None,
         recorder: Recorder | None = None,
         on_step: Callable[[int, dict[str, CandidateScore], StepRecord], None] | None = None,
         on_score: Callable[[int, CandidateScore], None] | None = None,
     ):
         self.model = model
-        self.metric = METRICS[metric]
+        if metric not in METRICS:
+            raise SearchError(f"unknown metric '{metric}'; accepted: {', '.join(sorted(METRICS))}")
+        try:
+            self.metric = METRICS[metric].configure(**dict(metric_settings or {}))
+        except (TypeError, ValueError) as exc:
+            raise SearchError(f"bad settings for metric '{metric}': {exc}") from exc
         if granularity not in self.metric.granularities:
-            raise SearchError(f"metric '{metric}' does not support granularity '{granularity}'")
+            raise SearchError(
+                f"metric '{metric}' does not support granularity '{granularity}' "
+                f"(it supports: {', '.join(sorted(self.metric.granularities))})"
+            )
+        self.metric_name = metric
         self.granularity = granularity
         self.target = target
+        self.exact = exact
+        self.strategy_settings = dict(strategy_settings or {})
         self.recorder = recorder or MemoryRecorder()
         self.on_step = on_step
         self.on_score = on_score
-        self.protected = units_of(protect)
         self.layer_ids = layer_ids(model)
+        self.protected = units_of([*protect, *edge_layers(self.layer_ids, protect_first, protect_last)])
         self.unit_params = block_param_counts(model)
         self.dense_params = total_params(model)
-        self.scorer: StepScorer = self.metric.scorer(model, windows, batch_windows, exact)
+        budget = math.inf if memory_budget_gb is None else memory_budget_gb * 2**30
+        self.scorer: StepScorer = self.metric.scorer(model, windows, batch_windows, exact, budget)
         self.evaluated = 0  # candidates scored by this invocation
         self.reused = 0  # candidates whose recorded score was reused (resume)
         self._check_reachable()
@@ -118,31 +155,96 @@ class SearchContext:
     def _check_reachable(self) -> None:
         check_reachable(self.model, self.granularity, self.target, tuple(sorted(self.protected)))
 
+    @property
+    def sign(self) -> float:
+        """+1 when the lowest score goes first, -1 when the highest does: sort keys are sign * value."""
+        return 1.0 if self.metric.remove == "lowest" else -1.0
+
     # --- scoring and recording ---------------------------------------------------------------
     def score_step(self, step: int, removed: list[str], candidates: list[str]) -> dict[str, CandidateScore]:
         known = {b: s for b, s in self.recorder.known_scores(step).items() if b in candidates}
         self.reused += len(known)
+        return self.scorer.score(units_of(removed), candidates, known, self._recording(step))
 
+    def score_sets(self, step: int, parent: list[str], candidates: list[str]) -> dict[str, CandidateScore]:
+        """Scores of the removal sets parent + [c] (a "removal" metric), recorded under their `set_key`.
+
+        Keyed by candidate; each score's `block` is the set key. A set reached earlier from another parent
+        at the same step is reused, not evaluated again.
+        """
+        keys = {c: set_key([*parent, c]) for c in candidates}
+        recorded = self.recorder.known_scores(step)
+        known = {c: dataclasses.replace(recorded[k], block=c) for c, k in keys.items() if k in recorded}
+        self.reused += len(known)
+        record = self._recording(step)
+        scores = self.scorer.score(
+            units_of(parent), candidates, known, lambda s: record(dataclasses.replace(s, block=keys[s.block]))
+        )
+        return {c: dataclasses.replace(scores[c], block=keys[c]) for c in candidates}
+
+    def score_windows(self, step: int, removed: list[str], windows: list[tuple[str, ...]]) -> dict[str, CandidateScore]:
+        """Scores of windows of consecutive layers, keyed and recorded by their first layer."""
+        by_first = {w[0]: w for w in windows}
+        known = {b: s for b, s in self.recorder.known_scores(step).items() if b in by_first}
+        self.reused += len(known)
+        record = self._recording(step)
+        if self.metric.measures == "window":
+            return self.scorer.score_windows(units_of(removed), by_first, known, record)  # type: ignore[attr-defined]
+        # A "removal" metric scores the model without the window: the rest of the window joins `removed`.
+        scores: dict[str, CandidateScore] = {}
+        for first, window in by_first.items():
+            gone = units_of([*removed, *window[1:]])
+            scores.update(self.scorer.score(gone, [first], {first: known[first]} if first in known else {}, record))
+        return scores
+
+    def _recording(self, step: int) -> Callable[[CandidateScore], None]:
         def record(score: CandidateScore) -> None:
             self.evaluated += 1
             self.recorder.record_score(step, score)
             if self.on_score:
                 self.on_score(step, score)
 
-        return self.scorer.score(units_of(removed), candidates, known, record)
+        return record
+
+    def ranked(self, scores: dict[str, CandidateScore], candidates: list[str]) -> list[str]:
+        """Candidates with exact scores, the first to remove first; ties broken by model order."""
+        exact = [c for c in candidates if scores[c].exact]
+        return sorted(exact, key=lambda c: (self.sign * scores[c].value, candidates.index(c)))
 
     def pick(self, scores: dict[str, CandidateScore], candidates: list[str]) -> CandidateScore:
         """The block to remove: best exact score, ties broken by model order."""
-        sign = 1.0 if self.metric.remove == "lowest" else -1.0
-        exact = [scores[c] for c in candidates if scores[c].exact]
-        return min(exact, key=lambda s: (sign * s.value, candidates.index(s.block)))
+        return scores[self.ranked(scores, candidates)[0]]
 
     def commit(self, step: int, removed: list[str], chosen: CandidateScore, scores: dict[str, CandidateScore]) -> StepRecord:
-        record = StepRecord(step, chosen.block, chosen.value, self.params_remaining([*removed, chosen.block]))
+        return self.record_step(step, removed, chosen.block, chosen.value, scores)
+
+    def record_step(
+        self, step: int, removed: list[str], block: str, value: float, scores: dict[str, CandidateScore]
+    ) -> StepRecord:
+        record = StepRecord(step, block, value, self.params_remaining([*removed, block]))
         self.recorder.record_step(record)
         if self.on_step:
             self.on_step(step, scores, record)
         return record
+
+    def commit_plan(
+        self, plan: list[tuple[str, float]], scores: list[dict[str, CandidateScore]]
+    ) -> list[StepRecord]:
+        """Record a removal order chosen all at once (one_shot, consecutive, beam), resuming after the
+        steps an interrupted run already committed, which must agree with the plan. `plan` holds each
+        step's block and value; `scores[i]` is what step i chose among (the last entry serves later steps)."""
+        done = self.resumed()
+        planned = [block for block, _ in plan]
+        if done != planned[: len(done)]:
+            raise SearchError(
+                f"the catalog's committed steps {done} disagree with the removal order its recorded scores "
+                f"give {planned}; run again with --fresh"
+            )
+        records = sorted(self.recorder.known_steps(), key=lambda r: r.step)
+        for step in range(len(done), len(plan)):
+            block, value = plan[step]
+            records.append(self.record_step(step, planned[:step], block, value, scores[min(step, len(scores) - 1)]))
+        return records
 
     def resumed(self) -> list[str]:
         """Blocks removed by steps an earlier, interrupted run already committed."""
@@ -154,9 +256,16 @@ class SearchContext:
         return [r.block for r in steps]
 
 
-def check_reachable(model: nn.Module, granularity: str, target: Target, protect: tuple[str, ...] = ()) -> None:
+def check_reachable(
+    model: nn.Module,
+    granularity: str,
+    target: Target,
+    protect: tuple[str, ...] = (),
+    protect_first: int = 0,
+    protect_last: int = 0,
+) -> None:
     """Refuse a target this model cannot meet; works on a model on the meta device (no weights needed)."""
-    protected = units_of(protect)
+    protected = units_of([*protect, *edge_layers(layer_ids(model), protect_first, protect_last)])
     every = [
         c for c in candidate_blocks(layer_ids(model), granularity, set()) if not (units_of([c]) & protected)
     ]

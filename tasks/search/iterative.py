@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from tasks.search.driver import SearchContext, StepRecord
-from tasks.search.registry import register_strategy
+from tasks.search.registry import StrategyNeeds, register_strategy
 
 
-@register_strategy("iterative")
+@register_strategy("iterative", StrategyNeeds(lower_bounds=True))
 def iterative(ctx: SearchContext) -> list[StepRecord]:
     removed = ctx.resumed()
     records = list(sorted(ctx.recorder.known_steps(), key=lambda r: r.step))

@@ -1,0 +1,226 @@
+"""Published block-pruning recipes side by side on SmolLM2-135M at the same parameter budgets.
+
+Each method is a ready pipeline in `pipelines/` (its metric, strategy, granularity, settings and
+protections are read from the YAML; only the target changes), run through the library API
+(SearchContext + run_search, then tasks.surgery.remove_blocks and tasks.residual.perplexity) on the
+same calibration windows, and evaluated on the same held-out tokens of builtin:wiki-vital-en.
+No recovery: these are the pruned models as the search leaves them.
+
+    .venv/bin/python -m benchmarks.compare_methods                     # every recipe, 10% and 20%
+    .venv/bin/python -m benchmarks.compare_methods --only shortgpt gromov --budgets 0.1
+
+Writes benchmarks/results/compare_methods.md, .json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from pipelines import load_spec
+from pipelines.spec import PipelineSpec
+from tasks.calibrate import leading_stream
+from tasks.residual import perplexity
+from tasks.search import MemoryRecorder, SearchContext, SearchError, Target, run_search
+from tasks.sources import load_texts, resolve_model
+from tasks.surgery import load_model, remove_blocks, total_params
+from tasks.windows import leading_windows, sample_windows, tokenize_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    pipeline: str
+    overrides: tuple[str, ...] = ()
+
+
+METHODS = (
+    Method("ShortGPT", "smollm2-shortgpt.yaml"),
+    Method("LLM-Drop attn", "smollm2-llmdrop-attn.yaml"),
+    Method("LLM-Drop joint", "smollm2-llmdrop-joint.yaml"),
+    Method("Gromov (last token)", "smollm2-gromov.yaml"),
+    Method("Gromov (all tokens)", "smollm2-gromov.yaml", ("score.angular_distance.tokens=all",)),
+    Method("Shortened Taylor+", "smollm2-shortened-taylor.yaml"),
+    Method("Shortened PPL", "smollm2-shortened-ppl.yaml"),
+    Method("Siddiqui Shapley", "smollm2-shapley.yaml"),
+    Method("Quark depth-wise", "smollm2-quark-depthwise.yaml"),
+    # Last: by far the most expensive search. Early abort picks the same blocks, faster.
+    Method("BlockPruner", "smollm2-blockpruner.yaml", ("search.exact_scores=false",)),
+)
+
+# Strategies whose removal order at a larger budget starts with the order at a smaller one: a run at
+# the larger budget resumes from the smaller one's recorder instead of scoring again.
+PREFIX_STRATEGIES = {"one_shot", "iterative"}
+
+
+@dataclass
+class Row:
+    method: str
+    pipeline: str
+    metric: str
+    strategy: str
+    granularity: str
+    budget: float
+    params_removed: float | None = None
+    blocks: list[str] = field(default_factory=list)
+    search_seconds: float | None = None
+    evaluated: int | None = None
+    reused: int | None = None
+    eval_ppl: float | None = None
+    note: str = ""
+
+
+def data(spec: PipelineSpec, model_path: str, eval_tokens: int, eval_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    calib = spec.calibration
+    stream = tokenize_stream(load_texts(calib.dataset, "calibration"), tokenizer)
+    windows = sample_windows(stream, calib.seq_len, calib.samples, calib.seed)
+    dataset = spec.evaluate.datasets[0]
+    held_out = leading_windows(leading_stream(load_texts(dataset, "evaluation"), tokenizer, eval_tokens),
+                               eval_seq_len, eval_tokens)
+    return windows, held_out
+
+
+def run_one(model, windows, held_out, spec: PipelineSpec, budget: float, row: Row, recorder: MemoryRecorder) -> Row:
+    try:
+        ctx = SearchContext(
+            model, windows,
+            metric=spec.score.metric, granularity=spec.score.granularity, target=Target(params_ratio=budget),
+            batch_windows=spec.score.batch_windows, exact=spec.search.exact_scores, protect=spec.search.protect,
+            protect_first=spec.search.protect_first, protect_last=spec.search.protect_last,
+            metric_settings=spec.score.metric_settings(), strategy_settings=spec.search.strategy_settings(),
+            recorder=recorder,
+        )
+    except SearchError as exc:
+        row.note = f"not reachable: {exc}"
+        return row
+    start = time.perf_counter()
+    records = run_search(ctx, spec.search.strategy)
+    row.search_seconds = time.perf_counter() - start
+    row.evaluated, row.reused = ctx.evaluated, ctx.reused
+    row.blocks = [r.block for r in records]
+    pruned = remove_blocks(copy.deepcopy(model), row.blocks)
+    row.params_removed = 1 - total_params(pruned) / ctx.dense_params
+    with torch.inference_mode():
+        row.eval_ppl = perplexity(pruned, held_out, batch_windows=1)
+    del pruned
+    return row
+
+
+def table(rows: list[Row], dense_ppl: float) -> str:
+    lines = [
+        f"Dense SmolLM2-135M: evaluation perplexity {dense_ppl:.2f}.",
+        "",
+        "| method | metric / strategy / granularity | budget | params removed | eval ppl | search s | blocks removed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        how = f"{r.metric} / {r.strategy} / {r.granularity}"
+        if r.eval_ppl is None:
+            lines.append(f"| {r.method} | {how} | {r.budget:.0%} | - | - | - | {r.note} |")
+            continue
+        blocks = ", ".join(b.removeprefix("layers.") for b in r.blocks)
+        lines.append(f"| {r.method} | {how} | {r.budget:.0%} | {100 * r.params_removed:.1f}% | {r.eval_ppl:.2f} | "
+                     f"{r.search_seconds:.0f} | {blocks} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], dense_ppl: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for method in dict.fromkeys(r.method for r in rows):
+        points = sorted((100 * r.params_removed, r.eval_ppl) for r in rows if r.method == method and r.eval_ppl)
+        if points:
+            ax.plot([0.0] + [x for x, _ in points], [dense_ppl] + [y for _, y in points], marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters removed (%)")
+    ax.set_ylabel("evaluation perplexity (log scale)")
+    ax.set_title("SmolLM2-135M, no recovery: evaluation perplexity against parameters removed", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2], help="params_ratio targets")
+    parser.add_argument("--only", nargs="+", default=None, help="pipelines whose file name contains one of these")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--out", default=str(RESULTS / "compare_methods"), help="results path without extension")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    methods = [m for m in METHODS if not args.only or any(o in m.pipeline or o in m.label for o in args.only)]
+    specs = {m: load_spec(ROOT / "pipelines" / m.pipeline, list(m.overrides)) for m in methods}
+    base = next(iter(specs.values()))
+    model_path = str(resolve_model(base.model.source).path)
+    model = load_model(model_path, dtype=base.model.dtype).eval()
+    windows, held_out = data(base, model_path, args.eval_tokens, args.eval_seq_len)
+    for spec in specs.values():  # one calibration and evaluation set for every method
+        if spec.section_json("model", "calibration") != base.section_json("model", "calibration"):
+            raise SystemExit(f"{spec.name} uses other model or calibration settings than {base.name}")
+    started = time.perf_counter()
+    with torch.inference_mode():
+        dense_ppl = perplexity(model, held_out, batch_windows=1)
+    print(f"dense evaluation perplexity {dense_ppl:.3f} on {held_out.numel()} tokens "
+          f"({held_out.shape[0]} x {held_out.shape[1]}); calibration {windows.shape[0]} x {windows.shape[1]}",
+          flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    for method, spec in specs.items():
+        recorder = MemoryRecorder()
+        for budget in sorted(args.budgets):
+            if spec.search.strategy not in PREFIX_STRATEGIES:
+                recorder = MemoryRecorder()
+            row = Row(method.label, method.pipeline, spec.score.metric, spec.search.strategy,
+                      spec.score.granularity, budget)
+            rows.append(run_one(model, windows, held_out, spec, budget, row, recorder))
+            print(f"{row.method:22s} {budget:.0%}: ppl {row.eval_ppl if row.eval_ppl else float('nan'):9.2f}  "
+                  f"removed {100 * (row.params_removed or 0):5.1f}%  search {row.search_seconds or 0:6.1f}s  "
+                  f"{row.note or ' '.join(row.blocks)}", flush=True)
+            # Written after every row, so an interrupted run still leaves what it measured.
+            write(out, rows, dense_ppl, windows, held_out, base, time.perf_counter() - started)
+    print(f"wrote {out.with_suffix('.md')}, .json and .png")
+
+
+def write(out: Path, rows: list[Row], dense_ppl: float, windows: torch.Tensor, held_out: torch.Tensor,
+          base: PipelineSpec, seconds: float) -> None:
+    header = (
+        f"# Block-pruning recipes on SmolLM2-135M\n\n"
+        f"Calibration: {windows.shape[0]} x {windows.shape[1]} tokens of builtin:wiki-vital-en (calibration split, "
+        f"seed {base.calibration.seed}); evaluation: the first {held_out.numel()} tokens of its evaluation split in "
+        f"{held_out.shape[1]}-token windows. Budgets are `search.target.params_ratio` (embeddings included in the "
+        f"count); a run stops at the first removal that reaches its budget. No recovery. Wall time so far "
+        f"{seconds:.0f} s, {torch.get_num_threads()} torch thread(s).\n\n"
+    )
+    out.with_suffix(".md").write_text(header + table(rows, dense_ppl) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"dense_ppl": dense_ppl, "calibration": list(windows.shape), "evaluation": list(held_out.shape),
+         "seconds": seconds, "rows": [asdict(r) for r in rows]}, indent=2))
+    plot(rows, dense_ppl, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

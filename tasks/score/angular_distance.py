@@ -1,0 +1,96 @@
+"""Angular distance between the input of layer l and of layer l + n (Gromov et al., "The Unreasonable
+Ineffectiveness of the Deeper Layers", 2024): arccos(cos(x_l, x_{l+n})) / pi, averaged over samples.
+
+It scores windows of n consecutive layers, not single blocks, so only the `consecutive` strategy uses
+it; the window whose input and output are closest goes. The paper measures the last token of each
+sequence (`tokens: last`); `tokens: all` averages over every token, steadier with few windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.residual import ResidualRunner
+from tasks.score.base import CandidateScore, Metric, OnScore, register_metric
+from tasks.score.perplexity import WorkCounter
+from tasks.score.states import boundary_states, window_span
+
+Tokens = Literal["last", "all"]
+
+
+class AngularDistanceScorer:
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, tokens: Tokens):
+        self.runner = ResidualRunner(model)
+        self.batches = [b.contiguous() for b in windows.split(batch_windows)]
+        self.tokens = tokens
+        self.work = WorkCounter()
+
+    def score(
+        self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
+    ) -> dict[str, CandidateScore]:
+        raise TypeError(
+            "metric 'angular_distance' scores windows of consecutive layers, not single blocks: "
+            "use it with search.strategy 'consecutive'"
+        )
+
+    @torch.inference_mode()
+    def score_windows(
+        self,
+        removed: set[str],
+        windows: dict[str, tuple[str, ...]],
+        known: dict[str, CandidateScore],
+        on_score: OnScore,
+    ) -> dict[str, CandidateScore]:
+        results = {w: known[w] for w in windows if w in known}
+        todo = [w for w in windows if w not in results]
+        if not todo:
+            return results
+        start = time.perf_counter()
+        active = [u for u in self.runner.units if u.id not in removed]
+        where = {w: window_span(active, windows[w]) for w in todo}
+        boundaries = {i for span in where.values() for i in span}
+        sums = dict.fromkeys(todo, 0.0)
+        samples = sum(b.shape[0] if self.tokens == "last" else b.numel() for b in self.batches)
+        for states in boundary_states(self.runner, self.batches, active, boundaries, self.work):
+            for window, (first, end) in where.items():
+                inputs, outputs = states[first].float(), states[end].float()
+                if self.tokens == "last":
+                    inputs, outputs = inputs[:, -1], outputs[:, -1]
+                cos = F.cosine_similarity(inputs, outputs, dim=-1).double().clamp(-1.0, 1.0)
+                sums[window] += float((torch.arccos(cos) / math.pi).sum())
+        seconds = (time.perf_counter() - start) / len(todo)
+        n_tokens = sum(batch.numel() for batch in self.batches)
+        for window in todo:
+            score = CandidateScore(block=window, value=sums[window] / samples, n_tokens=n_tokens, seconds=seconds)
+            results[window] = score
+            on_score(score)
+        return results
+
+
+@register_metric
+@dataclass(frozen=True)
+class AngularDistance(Metric):
+    name = "angular_distance"
+    remove = "lowest"
+    granularities = frozenset({"layer"})
+    measures = "window"
+    tokens: Tokens = "last"
+
+    def configure(self, **settings: object) -> "AngularDistance":
+        configured = AngularDistance(**settings)  # type: ignore[arg-type]
+        if configured.tokens not in ("last", "all"):
+            raise ValueError(f"angular_distance tokens must be last or all, got {configured.tokens!r}")
+        return configured
+
+    def scorer(
+        self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
+        memory_budget_bytes: float = math.inf,
+    ) -> AngularDistanceScorer:
+        return AngularDistanceScorer(model, windows, batch_windows, self.tokens)

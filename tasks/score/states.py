@@ -1,0 +1,109 @@
+"""Metrics read from hidden states: one forward pass of the current model scores every candidate.
+
+A block's input is the residual stream entering its first remaining unit and its output the stream
+leaving its last one, so a layer whose attention half was removed earlier is measured on what is left.
+Each metric is a per-token statistic of (input, output), averaged over every token of every window
+(ShortGPT, LLM-Drop and Siddiqui et al. all average over tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from tasks.residual import ResidualRunner, Unit
+from tasks.score.base import CandidateScore, Metric, OnScore
+from tasks.score.perplexity import WorkCounter
+from tasks.surgery import units_of
+
+
+def spans(active: list[Unit], blocks: list[str]) -> dict[str, tuple[int, int]]:
+    """Per block, the index in `active` of its first unit and one past its last (its units must be adjacent)."""
+    index = {unit.id: i for i, unit in enumerate(active)}
+    out: dict[str, tuple[int, int]] = {}
+    for block in blocks:
+        positions = sorted(index[u] for u in units_of([block]) if u in index)
+        if not positions:
+            raise ValueError(f"block '{block}' has no unit left in the model: it was already removed")
+        if positions != list(range(positions[0], positions[-1] + 1)):
+            raise ValueError(f"the units of '{block}' are not adjacent in the model, so it has no single input")
+        out[block] = (positions[0], positions[-1] + 1)
+    return out
+
+
+def window_span(active: list[Unit], blocks: tuple[str, ...]) -> tuple[int, int]:
+    """The span of a run of blocks that follow each other in the model (a window of consecutive layers)."""
+    parts = list(spans(active, list(blocks)).values())
+    if any(a[1] != b[0] for a, b in zip(parts, parts[1:])):
+        raise ValueError(f"blocks {', '.join(blocks)} are not consecutive in the model")
+    return parts[0][0], parts[-1][1]
+
+
+def boundary_states(
+    runner: ResidualRunner, batches: list[torch.Tensor], active: list[Unit], boundaries: set[int], work: WorkCounter
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Per batch, the hidden state at each boundary i (entering active[i]; i == len(active): after the last)."""
+    for batch in batches:
+        hidden = runner.embed(batch)
+        ctx = runner.context(hidden)
+        states = {0: hidden} if 0 in boundaries else {}
+        for i, unit in enumerate(active):
+            hidden = runner.apply(unit, hidden, ctx)
+            if i + 1 in boundaries:
+                states[i + 1] = hidden
+        work.unit_windows += len(active) * batch.shape[0]
+        yield states
+
+
+class BlockStateScorer:
+    """Scores every candidate in one pass: mean over tokens of `metric.statistic(input, output)`."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, metric: "BlockStateMetric"):
+        self.runner = ResidualRunner(model)
+        self.batches = [b.contiguous() for b in windows.split(batch_windows)]
+        self.metric = metric
+        self.work = WorkCounter()
+
+    @torch.inference_mode()
+    def score(
+        self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
+    ) -> dict[str, CandidateScore]:
+        results = {c: known[c] for c in candidates if c in known}
+        todo = [c for c in candidates if c not in results]
+        if not todo:
+            return results
+        start = time.perf_counter()
+        active = [u for u in self.runner.units if u.id not in removed]
+        where = spans(active, todo)
+        boundaries = {i for span in where.values() for i in span}
+        sums = dict.fromkeys(todo, 0.0)
+        tokens = sum(batch.numel() for batch in self.batches)
+        for states in boundary_states(self.runner, self.batches, active, boundaries, self.work):
+            for block, (first, end) in where.items():
+                # float32 at least: the statistics divide by norms that bf16 rounds coarsely.
+                values = self.metric.statistic(states[first].float(), states[end].float())
+                sums[block] += float(values.double().sum())
+        seconds = (time.perf_counter() - start) / len(todo)
+        for block in todo:
+            score = CandidateScore(block=block, value=sums[block] / tokens, n_tokens=tokens, seconds=seconds)
+            results[block] = score
+            on_score(score)
+        return results
+
+
+class BlockStateMetric(Metric):
+    measures = "block"
+
+    def statistic(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """Per-token value, shape [batch, tokens], of a block that maps `inputs` to `outputs`."""
+        raise NotImplementedError
+
+    def scorer(
+        self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
+        memory_budget_bytes: float = math.inf,
+    ) -> BlockStateScorer:
+        return BlockStateScorer(model, windows, batch_windows, self)

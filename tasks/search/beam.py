@@ -1,0 +1,69 @@
+"""Beam search over removal sets: like the iterative search, but every step keeps the `width` best
+partial sets instead of one, so an early choice that looked best can still lose to a better pair.
+
+Needs a metric whose score is the model without the whole set (perplexity). At each depth every kept
+set is extended by each of its candidates; children reached from two parents are scored once. Sets
+that meet the target stop growing; the best finished set wins, and its path (the order its blocks were
+added in) is committed step by step once the search ends. Width 1 is the iterative search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks.score import CandidateScore
+from tasks.search.driver import SearchContext, SearchError, StepRecord, set_key
+from tasks.search.registry import StrategyNeeds, register_strategy
+from tasks.surgery import parse_block
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    width: int = 4
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"beam width must be at least 1, got {self.width}")
+
+
+@dataclass(frozen=True)
+class Path:
+    blocks: tuple[str, ...]  # in the order they were added
+    values: tuple[float, ...]  # the score of each prefix
+
+    @property
+    def key(self) -> str:
+        return set_key(self.blocks)
+
+
+@register_strategy("beam", StrategyNeeds(measures=frozenset({"removal"})))
+def beam(ctx: SearchContext) -> list[StepRecord]:
+    width = BeamSettings(**ctx.strategy_settings).width
+    frontier = [Path((), ())]
+    finished: list[Path] = []
+    by_depth: list[dict[str, CandidateScore]] = []
+    depth = 0
+    while frontier:
+        children: dict[str, Path] = {}
+        step_scores: dict[str, CandidateScore] = {}
+        for parent in frontier:
+            candidates = ctx.candidates(list(parent.blocks))
+            scores = ctx.score_sets(depth, list(parent.blocks), candidates)
+            for block in ctx.ranked(scores, candidates):
+                child = Path((*parent.blocks, block), (*parent.values, scores[block].value))
+                children.setdefault(child.key, child)
+                step_scores[child.key] = scores[block]
+        kept = sorted(children.values(), key=lambda p: _order(ctx, p))[:width]
+        finished += [p for p in kept if ctx.target_met(list(p.blocks))]
+        frontier = [p for p in kept if not ctx.target_met(list(p.blocks))]
+        by_depth.append(step_scores)
+        depth += 1
+    if not finished:
+        raise SearchError(f"beam search ended without a removal set that meets the target {ctx.target}")
+    best = min(finished, key=lambda p: _order(ctx, p))
+    return ctx.commit_plan(list(zip(best.blocks, best.values)), by_depth)
+
+
+def _order(ctx: SearchContext, path: Path) -> tuple:
+    """Best score first; ties go to the set whose blocks come first in the model."""
+    return ctx.sign * path.values[-1], [parse_block(b) for b in sorted(path.blocks, key=parse_block)]

@@ -1,0 +1,46 @@
+"""Remove the best window of n consecutive layers at once (Gromov et al. by angular distance; AMD Quark's
+depth-wise pruner by perplexity without the window).
+
+n comes from the target: `blocks: n`, or for `params_ratio` the fewest consecutive layers that remove
+that share, and then only windows that reach it compete. Windows never cross a protected layer. Every
+window is scored at step 0 under its first layer's id; the chosen window's layers are then committed
+as one step each, in model order, all with the window's score.
+"""
+
+from __future__ import annotations
+
+from tasks.search.driver import SearchContext, SearchError, StepRecord
+from tasks.search.registry import StrategyNeeds, register_strategy
+
+
+def windows_of(ctx: SearchContext) -> list[tuple[str, ...]]:
+    """The windows of the target's size: runs of consecutive removable layers of the current model."""
+    removable = set(ctx.candidates([]))
+    layers = [f"layers.{lid}" for lid in ctx.layer_ids]
+    for size in range(1, len(layers) + 1):
+        runs = [tuple(layers[i: i + size]) for i in range(len(layers) - size + 1)]
+        runs = [w for w in runs if removable.issuperset(w)]
+        if ctx.target.blocks is not None:
+            if size == ctx.target.blocks:
+                return runs
+            continue
+        meeting = [w for w in runs if ctx.target_met(list(w))]
+        if meeting:
+            return meeting
+    return []
+
+
+@register_strategy("consecutive", StrategyNeeds(measures=frozenset({"removal", "window"}),
+                                                granularities=frozenset({"layer"})))
+def consecutive(ctx: SearchContext) -> list[StepRecord]:
+    windows = windows_of(ctx)
+    if not windows:
+        raise SearchError(
+            f"no window of consecutive removable layers meets the target {ctx.target}: protected layers "
+            f"split the model into runs that are too short"
+        )
+    scores = ctx.score_windows(0, [], windows)
+    firsts = [w[0] for w in windows]
+    best = next(w for w in windows if w[0] == ctx.ranked(scores, firsts)[0])
+    value = scores[best[0]].value
+    return ctx.commit_plan([(layer, value) for layer in best], [scores])
