@@ -17,7 +17,7 @@ from tasks.load import ModelRef
 from tasks.refs import ArtifactRef
 
 # Bump when a stage's results change meaning, so old cached results are not reused.
-CODE_VERSION = "pruneflow-stages-2"
+CODE_VERSION = "pruneflow-stages-3"
 
 # The spec sections each stage reads (dotted paths name a single field).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {

@@ -7,10 +7,14 @@ from pathlib import Path
 
 from pipelines.spec import PipelineSpec
 from tasks.calibrate import EvalData, load_windows
-from tasks.load import open_model
+from tasks.export import checkpoint_format
+from tasks.load import open_model, resolve_device
 from tasks.refs import tree_bytes
 from tasks.residual import perplexity, predictions
 from tasks.surgery import total_params
+
+
+SERVABLE_FORMATS = ("hf", "remote_code", "nemotron_nas")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,12 @@ def evaluate_stage(model_path: str, stage: str, data: list[EvalData], spec: Pipe
         out.append(Evaluation(stage, "perplexity", item.dataset, "perplexity", ppl, predictions(windows), seq_len, seq_len))
     out.append(Evaluation(stage, "size", "-", "params", float(total_params(model))))
     out.append(Evaluation(stage, "size", "-", "checkpoint_bytes", float(_weight_bytes(Path(model_path)))))
+    # Speed is measured the way a user serves the checkpoint; the `pruneflow` format has no runtime
+    # outside pruneflow, so it gets no speed rows (the report's speed table then lacks that stage).
+    if checkpoint_format(model_path) in SERVABLE_FORMATS:
+        from tasks.speed import speed_evaluations  # tasks.speed builds on this module's Evaluation
+
+        out.extend(speed_evaluations(model_path, stage, spec.model.dtype, resolve_device(spec.model.device)))
     return out
 
 

@@ -34,6 +34,9 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
         with open(artifacts[("evaluate", kind)].path, "rb") as png:
             assert png.read(8) == b"\x89PNG\r\n\x1a\n"
     assert first["params_pruned"] == catalog.steps(run_id)[-1].params_remaining
+    speed = {(e.stage, e.metric) for e in catalog.evaluations(run_id) if e.kind == "speed"}
+    for stage in ("dense", "pruned"):
+        assert {(stage, m) for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes_per_token")} <= speed
 
     # The same pipeline again: every stage from cache, not one model forward.
     again = prune_pipeline(path)
