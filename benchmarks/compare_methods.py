@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -142,10 +143,14 @@ def plot(rows: list[Row], dense_ppl: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    # Several recipes pick the same blocks; markers and dashes keep overlapping lines visible.
+    styles = itertools.cycle(itertools.product(["-", "--", ":"], ["o", "s", "^", "D", "v", "x"]))
     for method in dict.fromkeys(r.method for r in rows):
         points = sorted((100 * r.params_removed, r.eval_ppl) for r in rows if r.method == method and r.eval_ppl)
         if points:
-            ax.plot([0.0] + [x for x, _ in points], [dense_ppl] + [y for _, y in points], marker="o", label=method)
+            dash, marker = next(styles)
+            ax.plot([0.0] + [x for x, _ in points], [dense_ppl] + [y for _, y in points], linestyle=dash,
+                    marker=marker, markerfacecolor="none", label=method)
     ax.set_yscale("log")
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel("evaluation perplexity (log scale)")
@@ -166,7 +171,11 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--out", default=str(RESULTS / "compare_methods"), help="results path without extension")
+    parser.add_argument("--replot", action="store_true", help="only redraw the table and plot from the .json")
     args = parser.parse_args()
+    if args.replot:
+        replot(Path(args.out))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -205,20 +214,31 @@ def main() -> None:
     print(f"wrote {out.with_suffix('.md')}, .json and .png")
 
 
+def replot(out: Path) -> None:
+    saved = json.loads(out.with_suffix(".json").read_text())
+    rows = [Row(**r) for r in saved["rows"]]
+    shapes = saved["calibration"], saved["evaluation"]
+    windows, held_out = (torch.zeros(shape, dtype=torch.int64) for shape in shapes)
+    base = load_spec(ROOT / "pipelines" / METHODS[0].pipeline)
+    write(out, rows, saved["dense_ppl"], windows, held_out, base, saved["seconds"], saved.get("threads", 1))
+
+
 def write(out: Path, rows: list[Row], dense_ppl: float, windows: torch.Tensor, held_out: torch.Tensor,
-          base: PipelineSpec, seconds: float) -> None:
+          base: PipelineSpec, seconds: float, threads: int | None = None) -> None:
+    threads = threads or torch.get_num_threads()
     header = (
         f"# Block-pruning recipes on SmolLM2-135M\n\n"
         f"Calibration: {windows.shape[0]} x {windows.shape[1]} tokens of builtin:wiki-vital-en (calibration split, "
         f"seed {base.calibration.seed}); evaluation: the first {held_out.numel()} tokens of its evaluation split in "
         f"{held_out.shape[1]}-token windows. Budgets are `search.target.params_ratio` (embeddings included in the "
-        f"count); a run stops at the first removal that reaches its budget. No recovery. Wall time so far "
-        f"{seconds:.0f} s, {torch.get_num_threads()} torch thread(s).\n\n"
+        f"count); a run stops at the first removal that reaches its budget. No recovery. A one_shot or "
+        f"iterative method's larger budget resumes from its smaller budget's recorded scores, hence ~0 s of "
+        f"search. Wall time so far {seconds:.0f} s, {threads} torch thread(s).\n\n"
     )
     out.with_suffix(".md").write_text(header + table(rows, dense_ppl) + "\n")
     out.with_suffix(".json").write_text(json.dumps(
         {"dense_ppl": dense_ppl, "calibration": list(windows.shape), "evaluation": list(held_out.shape),
-         "seconds": seconds, "rows": [asdict(r) for r in rows]}, indent=2))
+         "seconds": seconds, "threads": threads, "rows": [asdict(r) for r in rows]}, indent=2))
     plot(rows, dense_ppl, out.with_suffix(".png"))
 
 
