@@ -52,7 +52,8 @@ def _cell(score: CandidateScore | None) -> float:
 
 
 def _model_order(block: str) -> tuple[int, int]:
-    parts = block.split(".")
+    # A beam candidate is a removal set "a+b": order it by its first block.
+    parts = block.split("+")[0].split(".")
     return int(parts[1]), {"attn": 0, "mlp": 1}.get(parts[2] if len(parts) > 2 else "", -1)
 
 

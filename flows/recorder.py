@@ -20,14 +20,15 @@ class CatalogRecorder:
 
     def known_scores(self, step: int) -> dict[str, CandidateScore]:
         return {
-            row.block: CandidateScore(row.block, row.value, row.n_tokens, row.seconds, row.exact)
+            row.block: CandidateScore(row.block, row.value, row.n_tokens, row.seconds, row.exact, row.std_error)
             for row in self.catalog.scores(self.run_id, step)
             if row.metric == self.metric
         }
 
     def record_score(self, step: int, score: CandidateScore) -> None:
         self.catalog.add_score(
-            self.run_id, step, score.block, self.metric, score.value, score.n_tokens, score.seconds, score.exact
+            self.run_id, step, score.block, self.metric, score.value, score.n_tokens, score.seconds, score.exact,
+            std_error=score.std_error,
         )
 
     def record_step(self, record: StepRecord) -> None:

@@ -49,7 +49,8 @@ def search_target(spec: PipelineSpec) -> Target:
 def load_stage(spec: PipelineSpec) -> ModelRef:
     resolved = resolve_model(spec.model.source)
     model = skeleton(str(resolved.path))
-    check_reachable(model, spec.score.granularity, search_target(spec), spec.search.protect)
+    check_reachable(model, spec.score.granularity, search_target(spec), spec.search.protect,
+                    protect_first=spec.search.protect_first, protect_last=spec.search.protect_last)
     return ModelRef(
         path=str(resolved.path),
         fingerprint=resolved.fingerprint,
