@@ -39,14 +39,12 @@ def calibrate_stage(model_path: str, spec: CalibrationSpec, out_dir: Path, key: 
 
 def leading_stream(texts: list[str], tokenizer, max_tokens: int) -> torch.Tensor:
     """Tokens of the leading documents, enough for max_tokens (a big corpus is not tokenized whole)."""
-    parts, count = [], 0
-    for start in range(0, len(texts), _DOCS_PER_CHUNK):
-        if count >= max_tokens:
+    stream = torch.empty(0, dtype=torch.long)
+    for end in range(_DOCS_PER_CHUNK, len(texts) + _DOCS_PER_CHUNK, _DOCS_PER_CHUNK):
+        stream = tokenize_stream(texts[:end], tokenizer)
+        if stream.numel() >= max_tokens:
             break
-        chunk = texts[: start + _DOCS_PER_CHUNK]
-        parts = [tokenize_stream(chunk, tokenizer)]
-        count = parts[0].numel()
-    return parts[0]
+    return stream
 
 
 @dataclass(frozen=True)
