@@ -15,7 +15,9 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from tasks.surgery import adapter_of, layer_ids, removed_units
+from tasks.surgery.adapted import adapter_ranks, get_adapter
 from tasks.surgery.adapter import ForwardContext
+from tasks.surgery.residual_adapters import placement
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class Unit:
     part: str
     # Half of a parallel layer (GPT-NeoX): it reads the layer input, not the state after its sibling.
     parallel: bool = False
+    # A recovery adapter standing in for the removed unit `id` (part: its slot, or "layer" before/after layers).
+    adapter: bool = False
 
 
 class ResidualRunner:
@@ -44,13 +48,7 @@ class ResidualRunner:
         self.adapter = adapter_of(model)
         self.layers = self.adapter.decoder_layers(model)
         parallel = self.adapter.is_parallel(model)
-        gone = removed_units(model)
-        self.units: list[Unit] = [
-            Unit(f"layers.{lid}.{part}", position, part, parallel)
-            for position, lid in enumerate(layer_ids(model))
-            for part in ("attn", "mlp")
-            if f"layers.{lid}.{part}" not in gone
-        ]
+        self.units: list[Unit] = _units(model, parallel)
         # Output of a parallel attention unit -> (its layer position, the layer input it read). Keyed by
         # tensor identity, held weakly: an entry lives exactly as long as the caller keeps that state.
         self._layer_inputs: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -68,6 +66,8 @@ class ResidualRunner:
     def apply(
         self, unit: Unit, hidden: torch.Tensor, ctx: ForwardContext, layer_input: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if unit.adapter:
+            return self._apply_adapter(unit, hidden)
         layer = self.layers[unit.position]
         if not unit.parallel:
             delta_fn = self.adapter.attn_delta if unit.part == "attn" else self.adapter.mlp_delta
@@ -80,6 +80,17 @@ class ResidualRunner:
             position, remembered = self._layer_inputs.get(hidden, (None, None))
             layer_input = remembered if position == unit.position else hidden
         return hidden + self.adapter.mlp_delta(layer, layer_input, ctx, unit.position)
+
+    def _apply_adapter(self, unit: Unit, hidden: torch.Tensor) -> torch.Tensor:
+        adapter = get_adapter(self.model, unit.id)
+        if not unit.parallel or unit.part == "layer":
+            return adapter(hidden)
+        if unit.part == "attn":
+            out = adapter(hidden)
+            self._layer_inputs[out] = (unit.position, hidden)
+            return out
+        position, remembered = self._layer_inputs.get(hidden, (None, None))
+        return hidden + adapter.delta(remembered if position == unit.position else hidden)
 
     def run(self, hidden: torch.Tensor, ctx: ForwardContext, units: Iterable[Unit]) -> torch.Tensor:
         for unit in units:
@@ -103,6 +114,24 @@ class ResidualRunner:
         ctx = self.context(hidden)
         hidden = self.run(hidden, ctx, (u for u in self.units if u.id not in skipped))
         return self.window_nll(hidden, input_ids)
+
+
+def _units(model: nn.Module, parallel: bool) -> list[Unit]:
+    """Kept units in order, with recovery adapters where their removed units were (see `placement`)."""
+    gone = removed_units(model)
+    ids = layer_ids(model)
+    plan = placement(ids, list(adapter_ranks(model)))
+    units: list[Unit] = []
+    for position, lid in enumerate(ids):
+        units += [Unit(u, position, "layer", parallel, adapter=True) for u in plan.before.get(position, [])]
+        for part, slots in (("attn", plan.attn), ("mlp", plan.mlp)):
+            unit = f"layers.{lid}.{part}"
+            if unit not in gone:
+                units.append(Unit(unit, position, part, parallel))
+            elif position in slots:
+                units.append(Unit(unit, position, part, parallel, adapter=True))
+    units += [Unit(u, len(ids) - 1, "layer", parallel, adapter=True) for u in plan.after]
+    return units
 
 
 def predictions(windows: torch.Tensor) -> int:

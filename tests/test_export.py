@@ -17,6 +17,7 @@ from tasks.export import ExportError, checkpoint_format, export_model, load_chec
 from tasks.export.nemotron_nas import check_nemotron_nas, ffn_mult_for, weight_shapes
 from tasks.prune import PruneError, prune_stage
 from tasks.surgery import remove_blocks, save_model
+from tasks.surgery.adapted import install_adapters
 from tests.tiny import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,11 @@ CASES = {
     "remote_code_qwen2": ("qwen2", ["layers.0.attn", *MIXED[1:]], "remote_code", 3),
     "nemotron_nas": ("llama", MIXED, "nemotron_nas", 3),
     "pruneflow": ("qwen2", MIXED, "pruneflow", 3),
+    # Recovery adapters where a first layer, a lone MLP and a last layer were (before, in, after layers).
+    "remote_code_adapters": ("llama", ["layers.0", "layers.2.mlp", "layers.5"], "remote_code", 4),
+    "pruneflow_adapters": ("qwen2", ["layers.0", "layers.2.mlp", "layers.5"], "pruneflow", 4),
 }
+ADAPTER_RANKS = {"layers.0.attn": 3, "layers.0.mlp": 0, "layers.2.mlp": 2, "layers.5.attn": 0, "layers.5.mlp": 4}
 # How transformers loads each format: plain, with trust_remote_code, or not at all (pruneflow reads it).
 LOADING = {"hf": "plain", "remote_code": "remote", "nemotron_nas": "remote", "pruneflow": "refused"}
 
@@ -81,9 +86,14 @@ for name, loading in json.loads((root / "cases.json").read_text()).items():
 """
 
 
-def _pruned(family: str, blocks: list[str]):
+def _pruned(family: str, blocks: list[str], adapters: bool = False):
     model = tiny_model(family, layers=LAYERS)
     remove_blocks(model, blocks)
+    if adapters:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for param in install_adapters(model, ADAPTER_RANKS).parameters():
+                param.normal_(0.0, 0.3)
     return model
 
 
@@ -95,7 +105,7 @@ def exported(tmp_path_factory):
     torch.save(ids, root / "ids.pt")
     greedy = {}
     for name, (family, blocks, fmt, _) in CASES.items():
-        model = _pruned(family, blocks)
+        model = _pruned(family, blocks, adapters=name.endswith("_adapters"))
         assert export_model(model, root / name, fmt) == fmt
         tiny_tokenizer().save_pretrained(root / name)
         with torch.no_grad():
@@ -148,7 +158,18 @@ def test_plain_loading_classes_and_refusal(fresh):
     assert fresh["nemotron_nas"]["cls"] == "DeciLMForCausalLM"
     # Without trust_remote_code a self-contained checkpoint is refused, never half-loaded with random blocks.
     assert all(fresh[n]["refused_without_trust"] for n in ("remote_code", "remote_code_qwen2", "nemotron_nas",
-                                                          "pruneflow"))
+                                                          "pruneflow", "remote_code_adapters", "pruneflow_adapters"))
+
+
+def test_adapters_travel_with_their_weights(exported):
+    root, _ = exported
+    config = json.loads((root / "remote_code_adapters" / "config.json").read_text())
+    assert config["pruneflow"]["adapters"] == ADAPTER_RANKS
+    shapes = weight_shapes(root / "remote_code_adapters")
+    assert shapes["pruneflow_adapters.layers_0_attn.down.weight"] == (3, 64)
+    assert shapes["pruneflow_adapters.layers_5_mlp.up.weight"] == (64, 4)
+    assert "pruneflow_adapters.layers_0_mlp.down.weight" not in shapes  # rank 0: a bias alone
+    assert (root / "remote_code_adapters" / "residual_adapters.py").is_file()
 
 
 def test_remote_code_checkpoint_contents(exported):
@@ -225,6 +246,15 @@ def test_format_choice_and_refusals():
         resolve_format("nemotron_nas", _pruned("llama", ["layers.0.attn"]))
     with pytest.raises(ExportError, match="unknown export format 'onnx'"):
         resolve_format("onnx", whole)
+    adapted = _pruned("llama", ["layers.0", "layers.2.mlp", "layers.5"], adapters=True)
+    assert resolve_format("auto", adapted) == "remote_code"
+    with pytest.raises(ExportError, match="format 'nemotron_nas' has no place for the recovery adapters"):
+        resolve_format("nemotron_nas", adapted)
+    whole_adapted = _pruned("llama", ["layers.0", "layers.5"])
+    install_adapters(whole_adapted, {"layers.0.attn": 2, "layers.5.mlp": 0})
+    assert resolve_format("auto", whole_adapted) == "remote_code"
+    with pytest.raises(ExportError, match=r"format 'hf' has no place for the recovery adapters of \['layers.0.attn'"):
+        resolve_format("hf", whole_adapted)
 
 
 def test_auto_falls_back_to_pruneflow_without_a_modeling_template(monkeypatch):

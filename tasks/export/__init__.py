@@ -15,13 +15,14 @@ from torch import nn
 
 from tasks.export import hf, nemotron_nas, pruneflow_format, remote_code  # noqa: F401  (register the formats)
 from tasks.export.common import has_lone_halves
+from tasks.surgery.adapted import adapter_ranks
 from tasks.export.registry import ExportError, ExportFormat, format_names, format_of, get_format, register_format
 
 log = logging.getLogger(__name__)
 
 
 def auto_format(model: nn.Module) -> str:
-    if not has_lone_halves(model):
+    if not has_lone_halves(model) and not adapter_ranks(model):
         return "hf"
     problem = get_format("remote_code").problem(model)
     if problem is None:

@@ -42,8 +42,13 @@ def family_of(model_type: str) -> Family:
     return FAMILIES[model_type]
 
 
+# The modeling template imports it; checkpoints carry pruneflow's own module verbatim (it needs only torch).
+ADAPTERS_FILE = "residual_adapters.py"
+SHARED = {ADAPTERS_FILE: Path(__file__).resolve().parent.parent / "surgery" / "residual_adapters.py"}
+
+
 def render(template: str, renames: list[tuple[str, str]]) -> str:
-    text = (TEMPLATES / template).read_text()
+    text = SHARED.get(template, TEMPLATES / template).read_text()
     for old, new in renames:
         text = text.replace(old, new)
     return text

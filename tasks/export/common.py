@@ -12,7 +12,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tasks.export.registry import ExportError, read_config
+from safetensors import safe_open
+
 from tasks.surgery import adapter_for, layer_ids, remove_blocks, removed_units
+from tasks.surgery.adapted import adapter_ranks, install_adapters
+from tasks.surgery.residual_adapters import ADAPTERS_ATTR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,18 +43,32 @@ def has_lone_halves(model: nn.Module) -> bool:
     return any(not (layer.attention and layer.mlp) for layer in kept_layers(model))
 
 
+def adapters_problem(model: nn.Module, fmt: str) -> str | None:
+    """Why format `fmt` (a standard architecture) cannot carry the model's recovery adapters, or None."""
+    units = sorted(adapter_ranks(model))
+    if not units:
+        return None
+    return (
+        f"format '{fmt}' has no place for the recovery adapters of {units}; "
+        "use format 'auto', 'remote_code' or 'pruneflow'"
+    )
+
+
 # Prefix of the model_type of checkpoints that transformers must not read as the base architecture.
 PRUNED_MODEL_TYPE_PREFIX = "pruneflow_"
 
 
 def pruneflow_record(model: nn.Module, fmt: str) -> dict:
     """What the written config says about the pruning, in original block ids."""
-    return {
+    record = {
         "format": fmt,
         "base_model_type": model.config.model_type,
         "layer_ids": list(layer_ids(model)),
         "removed": sorted(removed_units(model)),
     }
+    if adapter_ranks(model):
+        record["adapters"] = adapter_ranks(model)
+    return record
 
 
 def write_weights(model: nn.Module, out_dir: Path) -> dict:
@@ -76,7 +94,7 @@ def base_values(config: dict) -> dict:
 
 
 def load_as_pruned(path: Path, base_model_type: str, values: dict, kept_ids: list[int], removed: list[str],
-                   dtype: str, device: str) -> nn.Module:
+                   dtype: str, device: str, adapters: dict[str, int] | None = None) -> nn.Module:
     """Load a checkpoint whose weights carry the base architecture's names into pruneflow's representation.
 
     The base model is built with the kept layers only (`values` is its config), its weights loaded, then
@@ -100,13 +118,31 @@ def load_as_pruned(path: Path, base_model_type: str, values: dict, kept_ids: lis
     remove_blocks(model, halves)
     present = set(model.state_dict())
     missing = sorted(k for k in info.get("missing_keys", []) if k in present)
-    unexpected = sorted(info.get("unexpected_keys", []))
+    unexpected = sorted(k for k in info.get("unexpected_keys", []) if not k.startswith(ADAPTERS_ATTR + "."))
+    if adapters:
+        _load_adapters(model, Path(path), adapters, DTYPES[dtype])
     if missing or unexpected:
         raise ExportError(
             f"{path}: weights do not match the blocks its config keeps "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     return model.to(device).eval()
+
+
+def _load_adapters(model: nn.Module, path: Path, ranks: dict[str, int], dtype: torch.dtype) -> None:
+    """Recovery adapters are not part of the base architecture, so transformers skips their weights."""
+    modules = install_adapters(model, ranks)
+    prefix = ADAPTERS_ATTR + "."
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors.update({k[len(prefix):]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)})
+    result = modules.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(
+            f"{path}: adapter weights do not match config.pruneflow.adapters "
+            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
 
 
 def load_recorded(path: Path, dtype: str, device: str) -> nn.Module:
@@ -118,7 +154,7 @@ def load_recorded(path: Path, dtype: str, device: str) -> nn.Module:
         raise ExportError(f"{path}/config.json: pruneflow record lacks {missing}")
     return load_as_pruned(
         Path(path), record["base_model_type"], base_values(config), record["layer_ids"], record["removed"],
-        dtype, device,
+        dtype, device, record.get("adapters"),
     )
 
 

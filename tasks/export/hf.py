@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.export.common import has_lone_halves, kept_layers, pruneflow_record, write_config, write_weights
+from tasks.export.common import adapters_problem, has_lone_halves, kept_layers, pruneflow_record, write_config, write_weights
 from tasks.export.registry import ExportFormat, register_format
 from tasks.surgery import load_model
 
@@ -22,7 +22,7 @@ class HfFormat(ExportFormat):
 
     def problem(self, model: nn.Module) -> str | None:
         if not has_lone_halves(model):
-            return None
+            return adapters_problem(model, self.name)
         halves = [f"layers.{k.layer_id}.{part}" for k in kept_layers(model)
                   for part, kept in (("attn", k.attention), ("mlp", k.mlp)) if not kept]
         return (

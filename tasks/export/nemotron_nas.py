@@ -19,8 +19,9 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import nn
 
-from tasks.export.codegen import render, write_code
+from tasks.export.codegen import ADAPTERS_FILE, render, write_code
 from tasks.export.common import (
+    adapters_problem,
     KeptLayer,
     base_values,
     kept_layers,
@@ -67,6 +68,8 @@ class NemotronNasFormat(ExportFormat):
 
     def problem(self, model: nn.Module) -> str | None:
         config = model.config
+        if adapters_problem(model, self.name):
+            return adapters_problem(model, self.name)
         if config.model_type != "llama":
             return (
                 f"format 'nemotron_nas' is the Llama-based DeciLM layout; model_type '{config.model_type}' "
@@ -91,7 +94,8 @@ class NemotronNasFormat(ExportFormat):
                       block_configs=blocks, pruneflow=pruneflow_record(model, self.name))
         config.update(_legacy_rope(config))
         write_config(out_dir, config)
-        write_code(out_dir, {CONFIG_FILE: render(CONFIG_FILE, []), MODELING_FILE: render("modeling_pruned.py", _RENAMES)})
+        write_code(out_dir, {CONFIG_FILE: render(CONFIG_FILE, []), MODELING_FILE: render("modeling_pruned.py", _RENAMES),
+                             ADAPTERS_FILE: render(ADAPTERS_FILE, [])})
 
     def claims(self, config: dict) -> bool:
         return config.get("model_type") == MODEL_TYPE

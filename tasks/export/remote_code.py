@@ -3,7 +3,7 @@
 Files: `model.safetensors` (kept blocks only, original parameter names), `config.json` (model_type
 `pruneflow_<family>`, `auto_map`, and `pruneflow.{layer_ids,removed}` in original block ids),
 `configuration_pruned.py` and `modeling_pruned.py` (a config class and model classes subclassing the
-family's transformers classes). Loads offline with
+family's transformers classes) and `residual_adapters.py` (recovery adapters, used when recovery added any). Loads offline with
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
 
 The model_type is not the base one on purpose: a plain `from_pretrained` without trust_remote_code then
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.export.codegen import FAMILIES, family_of, for_family, render, write_code
+from tasks.export.codegen import ADAPTERS_FILE, FAMILIES, family_of, for_family, render, write_code
 from tasks.export.common import (
     PRUNED_MODEL_TYPE_PREFIX,
     load_recorded,
@@ -58,7 +58,8 @@ class RemoteCodeFormat(ExportFormat):
         )
         write_config(out_dir, config)
         renames = for_family(family)
-        write_code(out_dir, {CONFIG_FILE: render(CONFIG_FILE, renames), MODELING_FILE: render(MODELING_FILE, renames)})
+        write_code(out_dir, {CONFIG_FILE: render(CONFIG_FILE, renames), MODELING_FILE: render(MODELING_FILE, renames),
+                             ADAPTERS_FILE: render(ADAPTERS_FILE, [])})
 
     def claims(self, config: dict) -> bool:
         return recorded_format(config) == self.name

@@ -1,8 +1,9 @@
 """Llama whose layers may each lack attention or MLP (written by pruneflow; load with trust_remote_code=True).
 
-A removed half has no weights and computes nothing: its layer adds zero to the residual stream there.
-Only kept attention owns a KV-cache slot (slot j belongs to the j-th kept attention), so the cache holds
-keys and values for kept attention only.
+A removed half has no weights and computes nothing: its layer adds zero to the residual stream there,
+unless recovery gave it an adapter (`residual_adapters.py`, listed in `config.pruneflow["adapters"]`),
+which then adds its output where the half used to. Only kept attention owns a KV-cache slot (slot j
+belongs to the j-th kept attention), so the cache holds keys and values for kept attention only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_pruned import PrunedLlamaConfig
+from .residual_adapters import ADAPTERS_ATTR, adapter_key, apply_all, build_adapters, placement
 
 
 def attention_cache_slots(config: PrunedLlamaConfig) -> dict[int, int]:
@@ -56,9 +58,18 @@ class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
         if config.keeps_mlp(layer_idx):
             self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = LlamaMLP(config)
+        self.use_adapters(None, [], None, None, [])
+
+    def use_adapters(self, adapters, before, attn, mlp, after):
+        # Held outside the module tree: the adapters' weights belong to the ForCausalLM's ModuleDict.
+        self.__dict__["_adapters"] = (adapters, before, attn, mlp, after)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs):
+        adapters, before, attn_unit, mlp_unit, after = self.__dict__["_adapters"]
+        hidden_states = apply_all(adapters, before, hidden_states)
+        if attn_unit is not None:
+            hidden_states = adapters[adapter_key(attn_unit)](hidden_states)
         if self.self_attn is not None:
             attn_out, _ = self.self_attn(
                 hidden_states=self.input_layernorm(hidden_states),
@@ -72,7 +83,9 @@ class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
             hidden_states = hidden_states + attn_out
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states
+        if mlp_unit is not None:
+            hidden_states = adapters[adapter_key(mlp_unit)](hidden_states)
+        return apply_all(adapters, after, hidden_states)
 
 
 class PrunedLlamaModel(LlamaModel):
@@ -98,6 +111,13 @@ class PrunedLlamaModel(LlamaModel):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
         )
 
+    def use_adapters(self, adapters: nn.ModuleDict) -> None:
+        plan = placement(self.config.pruneflow["layer_ids"], list(self.config.pruneflow.get("adapters") or {}))
+        last = len(self.layers) - 1
+        for position, layer in enumerate(self.layers):
+            layer.use_adapters(adapters, plan.before.get(position, []), plan.attn.get(position),
+                               plan.mlp.get(position), plan.after if position == last else [])
+
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=kv_cache_config(self.config))
 
@@ -111,6 +131,10 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
         self.model = PrunedLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        ranks = config.pruneflow.get("adapters") or {}
+        if ranks:
+            setattr(self, ADAPTERS_ATTR, build_adapters(config.hidden_size, ranks))
+            self.model.use_adapters(getattr(self, ADAPTERS_ATTR))
         self.post_init()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
