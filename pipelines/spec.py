@@ -301,7 +301,95 @@ class NoRecovery(BaseModel):
     method: Literal["none"] = "none"
 
 
-RecoverSpec = Annotated[Union[NoRecovery], Field(discriminator="method")]
+class _AdapterRecovery(BaseModel):
+    """Adapters fitted in closed form on the dense model's calibration activations, optionally refined."""
+
+    model_config = _STRICT
+
+    ridge: float = Field(
+        1e-4, ge=0.0, le=1.0,
+        description="Ridge term of the least-squares fit, relative to the mean input variance (0: plain least squares).",
+    )
+    refine_steps: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Optional gradient refinement: steps of Adam on the language-model loss of calibration windows.",
+    )
+    refine_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Learning rate of the refinement.")
+    batch_windows: int = Field(4, ge=1, le=4096, description="Calibration windows per refinement step.")
+    seed: int = Field(0, ge=0, description="Seed of the refinement's batch order.")
+
+
+class BiasRecovery(_AdapterRecovery):
+    """Each removed block becomes a learned additive bias on the residual stream (Siddiqui et al. 2024)."""
+
+    method: Literal["bias"]
+
+
+class LowRankRecovery(_AdapterRecovery):
+    """Each removed block becomes a low-rank linear map of its input plus a bias (Siddiqui et al. 2024)."""
+
+    method: Literal["low_rank"]
+    rank: int = Field(8, ge=1, le=65_536, description="Rank of each adapter's linear map.")
+
+
+class _TrainingRecovery(BaseModel):
+    model_config = _STRICT
+
+    lr: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay).")
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Steps of linear learning-rate warm-up.")
+    seq_len: int = Field(256, ge=8, le=131_072, description="Tokens per training window.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Windows per optimizer step.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation and of the windows each step draws.")
+    checkpoint_every: int = Field(
+        50, ge=1, le=1_000_000, description="Steps between resumable training checkpoints in the output folder."
+    )
+
+
+class LoraRecovery(_TrainingRecovery):
+    """LoRA fine-tuning of the pruned model with PEFT, merged into the weights (Shortened LLaMA, scaled down)."""
+
+    method: Literal["lora"]
+    dataset: str = Field(
+        "builtin:wiki-vital-en",
+        min_length=1,
+        description="Training text (builtin corpora train on their calibration part, never the evaluation split).",
+    )
+    steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
+    rank: int = Field(8, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = Field(
+        ("all-linear",),
+        min_length=1,
+        description="Module names LoRA adapts (PEFT's target_modules); all-linear: every linear layer but the head.",
+    )
+
+
+class ContinuedPretrainingRecovery(_TrainingRecovery):
+    """Full-parameter training for a token budget (Shortened LLaMA v2, Sheared LLaMA), optionally mixing domains."""
+
+    method: Literal["continued_pretraining"]
+    tokens: int = Field(65_536, ge=8, le=10**13, description="Training token budget (steps = tokens / (batch x seq_len)).")
+    lr: float = Field(2e-5, gt=0.0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay).")
+    datasets: dict[str, float] = Field(
+        default_factory=lambda: {"builtin:wiki-vital-en": 1.0},
+        min_length=1,
+        description="Training text sources and their mixing weights (each window is drawn from one source).",
+    )
+
+    @field_validator("datasets")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = sorted(k for k, w in value.items() if not w > 0 or not k.strip())
+        if bad:
+            raise ValueError(f"datasets need non-empty names and weights > 0; check {bad}")
+        return value
+
+
+RecoverSpec = Annotated[
+    Union[NoRecovery, BiasRecovery, LowRankRecovery, LoraRecovery, ContinuedPretrainingRecovery],
+    Field(discriminator="method"),
+]
 
 
 class EvaluateSpec(BaseModel):

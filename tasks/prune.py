@@ -23,16 +23,20 @@ def prune_stage(model_path: str, blocks: tuple[str, ...], spec: PipelineSpec, ou
     """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json)."""
     model = open_model(model_path, spec)
     remove_blocks(model, list(blocks))
+    return write_checkpoint(model, model_path, out_dir / "checkpoint-pruned", spec.prune.format)
+
+
+def write_checkpoint(model, source_path: str, target: Path, requested_format: str) -> ArtifactRef:
+    """Export `model` to `target` with the source's tokenizer and generation config; all or nothing."""
     try:
-        fmt = resolve_format(spec.prune.format, model)
+        fmt = resolve_format(requested_format, model)
     except ExportError as err:
         raise PruneError(str(err)) from err
-    target = out_dir / "checkpoint-pruned"
-    tmp = out_dir / f".checkpoint-pruned.tmp{os.getpid()}"
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     export_model(model.to("cpu"), tmp, fmt)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
-    _copy_generation_config(model_path, tmp)
+    AutoTokenizer.from_pretrained(source_path).save_pretrained(tmp)
+    _copy_generation_config(source_path, tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return ArtifactRef.of(target, "checkpoint")

@@ -1,0 +1,27 @@
+"""Recovery after pruning (`recover.method`): one module per method, each registered with one line.
+
+bias / low_rank: closed-form adapters in place of removed blocks (Siddiqui et al. 2024); lora: PEFT LoRA,
+merged on save (Shortened LLaMA); continued_pretraining: full-parameter training on a token budget,
+optionally mixing sources (Shortened LLaMA v2, Sheared LLaMA).
+"""
+
+from tasks.recover import bias, continued_pretraining, lora, low_rank  # noqa: F401  (register the methods)
+from tasks.recover.registry import (
+    RecoveryContext,
+    RecoveryError,
+    RecoveryMethod,
+    RecoveryRun,
+    get_recovery,
+    recovery_names,
+    register_recovery,
+)
+
+__all__ = [
+    "RecoveryContext",
+    "RecoveryError",
+    "RecoveryMethod",
+    "RecoveryRun",
+    "get_recovery",
+    "recovery_names",
+    "register_recovery",
+]

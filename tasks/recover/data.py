@@ -1,0 +1,52 @@
+"""Training windows for recovery: token streams per source, a seeded draw of windows for every step.
+
+Each step's windows depend only on (seed, step), so a resumed run sees exactly the batches an
+uninterrupted one would. Builtin corpora give their calibration part: evaluation text is never trained on.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoTokenizer
+
+from tasks.calibrate import leading_stream
+from tasks.recover.registry import RecoveryError
+from tasks.sources import load_texts
+
+
+class TrainingStreams:
+    def __init__(self, tokenizer_path: str, weights: dict[str, float], seq_len: int, tokens_needed: int):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.sources = sorted(weights)
+        self.weights = torch.tensor([weights[s] for s in self.sources], dtype=torch.float64)
+        self.seq_len = seq_len
+        self.streams = {}
+        for source in self.sources:
+            stream = leading_stream(load_texts(source, "calibration"), tokenizer, tokens_needed)
+            if stream.numel() < seq_len + 1:
+                raise RecoveryError(
+                    f"training source {source} has {stream.numel()} tokens, fewer than one window of "
+                    f"{seq_len}; use a shorter seq_len or more text"
+                )
+            self.streams[source] = stream
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        picks = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        rows = []
+        for pick in picks.tolist():
+            stream = self.streams[self.sources[pick]]
+            start = int(torch.randint(0, stream.numel() - self.seq_len + 1, (1,), generator=generator))
+            rows.append(stream[start : start + self.seq_len])
+        return torch.stack(rows)
+
+
+def calibration_batches(windows: torch.Tensor, batch_windows: int, seed: int):
+    """Batches of calibration windows for adapter refinement: a seeded draw per step."""
+
+    def batch(step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        count = min(batch_windows, windows.shape[0])
+        return windows[torch.randperm(windows.shape[0], generator=generator)[:count]]
+
+    return batch

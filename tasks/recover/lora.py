@@ -1,0 +1,47 @@
+"""`recover.method: lora`: LoRA fine-tuning with PEFT, merged into the weights (Shortened LLaMA's recipe)."""
+
+from __future__ import annotations
+
+import torch
+
+from tasks.recover.data import TrainingStreams
+from tasks.recover.registry import RecoveryError, RecoveryMethod, RecoveryRun, register_recovery
+from tasks.recover.training import TrainSettings, train
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise RecoveryError(
+            "recover.method 'lora' needs PEFT: pip install 'pruneflow[recover]' (or pip install peft)"
+        ) from err
+    return peft
+
+
+@register_recovery
+class LoraMethod(RecoveryMethod):
+    name = "lora"
+
+    def run(self, model, settings, ctx, fingerprint):
+        peft = _peft()
+        torch.manual_seed(settings.seed)
+        targets = "all-linear" if settings.target_modules == ("all-linear",) else list(settings.target_modules)
+        config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                 target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        try:
+            wrapped = peft.get_peft_model(model, config)
+        except ValueError as err:
+            raise RecoveryError(f"recover.target_modules {list(settings.target_modules)}: {err}") from err
+        streams = TrainingStreams(ctx.tokenizer_path, {settings.dataset: 1.0}, settings.seq_len,
+                                  settings.steps * settings.batch_size * settings.seq_len)
+        log = train(
+            wrapped, lambda step: streams.batch(step, settings.batch_size, settings.seed),
+            TrainSettings(settings.steps, settings.lr, settings.warmup_steps, settings.seed,
+                          settings.checkpoint_every, "lora"),
+            ctx.state_dir, fingerprint, ctx.log,
+        )
+        merged = wrapped.merge_and_unload()
+        merged.requires_grad_(False)
+        return RecoveryRun(merged, losses=log.losses, trainable_params=log.trainable_params,
+                           resumed_from_step=log.resumed_from_step)

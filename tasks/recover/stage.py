@@ -1,0 +1,48 @@
+"""Stage `recover`: heal the pruned checkpoint with `recover.method` and export `checkpoint-recovered`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipelines.spec import PipelineSpec
+from tasks.calibrate import load_windows
+from tasks.export import checkpoint_format
+from tasks.load import open_model
+from tasks.prune import write_checkpoint
+from tasks.recover.registry import RecoveryContext, get_recovery
+from tasks.refs import ArtifactRef
+
+CHECKPOINT = "checkpoint-recovered"
+
+
+@dataclass(frozen=True)
+class Recovered:
+    method: str
+    checkpoint: ArtifactRef
+    format: str
+    seconds: float
+    losses: tuple[float, ...] = ()
+    fit: dict[str, float] = field(default_factory=dict)
+    trainable_params: int = 0
+    resumed_from_step: int = 0
+
+
+def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, spec: PipelineSpec, out_dir: Path,
+                  key: str, log: Callable[[str], None] = print) -> Recovered:
+    started = time.perf_counter()
+    method = get_recovery(spec.recover.method)
+    model = open_model(pruned_path, spec)
+    ctx = RecoveryContext(
+        dense_path=dense_path, calibration=load_windows(calibration), tokenizer_path=pruned_path,
+        state_dir=out_dir / "recover-state" / key[:16], batch_windows=spec.score.batch_windows, log=log,
+    )
+    run = method.run(model, spec.recover, ctx, key)
+    ref = write_checkpoint(run.model, pruned_path, out_dir / CHECKPOINT, spec.prune.format)
+    return Recovered(
+        method=spec.recover.method, checkpoint=ref, format=checkpoint_format(ref.path),
+        seconds=time.perf_counter() - started, losses=tuple(run.losses), fit=dict(run.fit),
+        trainable_params=run.trainable_params, resumed_from_step=run.resumed_from_step,
+    )

@@ -1,0 +1,123 @@
+"""The training loop every recovery method shares: seeded, with a progress bar, resumable.
+
+Every `checkpoint_every` steps (and at the end) the trainable parameters, the optimizer and scheduler
+state and the losses so far are written atomically to `state_dir/trainer.pt`. A run that finds a state
+with its own fingerprint there continues from that step; batches depend only on (seed, step) and the
+dropout generator is re-seeded per step, so a resumed run ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+STATE_FILE = "trainer.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    lr: float
+    warmup_steps: int
+    seed: int
+    checkpoint_every: int
+    label: str  # progress-bar and log label
+
+
+@dataclass
+class TrainLog:
+    losses: list[float]
+    resumed_from_step: int
+    trainable_params: int
+    seconds: float
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+
+def _schedule(settings: TrainSettings) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        remaining = settings.steps - settings.warmup_steps
+        return max(0.0, 1.0 - (step - settings.warmup_steps) / max(1, remaining))
+
+    return factor
+
+
+def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], settings: TrainSettings,
+          state_dir: Path, fingerprint: str, log: Callable[[str], None] = print) -> TrainLog:
+    """Train the parameters of `model` that require grad; returns the loss of every step."""
+    started = time.perf_counter()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"{settings.label}: nothing to train (no parameter requires grad)")
+    optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
+    start, losses = _resume(state_dir, fingerprint, params, optimizer, scheduler)
+    if start:
+        log(f"{settings.label}: resuming at step {start} of {settings.steps} from {state_dir / STATE_FILE}")
+    device = next(iter(params.values())).device
+    every = max(1, settings.steps // 10)
+    model.train()
+    bar = tqdm(total=settings.steps, initial=start, desc=settings.label, unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, settings.steps):
+            torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout draws, reproducible per step
+            loss = lm_loss(model, batch_for_step(step).to(device))
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{settings.label}: loss is {loss.item()} at step {step}; lower the lr")
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.item()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if done % every == 0 or done == settings.steps:
+                log(f"{settings.label}: step {done}/{settings.steps} loss {losses[-1]:.4f}")
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                _save(state_dir, fingerprint, done, losses, params, optimizer, scheduler)
+    finally:
+        bar.close()
+        model.eval()
+    trainable = sum(p.numel() for p in params.values())
+    return TrainLog(losses, start, trainable, time.perf_counter() - started)
+
+
+def _save(state_dir: Path, fingerprint: str, step: int, losses: list[float], params: dict[str, nn.Parameter],
+          optimizer, scheduler) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".{STATE_FILE}.tmp{os.getpid()}"
+    torch.save({
+        "fingerprint": fingerprint, "step": step, "losses": losses,
+        "params": {n: p.detach().cpu() for n, p in params.items()},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    }, tmp)
+    os.replace(tmp, state_dir / STATE_FILE)
+
+
+def _resume(state_dir: Path, fingerprint: str, params: dict[str, nn.Parameter], optimizer,
+            scheduler) -> tuple[int, list[float]]:
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint or set(state["params"]) != set(params):
+        return 0, []  # another configuration's state: this run starts over (and will overwrite it)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), list(state["losses"])
