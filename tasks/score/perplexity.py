@@ -88,11 +88,14 @@ class PrefixReuseScorer:
 
     def _evaluate(
         self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], bound: float
-    ) -> tuple[float, int, bool]:
+    ) -> tuple[list[float], int, bool]:
+        """NLL sum of every micro-batch, in order; stops after a batch whose running total exceeds `bound`
+        (math.inf: never), which is sound because every later term is non-negative."""
         first = next(i for i, u in enumerate(active) if u.id in drop)
         kept = first - first % self.stride
         rebuild = active[kept:first]
         rest = [u for u in active[first:] if u.id not in drop]
+        parts: list[float] = []
         total, done = 0.0, 0
         for index, batch in enumerate(self.batches):
             hidden = entries[kept][index]
@@ -104,11 +107,30 @@ class PrefixReuseScorer:
                 hidden = self.runner.apply(unit, hidden, ctx)
             self.work.unit_windows += len(rest) * batch.shape[0]
             self.work.head_windows += batch.shape[0]
-            total += float(self.runner.window_nll(hidden, batch).sum())
+            parts.append(float(self.runner.window_nll(hidden, batch).sum()))
+            total += parts[-1]
             done += batch.shape[0] * (batch.shape[1] - 1)
-            if not self.exact and total > bound and index < len(self.batches) - 1:
-                return total, done, False
-        return total, done, True
+            if total > bound and index < len(self.batches) - 1:
+                return parts, done, False
+        return parts, done, True
+
+    @torch.inference_mode()
+    def batch_sums(
+        self, removed: set[str], candidates: list[str], bound: float = math.inf
+    ) -> dict[str, tuple[list[float], int, bool, float]]:
+        """Per candidate, in the order given: its NLL sum per micro-batch, predictions covered, whether it
+        ran to the end, and seconds. A candidate stops once its running total exceeds `bound`.
+
+        This is a shard's work under distributed execution (tasks.distributed): the caller owns the
+        bound and adds the sums up, so this scorer's own `exact` setting and ordering do not apply."""
+        active = [u for u in self.runner.units if u.id not in removed]
+        entries = self.entry_states(active)
+        out: dict[str, tuple[list[float], int, bool, float]] = {}
+        for block in candidates:
+            start = time.perf_counter()
+            parts, done, complete = self._evaluate(active, entries, units_of([block]), bound)
+            out[block] = (parts, done, complete, time.perf_counter() - start)
+        return out
 
     @torch.inference_mode()
     def score(
@@ -128,7 +150,12 @@ class PrefixReuseScorer:
             best = min((math.log(s.value) * self.n_predictions for s in results.values() if s.exact), default=math.inf)
             for block in todo:
                 start = time.perf_counter()
-                total, done, complete = self._evaluate(active, entries, units_of([block]), best)
+                parts, done, complete = self._evaluate(
+                    active, entries, units_of([block]), best if not self.exact else math.inf
+                )
+                total = 0.0
+                for value in parts:  # in batch order from 0.0, as distributed shards are added up
+                    total += value
                 score = CandidateScore(
                     block=block,
                     value=math.exp(total / self.n_predictions),

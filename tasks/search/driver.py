@@ -102,7 +102,10 @@ class SearchContext:
         recorder: Recorder | None = None,
         on_step: Callable[[int, dict[str, CandidateScore], StepRecord], None] | None = None,
         on_score: Callable[[int, CandidateScore], None] | None = None,
+        scorer: StepScorer | None = None,
     ):
+        """`scorer` replaces the metric's own step scorer: distributed execution hands every step's
+        scoring to one that computes the same numbers elsewhere (tasks.distributed)."""
         self.model = model
         if metric not in METRICS:
             raise SearchError(f"unknown metric '{metric}'; accepted: {', '.join(sorted(METRICS))}")
@@ -128,7 +131,9 @@ class SearchContext:
         self.unit_params = block_param_counts(model)
         self.dense_params = total_params(model)
         budget = math.inf if memory_budget_gb is None else memory_budget_gb * 2**30
-        self.scorer: StepScorer = self.metric.scorer(model, windows, batch_windows, exact, budget)
+        self.scorer: StepScorer = (
+            scorer if scorer is not None else self.metric.scorer(model, windows, batch_windows, exact, budget)
+        )
         self.evaluated = 0  # candidates scored by this invocation
         self.reused = 0  # candidates whose recorded score was reused (resume)
         self._check_reachable()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
+
+import torch
 
 from pipelines.spec import PipelineSpec
 from tasks.calibrate import load_windows
 from tasks.load import open_model, search_target
 from tasks.refs import ArtifactRef
-from tasks.score import CandidateScore
+from tasks.residual import predictions
+from tasks.score import CandidateScore, StepScorer
 from tasks.search import Recorder, SearchContext, StepRecord, run_search
 
 
@@ -40,10 +44,29 @@ def search_stage(
     on_step: Callable[[int, dict[str, CandidateScore], StepRecord], None] | None = None,
     on_score: Callable[[int, CandidateScore], None] | None = None,
 ) -> SearchResult:
-    model = open_model(model_path, spec)
+    with _scorer(model_path, calibration, spec) as (windows, scorer):
+        return _search(open_model(model_path, spec), windows, spec, recorder, on_step, on_score, scorer)
+
+
+@contextmanager
+def _scorer(model_path: str, calibration: ArtifactRef, spec: PipelineSpec) -> Iterator[tuple[torch.Tensor, StepScorer | None]]:
+    """The calibration windows and, under `execution.runner: dask`, the scorer that shards each step
+    (None: the metric's own, in this process). A Dask cluster started for the run lives this long."""
+    windows = load_windows(calibration)
+    if spec.execution.runner == "local":
+        yield windows, None
+        return
+    from tasks.distributed.runner import distributed_scorer
+
+    with distributed_scorer(model_path, calibration, spec, windows.shape[0], predictions(windows)) as scorer:
+        yield windows, scorer
+
+
+def _search(model, windows, spec: PipelineSpec, recorder: Recorder, on_step, on_score,
+            scorer: StepScorer | None) -> SearchResult:
     ctx = SearchContext(
         model,
-        load_windows(calibration),
+        windows,
         metric=spec.score.metric,
         granularity=spec.score.granularity,
         target=search_target(spec),
@@ -58,6 +81,7 @@ def search_stage(
         recorder=recorder,
         on_step=on_step,
         on_score=on_score,
+        scorer=scorer,
     )
     records = run_search(ctx, spec.search.strategy)
     work = ctx.scorer.work
