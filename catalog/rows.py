@@ -109,6 +109,7 @@ class EvaluationRow(_FromDb):
     seq_len: int | None
     stride: int | None
     created_at: datetime
+    n_samples: int | None = None
 
 
 @dataclass(frozen=True)

@@ -114,9 +114,15 @@ def _m2_score_std_error(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute("ALTER TABLE scores ADD COLUMN std_error DOUBLE")
 
 
+def _m3_evaluation_samples(conn: duckdb.DuckDBPyConnection) -> None:
+    # Downstream tasks count examples, not tokens: their sample count gets a column of its own.
+    conn.execute("ALTER TABLE evaluations ADD COLUMN n_samples BIGINT")
+
+
 MIGRATIONS: list[Migration] = [
     _m1_initial,
     _m2_score_std_error,
+    _m3_evaluation_samples,
 ]
 
 # Tables that every migrated catalog has; `delete_run` clears a run from each of them.

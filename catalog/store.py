@@ -264,6 +264,7 @@ class Catalog:
         n_tokens: int | None = None,
         seq_len: int | None = None,
         stride: int | None = None,
+        n_samples: int | None = None,
     ) -> None:
         _text("run_id", run_id)
         _choice("stage", stage, EVAL_STAGES)
@@ -274,15 +275,16 @@ class Catalog:
         n_tokens = None if n_tokens is None else _integer("n_tokens", n_tokens, minimum=0)
         seq_len = None if seq_len is None else _integer("seq_len", seq_len, minimum=1)
         stride = None if stride is None else _integer("stride", stride, minimum=1)
+        n_samples = None if n_samples is None else _integer("n_samples", n_samples, minimum=0)
         with self._transaction("recording evaluation", read_only=False) as conn:
             self._require_run(conn, run_id)
             conn.execute(
                 "INSERT INTO evaluations (run_id, stage, kind, dataset, metric, value, "
-                "n_tokens, seq_len, stride) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "n_tokens, seq_len, stride, n_samples) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (run_id, stage, kind, dataset, metric) DO UPDATE SET "
                 "value = excluded.value, n_tokens = excluded.n_tokens, "
-                "seq_len = excluded.seq_len, stride = excluded.stride",
-                [run_id, stage, kind, dataset, metric, value, n_tokens, seq_len, stride],
+                "seq_len = excluded.seq_len, stride = excluded.stride, n_samples = excluded.n_samples",
+                [run_id, stage, kind, dataset, metric, value, n_tokens, seq_len, stride, n_samples],
             )
 
     def evaluations(self, run_id: str) -> list[EvaluationRow]:

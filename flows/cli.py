@@ -24,9 +24,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tasks.prune import PruneError
     from tasks.search import SearchError
     from tasks.sources import SourceError
+    from tasks.downstream import DownstreamError
+    from tasks.recover import RecoveryError
     from tasks.surgery import UnsupportedArchitecture
 
-    return (SpecError, SourceError, SearchError, UnsupportedArchitecture, CatalogError, OutputDirError, PruneError)
+    return (SpecError, SourceError, SearchError, UnsupportedArchitecture, CatalogError, OutputDirError, PruneError,
+            RecoveryError, DownstreamError)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -93,8 +96,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise CatalogError(f"{found} with id starting '{args.run_id}' in {args.catalog}; see `pruneflow runs`")
     run_id = matches[0]
     run = catalog.get_run(run_id)
-    print(format_show(run, catalog.steps(run_id), catalog.scores(run_id), catalog.evaluations(run_id),
-                      catalog.artifacts(run_id)))
+    artifacts = catalog.artifacts(run_id)
+    print(format_show(run, catalog.steps(run_id), catalog.scores(run_id), catalog.evaluations(run_id), artifacts))
+    report = next((Path(a.path) for a in artifacts if a.kind == "report-md"), None)
+    if report is not None and report.is_file():
+        print(f"\n{'=' * 20} report {report} {'=' * 20}\n")
+        print(report.read_text())
     return 0
 
 

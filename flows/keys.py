@@ -23,9 +23,10 @@ CODE_VERSION = "pruneflow-stages-3"
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "load": ("model.source",),
     "calibrate": ("calibration",),
-    "eval-data": ("evaluate",),
+    "eval-data": ("evaluate.datasets", "evaluate.seq_len", "evaluate.max_tokens"),
     "search": IDENTITY_SECTIONS,
     "prune": ("model.dtype", "prune"),
+    "recover": ("model.dtype", "model.device", "prune.format", "score.batch_windows", "recover"),
     "evaluate": ("model", "score.batch_windows", "evaluate"),
 }
 

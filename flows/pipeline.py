@@ -21,6 +21,7 @@ from flows.plots import perplexity_curve, score_heatmap
 from flows.progress import Fanout, SearchProgress
 from flows.ui import SearchArtifacts, expected_candidates, publish_summary
 from flows.recorder import CatalogRecorder
+from flows.report import markdown_report
 from flows.stages import (
     calibrate_task,
     eval_data_task,
@@ -32,6 +33,7 @@ from flows.stages import (
 )
 from pipelines import PipelineSpec, load_spec
 from tasks.evaluate import Evaluation
+from tasks.recover.stage import Recovered
 from tasks.refs import ArtifactRef
 from tasks.score import CandidateScore
 from tasks.surgery import candidate_blocks, units_of
@@ -51,6 +53,8 @@ class RunOutcome:
     checkpoint: str
     recover: str
     wall_seconds: float
+    model: str = ""
+    recovery: dict | None = None
     invocation_seconds: float = 0.0
     search: dict[str, int] = field(default_factory=dict)
     pictures: dict[str, str] = field(default_factory=dict)
@@ -77,7 +81,8 @@ def _with(task_fn, out_dir: Path, fresh: bool):
 def _record_evaluations(catalog: Catalog, run_id: str, evaluations: list[Evaluation]) -> None:
     for e in evaluations:
         catalog.add_evaluation(
-            run_id, e.stage, e.kind, e.dataset, e.metric, e.value, n_tokens=e.n_tokens, seq_len=e.seq_len, stride=e.stride
+            run_id, e.stage, e.kind, e.dataset, e.metric, e.value, n_tokens=e.n_tokens, seq_len=e.seq_len, stride=e.stride,
+            n_samples=e.n_samples,
         )
 
 
@@ -140,11 +145,15 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     outcome.wall_seconds = _wall(previous, started)
     outcome.invocation_seconds = time.perf_counter() - started
     summary = asdict(outcome)
-    report = write_json(run_dir(out_dir, run_id) / "report.json", summary)
+    folder = run_dir(out_dir, run_id)
+    report = write_json(folder / "report.json", summary)
+    report_md = folder / "report.md"
+    report_md.write_text(markdown_report(summary, catalog.steps(run_id), catalog.evaluations(run_id), folder))
     publish_summary(summary, {"Score per block over search steps": Path(outcome.pictures["plot-scores"]),
                               "Perplexity against parameters removed": Path(outcome.pictures["plot-perplexity"])},
                     spec.model.source, target_text(spec))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
+    _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report_md, "report-md"))
     catalog.finish_run(run_id, "completed", wall_seconds=outcome.wall_seconds, summary=summary)
     return summary
 
@@ -182,23 +191,28 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     ui.finish()
     checkpoint = _with(prune_task, out_dir, fresh)(spec, model, result.blocks, run_dir(out_dir, run_id))
     _record_artifact(catalog, run_id, "pruned", checkpoint)
-    recovered = recover_task(spec, checkpoint)
-    recover_note = "none (recover.method: none; the pruned checkpoint is final)"
+    recovered = None
+    if spec.recover.method != "none":
+        recovered = _with(recover_task, out_dir, fresh)(spec, model, checkpoint, calibration, run_dir(out_dir, run_id))
+        _record_artifact(catalog, run_id, "recovered", recovered.checkpoint)
     evaluate = _with(evaluate_task, out_dir, fresh)
-    dense = evaluate(spec, model.fingerprint, model.path, "dense", eval_data)
-    pruned = evaluate(spec, checkpoint.sha256, checkpoint.path, "pruned", eval_data)
-    _record_evaluations(catalog, run_id, [*dense, *pruned])
+    evaluations = [*evaluate(spec, model.fingerprint, model.path, "dense", eval_data),
+                   *evaluate(spec, checkpoint.sha256, checkpoint.path, "pruned", eval_data)]
+    if recovered is not None:
+        evaluations += evaluate(spec, recovered.checkpoint.sha256, recovered.checkpoint.path, "recovered", eval_data)
+    _record_evaluations(catalog, run_id, evaluations)
     ppl: dict[str, dict[str, float]] = {}
-    for e in [*dense, *pruned]:
+    for e in evaluations:
         if e.kind == "perplexity":
             ppl.setdefault(e.dataset, {})[e.stage] = e.value
-    params = {e.stage: int(e.value) for e in [*dense, *pruned] if e.metric == "params"}
+    params = {e.stage: int(e.value) for e in evaluations if e.metric == "params"}
     outcome = RunOutcome(
         run_id=run_id, pipeline=spec.name, output_dir=str(out_dir.resolve()),
         catalog=str(spec.catalog_path().resolve()), blocks=list(result.blocks),
         params_dense=params["dense"], params_pruned=params["pruned"],
         params_removed_ratio=1 - params["pruned"] / params["dense"],
-        perplexity=ppl, checkpoint=str(Path(checkpoint.path).resolve()), recover=recover_note, wall_seconds=0.0,
+        perplexity=ppl, checkpoint=str(Path(checkpoint.path).resolve()), recover=_recover_note(recovered),
+        wall_seconds=0.0, model=spec.model.source, recovery=_recovery_summary(recovered),
         search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
                 "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
     )
@@ -208,6 +222,23 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     return outcome
 
 
+def _recover_note(recovered: Recovered | None) -> str:
+    if recovered is None:
+        return "none (recover.method: none; the pruned checkpoint is final)"
+    return f"{recovered.method} -> {Path(recovered.checkpoint.path).resolve()} ({recovered.seconds:.1f} s)"
+
+
+def _recovery_summary(recovered: Recovered | None) -> dict | None:
+    if recovered is None:
+        return None
+    return {
+        "method": recovered.method, "checkpoint": str(Path(recovered.checkpoint.path).resolve()),
+        "format": recovered.format, "seconds": recovered.seconds, "losses": list(recovered.losses),
+        "fit": dict(recovered.fit), "trainable_params": recovered.trainable_params,
+        "resumed_from_step": recovered.resumed_from_step,
+    }
+
+
 def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict) -> dict[str, Path]:
     folder = run_dir(Path(spec.output_dir), run_id)
     by_step: dict[int, dict[str, CandidateScore]] = {}
@@ -215,7 +246,7 @@ def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict) -> dict[st
         by_step.setdefault(row.step, {})[row.block] = CandidateScore(row.block, row.value, row.n_tokens, row.seconds, row.exact)
     steps = [by_step[s] for s in sorted(by_step)]
     removed_ratio = [1 - p / result.dense_params for p in result.params_remaining]
-    evals = {d: (v["dense"], v["pruned"]) for d, v in ppl.items() if "dense" in v and "pruned" in v}
+    evals = {d: v for d, v in ppl.items() if "dense" in v and "pruned" in v}
     return {
         "plot-scores": score_heatmap(steps, list(result.blocks), folder / "scores_per_block.png", spec.score.metric),
         "plot-perplexity": perplexity_curve(removed_ratio, list(result.values), evals, folder / "perplexity_vs_params.png"),

@@ -30,14 +30,17 @@ def score_heatmap(steps: list[dict[str, CandidateScore]], removed: list[str], pa
     return _save(fig, path)
 
 
-def perplexity_curve(params_removed: list[float], values: list[float], evals: dict[str, tuple[float, float]],
+def perplexity_curve(params_removed: list[float], values: list[float], evals: dict[str, dict[str, float]],
                      path: Path) -> Path:
-    """Calibration perplexity after each step, and evaluation perplexity of the dense and pruned models."""
+    """Calibration perplexity after each step; evaluation perplexity of the dense, pruned (and recovered) models."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([100 * r for r in params_removed], values, marker="o", label="calibration (search)")
-    for dataset, (dense, pruned) in evals.items():
-        ax.plot([0.0, 100 * params_removed[-1]], [dense, pruned], marker="s", linestyle="--",
-                label=f"evaluation: {Path(dataset).name}")
+    for dataset, stages in evals.items():
+        line, = ax.plot([0.0, 100 * params_removed[-1]], [stages["dense"], stages["pruned"]], marker="s",
+                        linestyle="--", label=f"evaluation: {Path(dataset).name}")
+        if "recovered" in stages:
+            ax.plot([100 * params_removed[-1]], [stages["recovered"]], marker="*", markersize=11, linestyle="none",
+                    color=line.get_color(), label=f"recovered: {Path(dataset).name}")
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel("perplexity")
     ax.grid(alpha=0.3)

@@ -12,6 +12,7 @@ from tasks.calibrate import EvalData, calibrate_stage, eval_data_stage
 from tasks.evaluate import Evaluation, evaluate_stage
 from tasks.load import ModelRef, load_stage
 from tasks.prune import prune_stage
+from tasks.recover.stage import Recovered, recover_stage
 from tasks.refs import ArtifactRef
 from tasks.search.stage import SearchResult, search_stage
 
@@ -53,10 +54,14 @@ def prune_task(spec: PipelineSpec, model: ModelRef, blocks: tuple[str, ...], out
     return prune_stage(model.path, blocks, spec, out_dir)
 
 
-@task(name="recover", **_COMMON)
-def recover_task(spec: PipelineSpec, checkpoint: ArtifactRef) -> ArtifactRef | None:
-    """Pass-through until recovery methods land: `recover.method: none` keeps the pruned checkpoint."""
-    return None
+@task(name="recover", cache_key_fn=cache_key_fn("recover"), **_COMMON)
+def recover_task(spec: PipelineSpec, model: ModelRef, checkpoint: ArtifactRef, calibration: ArtifactRef,
+                 out_dir: Path) -> Recovered:
+    from flows.keys import stage_key
+    from prefect import get_run_logger
+
+    key = stage_key("recover", spec, {"model": model, "checkpoint": checkpoint, "calibration": calibration})
+    return recover_stage(checkpoint.path, model.path, calibration, spec, out_dir, key, log=get_run_logger().info)
 
 
 @task(name="evaluate", cache_key_fn=cache_key_fn("evaluate"), **_COMMON)

@@ -365,25 +365,32 @@ class LoraRecovery(_TrainingRecovery):
     )
 
 
+class WeightedSource(BaseModel):
+    model_config = _STRICT
+
+    source: str = Field(min_length=1, description="Training text: builtin corpus, local file or hub dataset.")
+    weight: float = Field(1.0, gt=0.0, description="Mixing weight (relative to the other sources').")
+
+
 class ContinuedPretrainingRecovery(_TrainingRecovery):
     """Full-parameter training for a token budget (Shortened LLaMA v2, Sheared LLaMA), optionally mixing domains."""
 
     method: Literal["continued_pretraining"]
     tokens: int = Field(65_536, ge=8, le=10**13, description="Training token budget (steps = tokens / (batch x seq_len)).")
     lr: float = Field(2e-5, gt=0.0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay).")
-    datasets: dict[str, float] = Field(
-        default_factory=lambda: {"builtin:wiki-vital-en": 1.0},
+    datasets: tuple[WeightedSource, ...] = Field(
+        (WeightedSource(source="builtin:wiki-vital-en"),),
         min_length=1,
         description="Training text sources and their mixing weights (each window is drawn from one source).",
     )
 
-    @field_validator("datasets")
-    @classmethod
-    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = sorted(k for k, w in value.items() if not w > 0 or not k.strip())
-        if bad:
-            raise ValueError(f"datasets need non-empty names and weights > 0; check {bad}")
-        return value
+    def mixture(self) -> dict[str, float]:
+        """Source -> share of the training windows (weights of a repeated source add up)."""
+        total = sum(d.weight for d in self.datasets)
+        shares: dict[str, float] = {}
+        for d in self.datasets:
+            shares[d.source] = shares.get(d.source, 0.0) + d.weight / total
+        return shares
 
 
 RecoverSpec = Annotated[
@@ -401,6 +408,14 @@ class EvaluateSpec(BaseModel):
     )
     seq_len: int = Field(512, ge=8, le=131_072, description="Tokens per evaluation window.")
     max_tokens: int = Field(16_384, ge=8, description="Evaluate on at most this many leading tokens per dataset.")
+    tasks: tuple[str, ...] = Field(
+        (),
+        description="Zero-shot lm-evaluation-harness tasks (e.g. piqa, arc_easy); needs the eval extra.",
+    )
+    task_paths: tuple[str, ...] = Field((), description="Folders of extra lm-eval task YAMLs (local task files).")
+    task_limit: int | None = Field(
+        None, ge=1, description="Evaluate at most this many examples per task (none: every example)."
+    )
 
     @field_validator("datasets")
     @classmethod
@@ -408,6 +423,45 @@ class EvaluateSpec(BaseModel):
         if any(not item.strip() for item in value):
             raise ValueError("evaluate.datasets entries must be non-empty strings")
         return value
+
+
+class ExecutionSpec(BaseModel):
+    """Where a search step's scoring runs. Never part of a run's identity or cache keys: every runner
+    computes the same numbers (see tasks/distributed)."""
+
+    model_config = _STRICT
+
+    runner: Literal["local", "dask"] = Field(
+        "local", description="local: in the flow process; dask: calibration windows sharded over Dask workers."
+    )
+    address: str | None = Field(
+        None, min_length=1, description="dask: address of a running scheduler, e.g. tcp://10.0.0.5:8786."
+    )
+    workers: int | None = Field(
+        None, ge=1, le=1024, description="dask: start a local cluster of this many worker processes for the run."
+    )
+    threads: int = Field(1, ge=1, le=1024, description="dask: torch threads in each worker process.")
+    device: Device | None = Field(None, description="dask: device on each worker; default model.device.")
+
+    @model_validator(mode="after")
+    def _settings_fit_runner(self) -> "ExecutionSpec":
+        given = sorted(self.model_fields_set & {"address", "workers", "threads", "device"})
+        if self.runner == "local":
+            if given:
+                raise ValueError(
+                    f"execution.{', execution.'.join(given)} apply only with execution.runner: dask"
+                )
+            return self
+        if (self.address is None) == (self.workers is None):
+            raise ValueError(
+                "execution.runner: dask needs exactly one of execution.address (a running scheduler) "
+                "or execution.workers (a local cluster started for the run)"
+            )
+        import importlib.util
+
+        if importlib.util.find_spec("prefect_dask") is None:
+            raise ValueError("execution.runner: dask needs the dask extra: pip install 'pruneflow[dask]'")
+        return self
 
 
 class PipelineSpec(BaseModel):
@@ -428,6 +482,29 @@ class PipelineSpec(BaseModel):
     evaluate: EvaluateSpec = EvaluateSpec()
     output_dir: str = Field(description="Folder for checkpoints, reports and cached stage results.")
     catalog: str = Field("", description="DuckDB catalog file; default catalog.duckdb inside output_dir's parent.")
+    execution: ExecutionSpec = Field(ExecutionSpec(), description="Where search steps are scored (local or Dask).")
+
+    @field_validator("execution")
+    @classmethod
+    def _execution_fits_score(cls, execution: ExecutionSpec, info: ValidationInfo) -> ExecutionSpec:
+        from tasks.distributed.shards import DISTRIBUTED_METRICS
+
+        score = info.data.get("score")
+        if execution.runner == "dask" and score is not None and score.metric not in DISTRIBUTED_METRICS:
+            raise ValueError(
+                f"execution.runner: dask shards the metrics {', '.join(DISTRIBUTED_METRICS)} only, "
+                f"not '{score.metric}'; use execution.runner: local"
+            )
+        return execution
+
+    @model_serializer(mode="wrap")
+    def _without_default_execution(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The default execution is left out, so specs that never name it serialize as before
+        # (deployment parameters, runs.spec_json).
+        data = handler(self)
+        if self.execution == ExecutionSpec():
+            data.pop("execution", None)
+        return data
 
     @field_validator("search")
     @classmethod

@@ -27,6 +27,7 @@ class Evaluation:
     n_tokens: int | None = None
     seq_len: int | None = None
     stride: int | None = None
+    n_samples: int | None = None  # downstream tasks: examples evaluated
 
 
 def evaluate_stage(model_path: str, stage: str, data: list[EvalData], spec: PipelineSpec) -> list[Evaluation]:
@@ -45,6 +46,11 @@ def evaluate_stage(model_path: str, stage: str, data: list[EvalData], spec: Pipe
         from tasks.speed import speed_evaluations  # tasks.speed builds on this module's Evaluation
 
         out.extend(speed_evaluations(model_path, stage, spec.model.dtype, resolve_device(spec.model.device)))
+    if spec.evaluate.tasks:
+        from tasks.downstream import downstream_evaluations  # lm-eval is an optional extra
+
+        out.extend(downstream_evaluations(model, model_path, stage, spec.evaluate.tasks, spec.evaluate.task_paths,
+                                          spec.evaluate.task_limit, spec.score.batch_windows))
     return out
 
 

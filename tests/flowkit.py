@@ -27,7 +27,7 @@ def tiny_pipeline(root: Path, **changes) -> Path:
         "catalog": str(root / "out" / "catalog.duckdb"),
     }
     for key, value in changes.items():
-        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

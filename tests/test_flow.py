@@ -28,7 +28,7 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
     assert {(e.stage, e.kind) for e in catalog.evaluations(run_id)} >= {("dense", "perplexity"), ("pruned", "perplexity"),
                                                                        ("dense", "size"), ("pruned", "size")}
     artifacts = {(a.stage, a.kind): a for a in catalog.artifacts(run_id)}
-    assert set(artifacts) == {("calibrate", "calibration"), ("pruned", "checkpoint"), ("pruned", "report"),
+    assert set(artifacts) == {("calibrate", "calibration"), ("pruned", "checkpoint"), ("pruned", "report"), ("pruned", "report-md"),
                               ("evaluate", "plot-scores"), ("evaluate", "plot-perplexity")}
     for kind in ("plot-scores", "plot-perplexity"):
         with open(artifacts[("evaluate", kind)].path, "rb") as png:

@@ -112,7 +112,7 @@ RECOVERIES = {
     "low_rank": {"method": "low_rank", "rank": 4, "refine_steps": 10, "refine_lr": 0.01},
     "lora": {"method": "lora", "steps": 12, "rank": 4, "lr": 0.01, "seq_len": 32, "batch_size": 4, "dataset": "CORPUS"},
     "continued_pretraining": {"method": "continued_pretraining", "tokens": 12 * 4 * 32, "lr": 3e-3, "seq_len": 32,
-                              "batch_size": 4, "datasets": {"CORPUS": 1.0}},
+                              "batch_size": 4, "datasets": [{"source": "CORPUS"}]},
 }
 
 
@@ -121,7 +121,7 @@ def test_recovered_model_has_lower_loss_than_pruned(tmp_path, name):
     corpus_path = str(tmp_path / "corpus.txt")
     recover = {k: (corpus_path if v == "CORPUS" else v) for k, v in RECOVERIES[name].items()}
     if "datasets" in recover:
-        recover["datasets"] = {corpus_path: 1.0}
+        recover["datasets"] = [{"source": corpus_path}]
     blocks = ["layers.1.mlp", "layers.2"]
     spec, dense_dir, pruned_ref, calibration, windows, _ = _setup(tmp_path, recover, blocks)
     if name in ("lora", "continued_pretraining"):

@@ -47,14 +47,14 @@ CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
 
 
 def tiny_tokenizer():
-    """A character-level fast tokenizer (97 symbols + unk), saved and reloaded like any HF tokenizer."""
+    """A character-level fast tokenizer (97 symbols + unk + eos), saved and reloaded like any HF tokenizer."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, **{ch: i + 1 for i, ch in enumerate(CHARS)}}
+    vocab = {"<unk>": 0, **{ch: i + 1 for i, ch in enumerate(CHARS)}, "</s>": len(CHARS) + 1}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
 
 
 def tiny_checkpoint(path, family: str = "llama", layers: int = 4, seed: int = 0):

@@ -19,9 +19,7 @@ class ContinuedPretrainingMethod(RecoveryMethod):
 
     def run(self, model, settings, ctx, fingerprint):
         steps = math.ceil(settings.tokens / (settings.batch_size * settings.seq_len))
-        total = sum(settings.datasets.values())
-        streams = TrainingStreams(ctx.tokenizer_path, {k: v / total for k, v in settings.datasets.items()},
-                                  settings.seq_len, settings.tokens)
+        streams = TrainingStreams(ctx.tokenizer_path, settings.mixture(), settings.seq_len, settings.tokens)
         model.requires_grad_(True)
         log = train(
             model, lambda step: streams.batch(step, settings.batch_size, settings.seed),

@@ -1,0 +1,111 @@
+"""The final report of a run, as markdown beside report.json: numbers, chosen blocks, recovery, pictures.
+
+Built from the catalog rows of the run, so it says exactly what the catalog holds; `pruneflow show`
+prints it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from catalog.rows import EvaluationRow, StepRow
+
+_STAGES = ("dense", "pruned", "recovered")
+
+
+def _value(metric: str, value: float) -> str:
+    if metric in ("params", "checkpoint_bytes"):
+        return f"{int(value):,}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.3f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _by_stage(evals: Sequence[EvaluationRow], kind: str) -> tuple[list[tuple[str, str]], dict]:
+    keys: list[tuple[str, str]] = []
+    values: dict[tuple[str, str, str], EvaluationRow] = {}
+    for e in evals:
+        if e.kind != kind:
+            continue
+        if (e.dataset, e.metric) not in keys:
+            keys.append((e.dataset, e.metric))
+        values[(e.dataset, e.metric, e.stage)] = e
+    return keys, values
+
+
+def _evaluation_tables(evals: Sequence[EvaluationRow]) -> list[str]:
+    stages = [s for s in _STAGES if any(e.stage == s for e in evals)]
+    lines: list[str] = []
+    keys, values = _by_stage(evals, "perplexity")
+    if keys:
+        lines += ["## Perplexity", ""]
+        rows = []
+        for dataset, metric in keys:
+            first = next(values[(dataset, metric, s)] for s in stages if (dataset, metric, s) in values)
+            cells = [_value(metric, values[(dataset, metric, s)].value) if (dataset, metric, s) in values else "-"
+                     for s in stages]
+            rows.append([dataset, *cells, str(first.n_tokens), str(first.seq_len), str(first.stride)])
+        lines += _table(["dataset", *stages, "predicted tokens", "window", "stride"], rows) + [""]
+    for kind, title in (("task", "Downstream tasks (lm-evaluation-harness, zero-shot)"), ("size", "Size"),
+                        ("speed", "Speed")):
+        keys, values = _by_stage(evals, kind)
+        if not keys:
+            continue
+        rows = []
+        for dataset, metric in keys:
+            cells = [_value(metric, values[(dataset, metric, s)].value) if (dataset, metric, s) in values else "-"
+                     for s in stages]
+            label = metric if dataset == "-" else f"{dataset} {metric}"
+            samples = next((values[(dataset, metric, s)].n_samples for s in stages if (dataset, metric, s) in values), None)
+            rows.append([label, *cells] + ([str(samples)] if kind == "task" else []))
+        headers = ["metric", *stages] + (["examples"] if kind == "task" else [])
+        lines += [f"## {title}", ""] + _table(headers, rows) + [""]
+    return lines
+
+
+def _recovery_lines(recovery: dict | None) -> list[str]:
+    if not recovery:
+        return ["## Recovery", "", "none (recover.method: none; the pruned checkpoint is final)", ""]
+    lines = ["## Recovery", "", f"- method: `{recovery['method']}`, {recovery['seconds']:.1f} s, "
+             f"{recovery['trainable_params']:,} trainable parameters",
+             f"- checkpoint: `{recovery['checkpoint']}` (format `{recovery['format']}`)"]
+    losses = recovery.get("losses") or []
+    if losses:
+        lines.append(f"- training loss: {losses[0]:.4f} at step 1 -> {losses[-1]:.4f} at step {len(losses)}"
+                     + (f" (resumed at step {recovery['resumed_from_step']})" if recovery.get("resumed_from_step") else ""))
+    fit = recovery.get("fit") or {}
+    if fit:
+        lines.append("- share of each removed block's output its adapter recovers (calibration data): "
+                     + ", ".join(f"{u} {v:.3f}" for u, v in fit.items()))
+    return lines + [""]
+
+
+def markdown_report(summary: dict, steps: Sequence[StepRow], evals: Sequence[EvaluationRow], folder: Path) -> str:
+    lines = [
+        f"# pruneflow report: {summary['pipeline']}",
+        "",
+        f"- run `{summary['run_id']}`, model `{summary.get('model', '')}`",
+        f"- parameters {summary['params_dense']:,} -> {summary['params_pruned']:,} "
+        f"({100 * summary['params_removed_ratio']:.2f}% removed)",
+        f"- pruned checkpoint: `{summary['checkpoint']}`",
+        f"- wall time {summary['wall_seconds']:.1f} s",
+        "",
+        "## Removed blocks, in search order",
+        "",
+    ]
+    rows = [[str(s.step), s.block, f"{s.value:.4f}", f"{s.params_remaining:,}"] for s in steps]
+    lines += _table(["step", "block", "score", "params remaining"], rows) + [""]
+    lines += _evaluation_tables(evals)
+    lines += _recovery_lines(summary.get("recovery"))
+    pictures = summary.get("pictures") or {}
+    if pictures:
+        lines += ["## Pictures", ""]
+        for kind, path in pictures.items():
+            lines.append(f"![{kind}]({os.path.relpath(path, folder)})")
+        lines.append("")
+    return "\n".join(lines)
