@@ -163,3 +163,18 @@ def test_training_resumes_where_it_stopped(tmp_path):
     assert resumed.losses == pytest.approx(reference.losses, rel=1e-5)
     # A different fingerprint (another configuration) never picks up that state.
     assert train(copy.deepcopy(model), batches, settings, tmp_path / "b", "other", log=lambda m: None).resumed_from_step == 0
+
+
+def test_a_deep_copy_runs_its_own_adapters():
+    model = remove_blocks(tiny_model("llama", layers=4), ["layers.0", "layers.2.mlp", "layers.3"])
+    install_adapters(model, {"layers.0.attn": 2, "layers.2.mlp": 2, "layers.3.mlp": 0})
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in get_adapter(twin, "layers.2.mlp").parameters():
+            param.add_(0.5)
+        ids = tiny_windows(2, 16)
+        original, changed = model(ids).logits, twin(ids).logits
+        # The original still computes what its (untouched) adapters say: zero-initialised ones add nothing.
+        bare = remove_blocks(tiny_model("llama", layers=4), ["layers.0", "layers.2.mlp", "layers.3"])(ids).logits
+    assert (original - bare).abs().max() < 1e-5
+    assert (changed - original).abs().max() > 1e-2

@@ -64,34 +64,40 @@ def _hidden_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
     return kwargs["hidden_states"], False
 
 
-def _before_hook(adapters: nn.ModuleDict, units: list[str]):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+# Hooks are objects holding the adapters, not closures: `copy.deepcopy(model)` then gives the copy
+# hooks that use the copy's own adapters.
+class _BeforeHook:
+    def __init__(self, adapters: nn.ModuleDict, units: list[str]):
+        self.adapters, self.units = adapters, units
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden, positional = _hidden_arg(args, kwargs)
-        hidden = apply_all(adapters, units, hidden)
+        hidden = apply_all(self.adapters, self.units, hidden)
         if positional:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    return hook
 
+class _SlotHook:
+    """The stand-in's norms are identities, so the hidden state it receives is the residual stream itself."""
 
-def _slot_hook(adapter: ResidualAdapter):
-    # The stand-in's norms are identities, so the hidden state it receives is the residual stream itself.
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def __init__(self, adapters: nn.ModuleDict, unit: str):
+        self.adapters, self.unit = adapters, unit
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden, _ = _hidden_arg(args, kwargs)
-        delta = adapter.delta(hidden)
+        delta = self.adapters[adapter_key(self.unit)].delta(hidden)
         return (delta, *output[1:]) if isinstance(output, tuple) else delta
 
-    return hook
 
+class _AfterHook:
+    def __init__(self, adapters: nn.ModuleDict, units: list[str]):
+        self.adapters, self.units = adapters, units
 
-def _after_hook(adapters: nn.ModuleDict, units: list[str]):
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if isinstance(output, tuple):
-            return (apply_all(adapters, units, output[0]), *output[1:])
-        return apply_all(adapters, units, output)
-
-    return hook
+            return (apply_all(self.adapters, self.units, output[0]), *output[1:])
+        return apply_all(self.adapters, self.units, output)
 
 
 def wire_hooks(model: nn.Module) -> None:
@@ -106,11 +112,11 @@ def wire_hooks(model: nn.Module) -> None:
         layers = family.decoder_layers(model)
         plan = placement(layer_ids(model), list(ranks))
         for position, units in plan.before.items():
-            handles.append(layers[position].register_forward_pre_hook(_before_hook(adapters, units), with_kwargs=True))
+            handles.append(layers[position].register_forward_pre_hook(_BeforeHook(adapters, units), with_kwargs=True))
         for part, slots in (("attn", plan.attn), ("mlp", plan.mlp)):
             for position, unit in slots.items():
                 stand_in = getattr(layers[position], family.half(part).slot)
-                handles.append(stand_in.register_forward_hook(_slot_hook(adapters[adapter_key(unit)]), with_kwargs=True))
+                handles.append(stand_in.register_forward_hook(_SlotHook(adapters, unit), with_kwargs=True))
         if plan.after:
-            handles.append(layers[len(layers) - 1].register_forward_hook(_after_hook(adapters, plan.after), with_kwargs=True))
+            handles.append(layers[len(layers) - 1].register_forward_hook(_AfterHook(adapters, plan.after), with_kwargs=True))
     object.__setattr__(model, _HANDLES_ATTR, handles)

@@ -39,6 +39,8 @@ class ResidualAdapter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size))
         self.down = nn.Linear(hidden_size, rank, bias=False) if rank > 0 else None
         self.up = nn.Linear(rank, hidden_size, bias=False) if rank > 0 else None
+        if self.up is not None:
+            nn.init.zeros_(self.up.weight)  # a fresh adapter adds nothing until it is fitted or loaded
 
     def delta(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.down is None:
