@@ -181,7 +181,17 @@ def cluster():
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local_cluster:
         with Client(local_cluster) as client:
+            # Workers import torch and prefect while the local run goes (held futures, never waited on).
+            warming = [client.submit(_import_worker_modules, workers=[w], pure=False)
+                       for w in client.scheduler_info()["workers"]]
             yield local_cluster, client
+            del warming
+
+
+def _import_worker_modules() -> None:
+    import prefect.task_engine  # noqa: F401
+    import tasks.distributed.worker  # noqa: F401
+    import tasks.export  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +209,20 @@ def test_two_dask_workers_choose_and_score_as_local(tmp_path, cluster, local_out
     assert sorted(loaded.values()) == [True, True]
 
 
+@pytest.mark.integration
+def test_cluster_started_for_the_run_with_early_abort(tmp_path, local_outcome):
+    """execution.workers: the run starts (and stops) its own local cluster; early abort keeps the blocks."""
+    summary = prune_pipeline(str(_pipeline(tmp_path, {"runner": "dask", "workers": 2})))
+    _assert_same(_outcome(summary), local_outcome)
+    bounded = _pipeline(tmp_path / "bounded", {"runner": "dask", "workers": 2})
+    blocks, scores, values = _outcome(prune_pipeline(str(bounded), overrides=["search.exact_scores=false"]))
+    assert blocks == local_outcome[0] and values == pytest.approx(local_outcome[2], rel=1e-6)
+    for key, (value, exact, _) in scores.items():
+        assert value <= local_outcome[1][key][0] * (1 + 1e-6) and (not exact or value == pytest.approx(
+            local_outcome[1][key][0], rel=1e-6))
+
+
+@pytest.mark.integration  # about 20 s more: the restarted worker process imports torch and prefect again
 def test_worker_killed_mid_step_changes_nothing(tmp_path, cluster, local_outcome):
     local_cluster, client = cluster
     pids = client.run(os.getpid)
@@ -220,7 +244,14 @@ def test_worker_killed_mid_step_changes_nothing(tmp_path, cluster, local_outcome
     killer.join(timeout=5)
     assert killed, "no shard task was seen running on a worker"
     with pytest.raises(ProcessLookupError):
-        os.kill(killed["pid"], 0)  # that worker process is gone; its shard ran again elsewhere
+        os.kill(killed["pid"], 0)  # that worker process is gone
+    # The scheduler saw the shard processing on the lost worker, put it back, and had it computed again.
+    story = client.run_on_scheduler(
+        lambda dask_scheduler: [(str(e[0]), e[1], e[2]) for e in dask_scheduler.transition_log])
+    lost = {str(k) for k in killed["keys"]}
+    requeued = [k for k, start, finish in story if k in lost and start == "processing" and finish != "memory"]
+    assert requeued, story
+    assert any(k in requeued and finish == "memory" for k, _, finish in story)
     outcome = _outcome(summary)
     _assert_same(outcome, local_outcome)
     # Nothing partial or doubled: one score row per candidate of every step, one step row per block.

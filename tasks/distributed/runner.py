@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -105,19 +105,39 @@ class DaskShardBackend:
 
 @contextmanager
 def _portable_task_context() -> Iterator[None]:
-    """The enclosing task's run context without its parameters, while shards are submitted.
+    """The enclosing task's run context without its parameters, and the flow's API, while shards are submitted.
 
     prefect-dask ships the current task run context to the worker (so a shard nests under `search`
     in the UI), parameters included; the search task's parameters hold live objects (the catalog
     recorder, progress listeners) that cannot be pickled and that a shard never needs."""
     from prefect.context import TaskRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    current = TaskRunContext.get()
-    if current is None:
+    with ExitStack() as stack:
+        current = TaskRunContext.get()
+        if current is not None:
+            stack.enter_context(current.model_copy(update={"parameters": {}}))
+        url = _ephemeral_api_url()
+        if url is not None:
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
         yield
-        return
-    with current.model_copy(update={"parameters": {}}):
-        yield
+
+
+def _ephemeral_api_url() -> str | None:
+    """The URL of the temporary Prefect server this process runs when no PREFECT_API_URL is set.
+
+    The settings shipped with each shard carry no API URL then, and every worker would start a
+    temporary server of its own (seconds per worker, and a process left behind when the worker is
+    killed). Pointing them at the flow's server records every shard in the same place. It listens on
+    127.0.0.1, so workers on other machines need a real server: set PREFECT_API_URL for the flow."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance get_client() started (one per process)
+    return server.api_url if server.running else None
 
 
 @contextmanager
