@@ -183,7 +183,8 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     protected = units_of(spec.search.protect)
     first = [c for c in candidate_blocks(list(range(model.num_layers)), spec.score.granularity, set())
              if not units_of([c]) & protected]
-    ui = SearchArtifacts(spec.name, run_id, expected_candidates(len(first), total_steps))
+    width = spec.search.strategy_settings().get("width", 1)
+    ui = SearchArtifacts(spec.name, run_id, expected_candidates(spec.search.strategy, len(first), total_steps, width))
     progress = Fanout(SearchProgress(total_steps, logger), ui)
     result = _with(search_task, out_dir, fresh)(
         spec, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress

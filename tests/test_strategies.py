@@ -395,3 +395,13 @@ def test_the_memory_budget_reaches_the_scorer(model):
     assert ctx.scorer.stride > 1
     assert SearchContext(model, windows, metric="perplexity", granularity="sublayer",
                          target=Target(blocks=1)).scorer.stride == 1
+
+
+def test_progress_total_follows_the_strategy():
+    from flows.ui import expected_candidates
+
+    assert expected_candidates("iterative", 8, 3) == 8 + 7 + 6
+    assert expected_candidates("one_shot", 8, 3) == 8
+    assert expected_candidates("consecutive", 30, 6) == 25  # windows of 6 among 30 layers
+    assert expected_candidates("beam", 8, 3, beam_width=4) == 8 + 4 * 7 + 4 * 6
+    assert expected_candidates("iterative", 8, None) is None
