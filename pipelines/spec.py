@@ -310,6 +310,13 @@ class _AdapterRecovery(BaseModel):
         1e-4, ge=0.0, le=1.0,
         description="Ridge term of the least-squares fit, relative to the mean input variance (0: plain least squares).",
     )
+    fit: Literal["dense", "pruned"] = Field(
+        "dense",
+        description=(
+            "dense: each adapter maps the block's input to the output it added, in the dense model (Siddiqui et al.); "
+            "pruned: fitted in model order on the pruned model's own stream toward the dense stream after the block."
+        ),
+    )
     refine_steps: int = Field(
         0, ge=0, le=1_000_000,
         description="Optional gradient refinement: steps of Adam on the language-model loss of calibration windows.",

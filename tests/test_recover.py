@@ -14,7 +14,7 @@ from tasks.export import load_checkpoint
 from tasks.recover.least_squares import fit_adapters
 from tasks.recover.stage import recover_stage
 from tasks.recover.training import TrainSettings, train
-from tasks.residual import perplexity
+from tasks.residual import ResidualRunner, perplexity
 from tasks.surgery import remove_blocks
 from tasks.surgery.adapted import get_adapter, install_adapters
 from tests.tiny import tiny_checkpoint, tiny_corpus, tiny_model, tiny_windows
@@ -110,6 +110,7 @@ def _setup(tmp_path, recover: dict, blocks: list[str]):
 RECOVERIES = {
     "bias": {"method": "bias"},
     "low_rank": {"method": "low_rank", "rank": 4, "refine_steps": 10, "refine_lr": 0.01},
+    "low_rank_fit_pruned": {"method": "low_rank", "rank": 4, "fit": "pruned"},
     "lora": {"method": "lora", "steps": 12, "rank": 4, "lr": 0.01, "seq_len": 32, "batch_size": 4, "dataset": "CORPUS"},
     "continued_pretraining": {"method": "continued_pretraining", "tokens": 12 * 4 * 32, "lr": 3e-3, "seq_len": 32,
                               "batch_size": 4, "datasets": [{"source": "CORPUS"}]},
@@ -134,7 +135,7 @@ def test_recovered_model_has_lower_loss_than_pruned(tmp_path, name):
     recovered_model = load_checkpoint(out.checkpoint.path)
     recovered_ppl = perplexity(recovered_model, windows)
     assert recovered_ppl < pruned_ppl * 0.98, (name, pruned_ppl, recovered_ppl)
-    if name in ("bias", "low_rank"):
+    if name in ("bias", "low_rank", "low_rank_fit_pruned"):
         assert out.format == "remote_code" and set(out.fit) == {"layers.1.mlp", "layers.2.attn", "layers.2.mlp"}
         assert all(0.0 <= v <= 1.0 + 1e-9 for v in out.fit.values())
     if name in ("low_rank", "lora", "continued_pretraining"):
@@ -178,3 +179,34 @@ def test_a_deep_copy_runs_its_own_adapters():
         bare = remove_blocks(tiny_model("llama", layers=4), ["layers.0", "layers.2.mlp", "layers.3"])(ids).logits
     assert (original - bare).abs().max() < 1e-5
     assert (changed - original).abs().max() > 1e-2
+
+
+def test_sequential_fit_also_reproduces_a_known_linear_block():
+    from tasks.recover.least_squares import fit_adapters_in_pruned
+
+    dense = _dense_with_linear_mlp(2)
+    pruned = remove_blocks(copy.deepcopy(dense), ["layers.1.mlp", "layers.3.attn"])
+    install_adapters(pruned, {"layers.1.mlp": 2, "layers.3.attn": 2})
+
+    def install(unit, fit):
+        adapter = get_adapter(pruned, unit)
+        with torch.no_grad():
+            adapter.bias.copy_(fit.bias)
+            adapter.down.weight.copy_(fit.down)
+            adapter.up.weight.copy_(fit.up)
+
+    fits = fit_adapters_in_pruned(dense, pruned, ["layers.1.mlp", "layers.3.attn"], tiny_windows(8, 32), 2, 0.0, 4,
+                                  install)
+    assert fits["layers.1.mlp"].explained == pytest.approx(1.0, abs=1e-6)  # nothing before it drifted
+    assert fits["layers.3.attn"].explained < 1.0  # attention is not linear in its input
+    runner_dense, runner_pruned = ResidualRunner(dense), ResidualRunner(pruned)
+    ids = tiny_windows(2, 16, seed=9)
+    with torch.no_grad():
+        h_dense = runner_dense.embed(ids)
+        h_pruned = runner_pruned.embed(ids)
+        ctx_d, ctx_p = runner_dense.context(h_dense), runner_pruned.context(h_pruned)
+        for unit in runner_dense.units[:4]:  # through layers.1.mlp
+            h_dense = runner_dense.apply(unit, h_dense, ctx_d)
+        for unit in runner_pruned.units[:4]:  # layers.0.attn/mlp, layers.1.attn, the adapter of layers.1.mlp
+            h_pruned = runner_pruned.apply(unit, h_pruned, ctx_p)
+    assert (h_pruned - h_dense).abs().max() < 1e-3

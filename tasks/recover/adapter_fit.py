@@ -8,7 +8,7 @@ from torch import nn
 from pipelines.spec import BiasRecovery, LowRankRecovery
 from tasks.export import load_checkpoint
 from tasks.recover.data import calibration_batches
-from tasks.recover.least_squares import fit_adapters
+from tasks.recover.least_squares import Fit, fit_adapters, fit_adapters_in_pruned
 from tasks.recover.registry import RecoveryContext, RecoveryError, RecoveryRun
 from tasks.recover.training import TrainSettings, train
 from tasks.surgery import removed_units
@@ -22,17 +22,25 @@ def recover_with_adapters(model: nn.Module, settings: BiasRecovery | LowRankReco
         raise RecoveryError(f"recover.method '{settings.method}' needs removed blocks; the model has none")
     device = next(model.parameters()).device
     dense = load_checkpoint(ctx.dense_path, dtype="float32", device=str(device))
-    fits = fit_adapters(dense, units, ctx.calibration, rank, settings.ridge, ctx.batch_windows)
-    del dense
     install_adapters(model, {u: rank for u in units})
-    with torch.no_grad():
-        for unit, fit in fits.items():
-            adapter = get_adapter(model, unit)
+
+    def install(unit: str, fit: Fit) -> None:
+        adapter = get_adapter(model, unit)
+        with torch.no_grad():
             adapter.bias.copy_(fit.bias)
             if rank:
                 adapter.down.weight.copy_(fit.down)
                 adapter.up.weight.copy_(fit.up)
-    ctx.log(f"{settings.method}: fitted {len(units)} adapters; explained share of each block's output: "
+
+    if settings.fit == "dense":
+        fits = fit_adapters(dense, units, ctx.calibration, rank, settings.ridge, ctx.batch_windows)
+        for unit, fit in fits.items():
+            install(unit, fit)
+    else:
+        fits = fit_adapters_in_pruned(dense, model, units, ctx.calibration, rank, settings.ridge, ctx.batch_windows,
+                                      install)
+    del dense
+    ctx.log(f"{settings.method}: fitted {len(units)} adapters ({settings.fit}); share of each target recovered: "
             + ", ".join(f"{u} {fits[u].explained:.3f}" for u in units))
     run = RecoveryRun(model, fit={u: fits[u].explained for u in units})
     if settings.refine_steps:

@@ -1,8 +1,11 @@
 """Closed-form adapter fits: each removed block's input -> the output it used to add, by least squares.
 
-Statistics come from the dense model on calibration windows, one pass, in float64: for every removed
-unit the sums of x, y, x xᵀ and x yᵀ, where x is the residual stream the unit read and y the delta it
-added. A bias is the mean delta. A rank-r adapter is reduced-rank regression: the (ridge) least-squares
+Statistics are sums in float64 of x, y, x xᵀ and x yᵀ over calibration tokens. With `fit: dense`
+(Siddiqui et al.) x is the residual stream the unit read in the dense model and y the delta it added,
+all from one dense pass. With `fit: pruned` the adapters are fitted one after another, in model order,
+on the pruned model's own stream: x is what reaches the adapter there (earlier adapters in place) and y
+is what takes it to the dense model's stream after the unit, so each adapter also corrects the drift
+that earlier removals left. A bias is the mean delta. A rank-r adapter is reduced-rank regression: the (ridge) least-squares
 map W, restricted to the r directions of its fitted outputs with the most variance (W Vr Vrᵀ, Vr the
 top eigenvectors of Wᵀ Σxx W), which is the exact rank-r least-squares solution when the ridge is 0.
 """
@@ -10,11 +13,13 @@ top eigenvectors of Wᵀ Σxx W), which is the exact rank-r least-squares soluti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner
+from tasks.surgery.residual_adapters import unit_order
 
 
 @dataclass
@@ -111,3 +116,50 @@ def fit_adapters(dense: nn.Module, units: list[str], windows: torch.Tensor, rank
                  batch_windows: int) -> dict[str, Fit]:
     stats = collect_stats(dense, units, windows, batch_windows)
     return {unit: fit_unit(s, rank, ridge) for unit, s in stats.items()}
+
+
+@torch.inference_mode()
+def dense_states_after(dense: nn.Module, units: list[str], windows: torch.Tensor, batch_windows: int) -> dict[str, list[torch.Tensor]]:
+    """The dense model's residual stream right after each unit, per micro-batch (kept on the CPU)."""
+    runner = ResidualRunner(dense)
+    wanted = set(units)
+    out: dict[str, list[torch.Tensor]] = {u: [] for u in units}
+    for batch in windows.split(batch_windows):
+        hidden = runner.embed(batch)
+        ctx = runner.context(hidden)
+        for unit in runner.units:
+            hidden = runner.apply(unit, hidden, ctx)
+            if unit.id in wanted:
+                out[unit.id].append(hidden.float().cpu())
+    return out
+
+
+@torch.inference_mode()
+def _stats_in_pruned(pruned: nn.Module, unit_id: str, targets: list[torch.Tensor], windows: torch.Tensor,
+                     batch_windows: int) -> UnitStats:
+    runner = ResidualRunner(pruned)
+    stats = UnitStats.empty(pruned.config.hidden_size)
+    for batch, target in zip(windows.split(batch_windows), targets):
+        hidden = runner.embed(batch)
+        ctx = runner.context(hidden)
+        layer_input = {}
+        for unit in runner.units:
+            layer_input.setdefault(unit.position, hidden)
+            if unit.adapter and unit.id == unit_id:
+                x = layer_input[unit.position] if unit.parallel and unit.part == "mlp" else hidden
+                stats.add(x, target.to(hidden.device) - hidden)
+                break
+            hidden = runner.apply(unit, hidden, ctx)
+    return stats
+
+
+def fit_adapters_in_pruned(dense: nn.Module, pruned: nn.Module, units: list[str], windows: torch.Tensor, rank: int,
+                           ridge: float, batch_windows: int, install: Callable[[str, Fit], None]) -> dict[str, Fit]:
+    """Sequential fit (`fit: pruned`); `pruned` must carry (zero) adapters for `units`, which `install`
+    sets one by one, so each fit sees the adapters before it."""
+    targets = dense_states_after(dense, units, windows, batch_windows)
+    fits = {}
+    for unit in sorted(units, key=unit_order):
+        fits[unit] = fit_unit(_stats_in_pruned(pruned, unit, targets[unit], windows, batch_windows), rank, ridge)
+        install(unit, fits[unit])
+    return fits
