@@ -85,8 +85,11 @@ def main() -> None:
     pruned = remove_blocks(copy.deepcopy(dense), list(DEMO_BLOCKS))
     rows.append(_evaluate("pruned", pruned, held_out, batch, Row("pruned (demo blocks)", 0.0, total_params(pruned))))
     methods = [
-        ("bias", BiasRecovery(method="bias"), "mean of each block's output"),
-        (f"low_rank r={args.rank}", LowRankRecovery(method="low_rank", rank=args.rank), "ridge 1e-4"),
+        ("bias", BiasRecovery(method="bias"), "mean of each block's output (fit: dense)"),
+        ("bias, fit: pruned", BiasRecovery(method="bias", fit="pruned"), "sequential on the pruned stream"),
+        (f"low_rank r={args.rank}", LowRankRecovery(method="low_rank", rank=args.rank), "ridge 1e-4 (fit: dense)"),
+        (f"low_rank r={args.rank}, fit: pruned", LowRankRecovery(method="low_rank", rank=args.rank, fit="pruned"),
+         "ridge 1e-4, sequential on the pruned stream"),
         ("lora", LoraRecovery(method="lora", steps=args.lora_steps, batch_size=args.lora_batch,
                               seq_len=args.lora_seq_len, rank=8, lr=2e-4),
          f"{args.lora_steps} steps x {args.lora_batch} x {args.lora_seq_len} tokens, rank 8, lr 2e-4"),
