@@ -49,6 +49,7 @@ class RoundStats:
     bytes_sent: int
     bytes_received: int
     workers: list[str]
+    shard_seconds: list[float]  # each shard's job on its worker
 
 
 @dataclass
@@ -80,6 +81,7 @@ class DaskShardBackend:
         self.rounds.append(RoundStats(
             candidates=len(candidates), bound=bound, seconds=time.perf_counter() - start, bytes_sent=sent,
             bytes_received=sum(len(pickle.dumps(r)) for r in results), workers=[r.worker for r in results],
+            shard_seconds=[r.seconds for r in results],
         ))
         return results
 

@@ -8,7 +8,7 @@ them, so a candidate's total is the same float however many shards the windows w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Metrics whose scorer can be sharded by windows (per-window sums that add up to the score).
 DISTRIBUTED_METRICS: tuple[str, ...] = ("perplexity",)
@@ -54,7 +54,7 @@ class ShardResult:
     head_windows: int
     stored_bytes: int
     worker: str = ""  # host:pid of the process that computed it (reports and fault tests)
-    extra: dict = field(default_factory=dict)
+    seconds: float = 0.0  # the whole job on the worker: model load, entry states, candidates
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,7 @@ _STATE = _WorkerState()
 
 def score_shard(job: ShardJob) -> ShardResult:
     """Every candidate of the job on this worker's shard of the calibration windows."""
+    start = time.perf_counter()
     torch.set_num_threads(job.threads)
     with _STATE.lock:
         scorer = _STATE.scorer(job)
@@ -102,4 +104,5 @@ def score_shard(job: ShardJob) -> ShardResult:
             head_windows=scorer.work.head_windows - before[1],
             stored_bytes=scorer.work.stored_bytes,
             worker=f"{socket.gethostname()}:{os.getpid()}",
+            seconds=time.perf_counter() - start,
         )
