@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from catalog import Catalog
@@ -118,8 +119,13 @@ class InProcessShards:
         self.template, self.shards = template, shard_layout(batches, shards)
 
     def run(self, removed, candidates, bound):
-        return [score_shard(replace(self.template, shard=s.index, first_batch=s.first_batch, stop_batch=s.stop_batch,
-                                    removed=removed, candidates=candidates, bound=bound)) for s in self.shards]
+        threads = torch.get_num_threads()  # a worker sets its own; this process keeps what it had
+        try:
+            return [score_shard(replace(self.template, shard=s.index, first_batch=s.first_batch,
+                                        stop_batch=s.stop_batch, removed=removed, candidates=candidates, bound=bound))
+                    for s in self.shards]
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("exact", [True, False])
