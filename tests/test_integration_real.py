@@ -48,7 +48,7 @@ def test_reduced_demo_pipeline(tmp_path):
         "pipelines/smollm2-blockpruner.yaml",
         [
             "calibration.samples=2", "calibration.seq_len=128", "search.target.blocks=2",
-            "evaluate.seq_len=256", "evaluate.max_tokens=1024",
+            "evaluate.seq_len=256", "evaluate.max_tokens=1024", "recover.steps=3", "recover.seq_len=64",
             f"output_dir={tmp_path / 'out' / 'demo'}", f"catalog={tmp_path / 'out' / 'catalog.duckdb'}",
         ],
     )
@@ -66,3 +66,16 @@ def test_reduced_demo_pipeline(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(ppl["pruned"], rel=1e-6)
+    # The demo recovers with LoRA, merged into the weights: transformers itself loads the recovered
+    # checkpoint (trust_remote_code) to the perplexity recorded for stage `recovered`.
+    recovered = summary["recovery"]["checkpoint"]
+    code = (
+        "import torch; from safetensors.torch import load_file; from transformers import AutoModelForCausalLM; "
+        f"w = load_file(r'{eval_file}')['input_ids']; "
+        f"m = AutoModelForCausalLM.from_pretrained(r'{recovered}', trust_remote_code=True).eval(); "
+        "nll = sum(float(m(b, labels=b).loss) * (b.shape[1] - 1) for b in w.split(1)); "
+        "print(repr(float(torch.exp(torch.tensor(nll / (w.shape[0] * (w.shape[1] - 1)))))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(ppl["recovered"], rel=1e-4)
+    assert summary["recovery"]["format"] == "remote_code" and len(summary["recovery"]["losses"]) == 3
