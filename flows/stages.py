@@ -60,8 +60,12 @@ def recover_task(spec: PipelineSpec, model: ModelRef, checkpoint: ArtifactRef, c
     from flows.keys import stage_key
     from prefect import get_run_logger
 
+    from flows.ui import TrainingProgress
+
     key = stage_key("recover", spec, {"model": model, "checkpoint": checkpoint, "calibration": calibration})
-    return recover_stage(checkpoint.path, model.path, calibration, spec, out_dir, key, log=get_run_logger().info)
+    progress = TrainingProgress(spec.name, spec.recover.method)
+    return recover_stage(checkpoint.path, model.path, calibration, spec, out_dir, key, log=get_run_logger().info,
+                         on_step=progress.on_step)
 
 
 @task(name="evaluate", cache_key_fn=cache_key_fn("evaluate"), **_COMMON)

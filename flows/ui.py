@@ -40,6 +40,22 @@ def expected_candidates(strategy: str, first_step_candidates: int, steps: int | 
     return n + sum(width * max(n - t, 0) for t in range(1, steps))
 
 
+class TrainingProgress:
+    """Recovery training as a Prefect progress artifact (updated about every 1% of the steps)."""
+
+    def __init__(self, pipeline: str, method: str):
+        self.progress_id = create_progress_artifact(
+            0.0, key=artifact_key(pipeline, "recover-progress"), description=f"recovery training ({method})"
+        )
+        self.shown = 0.0
+
+    def on_step(self, done: int, total: int, loss: float) -> None:
+        percent = 100.0 * done / total
+        if percent - self.shown >= 1.0 or done == total:
+            update_progress_artifact(self.progress_id, percent, description=f"step {done}/{total}, loss {loss:.4f}")
+            self.shown = percent
+
+
 class SearchArtifacts:
     """Progress as candidates are scored, and each step's candidate table once it is chosen."""
 

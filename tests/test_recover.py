@@ -149,7 +149,10 @@ def test_training_resumes_where_it_stopped(tmp_path):
     windows = tiny_windows(16, 16)
     batches = lambda step: windows[(2 * step) % 16 : (2 * step) % 16 + 2]  # noqa: E731
     settings = TrainSettings(steps=6, lr=1e-3, warmup_steps=2, seed=0, checkpoint_every=2, label="t")
-    reference = train(copy.deepcopy(model), batches, settings, tmp_path / "a", "fp", log=lambda m: None)
+    seen = []
+    reference = train(copy.deepcopy(model), batches, settings, tmp_path / "a", "fp", log=lambda m: None,
+                      on_step=lambda done, total, loss: seen.append((done, total, loss)))
+    assert seen == [(i + 1, 6, loss) for i, loss in enumerate(reference.losses)]
 
     def crashing(step):
         if step == 5:

@@ -51,7 +51,7 @@ def recover_with_adapters(model: nn.Module, settings: BiasRecovery | LowRankReco
             model, calibration_batches(ctx.calibration, settings.batch_windows, settings.seed),
             TrainSettings(settings.refine_steps, settings.refine_lr, 0, settings.seed, max(1, settings.refine_steps),
                           f"{settings.method} refine"),
-            ctx.state_dir, fingerprint, ctx.log,
+            ctx.state_dir, fingerprint, ctx.log, ctx.on_step,
         )
         model.requires_grad_(False)
         run.losses, run.resumed_from_step = log.losses, log.resumed_from_step

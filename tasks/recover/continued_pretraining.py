@@ -25,7 +25,7 @@ class ContinuedPretrainingMethod(RecoveryMethod):
             model, lambda step: streams.batch(step, settings.batch_size, settings.seed),
             TrainSettings(steps, settings.lr, settings.warmup_steps, settings.seed, settings.checkpoint_every,
                           "continued pretraining"),
-            ctx.state_dir, fingerprint, ctx.log,
+            ctx.state_dir, fingerprint, ctx.log, ctx.on_step,
         )
         model.requires_grad_(False)
         return RecoveryRun(model, losses=log.losses, trainable_params=log.trainable_params,

@@ -39,7 +39,7 @@ class LoraMethod(RecoveryMethod):
             wrapped, lambda step: streams.batch(step, settings.batch_size, settings.seed),
             TrainSettings(settings.steps, settings.lr, settings.warmup_steps, settings.seed,
                           settings.checkpoint_every, "lora"),
-            ctx.state_dir, fingerprint, ctx.log,
+            ctx.state_dir, fingerprint, ctx.log, ctx.on_step,
         )
         merged = wrapped.merge_and_unload()
         merged.requires_grad_(False)

@@ -26,6 +26,7 @@ class RecoveryContext:
     state_dir: Path  # resumable training state lives here
     batch_windows: int
     log: Callable[[str], None] = print
+    on_step: Callable[[int, int, float], None] | None = None  # training progress: (done, total, loss)
 
 
 @dataclass

@@ -31,13 +31,15 @@ class Recovered:
 
 
 def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, spec: PipelineSpec, out_dir: Path,
-                  key: str, log: Callable[[str], None] = print) -> Recovered:
+                  key: str, log: Callable[[str], None] = print,
+                  on_step: Callable[[int, int, float], None] | None = None) -> Recovered:
     started = time.perf_counter()
     method = get_recovery(spec.recover.method)
     model = open_model(pruned_path, spec)
     ctx = RecoveryContext(
         dense_path=dense_path, calibration=load_windows(calibration), tokenizer_path=pruned_path,
         state_dir=out_dir / "recover-state" / key[:16], batch_windows=spec.score.batch_windows, log=log,
+        on_step=on_step,
     )
     run = method.run(model, spec.recover, ctx, key)
     ref = write_checkpoint(run.model, pruned_path, out_dir / CHECKPOINT, spec.prune.format)

@@ -55,8 +55,11 @@ def _schedule(settings: TrainSettings) -> Callable[[int], float]:
 
 
 def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], settings: TrainSettings,
-          state_dir: Path, fingerprint: str, log: Callable[[str], None] = print) -> TrainLog:
-    """Train the parameters of `model` that require grad; returns the loss of every step."""
+          state_dir: Path, fingerprint: str, log: Callable[[str], None] = print,
+          on_step: Callable[[int, int, float], None] | None = None) -> TrainLog:
+    """Train the parameters of `model` that require grad; returns the loss of every step.
+
+    `on_step(done, total, loss)` follows every step (the flow shows it as a Prefect progress artifact)."""
     started = time.perf_counter()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -84,6 +87,8 @@ def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], setti
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             done = step + 1
+            if on_step is not None:
+                on_step(done, settings.steps, losses[-1])
             if done % every == 0 or done == settings.steps:
                 log(f"{settings.label}: step {done}/{settings.steps} loss {losses[-1]:.4f}")
             if done % settings.checkpoint_every == 0 or done == settings.steps:
