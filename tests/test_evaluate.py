@@ -121,3 +121,15 @@ def test_bad_recovery_or_task_exits_2_before_writing(tmp_path, monkeypatch, caps
     assert main(["run", str(pipeline)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "tiny").exists() and not (tmp_path / "out" / "catalog.duckdb").exists()
+
+
+@pytest.mark.integration  # indexes lm-eval's own task files (about a minute)
+def test_unreachable_task_data_names_the_task(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from tasks.downstream import DownstreamError, downstream_evaluations
+    from tasks.export import load_checkpoint
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    path = tiny_checkpoint(tmp_path / "m", layers=2)
+    with pytest.raises(DownstreamError, match="the data of lm-eval task 'arc_easy' could not be reached"):
+        downstream_evaluations(load_checkpoint(path), str(path), "dense", ["arc_easy"], [], 4, 4)
