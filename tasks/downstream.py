@@ -12,9 +12,8 @@ import logging
 from typing import Sequence
 
 from torch import nn
-from transformers import AutoTokenizer
-
 from tasks.evaluate import Evaluation
+from tasks.export import load_tokenizer
 
 
 class DownstreamError(ValueError):
@@ -69,7 +68,7 @@ def downstream_evaluations(model: nn.Module, tokenizer_path: str, stage: str, ta
 
     manager = task_manager(tasks, task_paths)
     _check_known(tasks, set(manager.all_tasks))
-    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tokenizer_path), batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=load_tokenizer(tokenizer_path), batch_size=batch_size)
     out = []
     for name in tasks:
         results = _run_task(lm_eval, lm, manager, name, limit)

@@ -6,10 +6,10 @@ import os
 import shutil
 from pathlib import Path
 
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from pipelines.spec import PipelineSpec
-from tasks.export import ExportError, export_model, resolve_format
+from tasks.export import ExportError, export_model, load_tokenizer, resolve_format
 from tasks.load import open_model
 from tasks.refs import ArtifactRef
 from tasks.surgery import remove_blocks
@@ -35,7 +35,7 @@ def write_checkpoint(model, source_path: str, target: Path, requested_format: st
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     export_model(model.to("cpu"), tmp, fmt)
-    AutoTokenizer.from_pretrained(source_path).save_pretrained(tmp)
+    load_tokenizer(source_path).save_pretrained(tmp)
     _copy_generation_config(source_path, tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

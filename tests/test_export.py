@@ -309,3 +309,15 @@ def test_speed_evaluations_rows(exported):
     assert all(r.value > 0 and r.stage == "pruned" for r in rows)
     kv = next(r.value for r in rows if r.metric == "kv_bytes_per_token")
     assert kv == 3 * 2 * KV_HEADS * HEAD_DIM * 4  # three kept attention layers, fp32 keys and values
+
+
+def test_reading_a_tokenizer_never_asks_to_run_code(exported):
+    """transformers asks on the terminal before running a checkpoint's code; pruneflow trusts only its own."""
+    root, _ = exported
+    code = ("import sys; from tasks.export import load_tokenizer; "
+            "print(type(load_tokenizer(sys.argv[1])).__name__)")
+    for name in ("remote_code", "nemotron_nas", "pruneflow", "hf"):
+        out = subprocess.run([sys.executable, "-c", code, str(root / name)], capture_output=True, text=True,
+                             cwd=ROOT, stdin=subprocess.DEVNULL, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "Do you wish to run the custom code" not in out.stdout + out.stderr

@@ -51,6 +51,19 @@ def checkpoint_format(path: str | Path) -> str:
     return format_of(Path(path)).name
 
 
+# Formats whose checkpoints carry modeling code pruneflow itself wrote.
+_CODE_FORMATS = ("remote_code", "nemotron_nas")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of any model folder. A checkpoint in a format carrying pruneflow's own modeling code is
+    read with trust_remote_code (otherwise transformers stops to ask on the terminal); other folders never."""
+    from transformers import AutoTokenizer
+
+    own_code = (Path(path) / "config.json").is_file() and checkpoint_format(path) in _CODE_FORMATS
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=own_code)
+
+
 def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
     """Any checkpoint pruneflow reads or writes, as pruneflow's in-memory model (tasks.surgery's form)."""
     return format_of(Path(path)).load(Path(path), dtype, device)
@@ -65,6 +78,7 @@ __all__ = [
     "format_names",
     "get_format",
     "load_checkpoint",
+    "load_tokenizer",
     "register_format",
     "resolve_format",
 ]

@@ -7,16 +7,16 @@ uninterrupted one would. Builtin corpora give their calibration part: evaluation
 from __future__ import annotations
 
 import torch
-from transformers import AutoTokenizer
 
 from tasks.calibrate import leading_stream
+from tasks.export import load_tokenizer
 from tasks.recover.registry import RecoveryError
 from tasks.sources import load_texts
 
 
 class TrainingStreams:
     def __init__(self, tokenizer_path: str, weights: dict[str, float], seq_len: int, tokens_needed: int):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)
         self.sources = sorted(weights)
         self.weights = torch.tensor([weights[s] for s in self.sources], dtype=torch.float64)
         self.seq_len = seq_len
