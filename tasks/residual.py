@@ -53,6 +53,10 @@ class ResidualRunner:
         # tensor identity, held weakly: an entry lives exactly as long as the caller keeps that state.
         self._layer_inputs: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
+    def active(self, removed: set[str]) -> list[Unit]:
+        """The units left when `removed` are skipped, in model order."""
+        return [u for u in self.units if u.id not in removed]
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.residual import ResidualRunner
-from tasks.score.base import CandidateScore, Metric, OnScore, register_metric
+from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.score.states import boundary_states, window_span
 
@@ -48,12 +48,11 @@ class AngularDistanceScorer:
         known: dict[str, CandidateScore],
         on_score: OnScore,
     ) -> dict[str, CandidateScore]:
-        results = {w: known[w] for w in windows if w in known}
-        todo = [w for w in windows if w not in results]
+        results, todo = split_known(windows, known)
         if not todo:
             return results
         start = time.perf_counter()
-        active = [u for u in self.runner.units if u.id not in removed]
+        active = self.runner.active(removed)
         where = {w: window_span(active, windows[w]) for w in todo}
         boundaries = {i for span in where.values() for i in span}
         sums = dict.fromkeys(todo, 0.0)

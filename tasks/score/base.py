@@ -23,6 +23,12 @@ class CandidateScore:
 OnScore = Callable[[CandidateScore], None]
 
 
+def split_known(candidates, known: dict[str, CandidateScore]) -> tuple[dict[str, CandidateScore], list[str]]:
+    """The candidates' known scores (reused, never recomputed) and, in order, the candidates still to score."""
+    results = {c: known[c] for c in candidates if c in known}
+    return results, [c for c in candidates if c not in results]
+
+
 class StepScorer(Protocol):
     def score(
         self,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit, predictions
-from tasks.score.base import CandidateScore, Metric, OnScore, register_metric
+from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
 from tasks.surgery import units_of
 
 
@@ -123,7 +123,7 @@ class PrefixReuseScorer:
 
         This is a shard's work under distributed execution (tasks.distributed): the caller owns the
         bound and adds the sums up, so this scorer's own `exact` setting and ordering do not apply."""
-        active = [u for u in self.runner.units if u.id not in removed]
+        active = self.runner.active(removed)
         entries = self.entry_states(active)
         out: dict[str, tuple[list[float], int, bool, float]] = {}
         for block in candidates:
@@ -140,9 +140,8 @@ class PrefixReuseScorer:
         known: dict[str, CandidateScore],
         on_score: OnScore,
     ) -> dict[str, CandidateScore]:
-        active = [u for u in self.runner.units if u.id not in removed]
-        results = {c: known[c] for c in candidates if c in known}
-        todo = [c for c in candidates if c not in results]
+        active = self.runner.active(removed)
+        results, todo = split_known(candidates, known)
         if todo:
             entries = self.entry_states(active)
             # Most promising first, so the early-abort bound is tight from the start.

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore, register_metric
+from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.surgery import units_of
 
@@ -69,11 +69,10 @@ class ShapleyScorer:
     def score(
         self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
     ) -> dict[str, CandidateScore]:
-        results = {c: known[c] for c in candidates if c in known}
-        todo = [c for c in candidates if c not in results]
+        results, todo = split_known(candidates, known)
         if not todo:
             return results
-        active = [u for u in self.runner.units if u.id not in removed]
+        active = self.runner.active(removed)
         estimate = self._leave_one_out if self.metric.estimator == "leave_one_out" else self._sampled
         for score in estimate(active, candidates, todo):
             results[score.block] = score

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore
+from tasks.score.base import CandidateScore, Metric, OnScore, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.surgery import units_of
 
@@ -72,12 +72,11 @@ class BlockStateScorer:
     def score(
         self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
     ) -> dict[str, CandidateScore]:
-        results = {c: known[c] for c in candidates if c in known}
-        todo = [c for c in candidates if c not in results]
+        results, todo = split_known(candidates, known)
         if not todo:
             return results
         start = time.perf_counter()
-        active = [u for u in self.runner.units if u.id not in removed]
+        active = self.runner.active(removed)
         where = spans(active, todo)
         boundaries = {i for span in where.values() for i in span}
         sums = dict.fromkeys(todo, 0.0)

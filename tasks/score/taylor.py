@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore, register_metric
+from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.surgery import units_of
 
@@ -37,12 +37,11 @@ class TaylorScorer:
     def score(
         self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
     ) -> dict[str, CandidateScore]:
-        results = {c: known[c] for c in candidates if c in known}
-        todo = [c for c in candidates if c not in results]
+        results, todo = split_known(candidates, known)
         if not todo:
             return results
         start = time.perf_counter()
-        active = [u for u in self.runner.units if u.id not in removed]
+        active = self.runner.active(removed)
         by_id = {u.id: u for u in active}
         params = {block: [p for u in sorted(units_of([block])) if u in by_id for p in self.unit_parameters(by_id[u])]
                   for block in todo}
