@@ -8,6 +8,7 @@ hub for the standard ones); `evaluate.task_paths` adds folders of task YAMLs, e.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from typing import Sequence
 
@@ -37,7 +38,12 @@ def _lm_eval():
 
 def task_manager(tasks: Sequence[str], task_paths: Sequence[str]):
     """lm-eval's task index; only the given folders when they hold every task (indexing lm-eval's own
-    thousands of task files takes many seconds)."""
+    thousands of task files takes many seconds, so one index serves preflight and every stage's evaluation)."""
+    return _task_manager(tuple(tasks), tuple(task_paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(tasks: tuple[str, ...], task_paths: tuple[str, ...]):
     _, manager_cls = _lm_eval()
     if task_paths:
         local = manager_cls(include_path=list(task_paths), include_defaults=False)
