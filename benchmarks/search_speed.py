@@ -30,6 +30,7 @@ import transformers
 from benchmarks.naive_search import naive_search
 from benchmarks.naive_search import window_nll as hf_window_nll
 from tasks.residual import ResidualRunner
+from tasks.score.vocab_bound import VocabBound, subset_rows
 from tasks.search import SearchContext, Target, run_search
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -161,6 +162,14 @@ def piece_times(model, windows: torch.Tensor, repeats: int) -> dict:
         attn_best, mlp_best = min(attn_best, attn), min(mlp_best, mlp)
         last_hidden = hidden
     head = _best_of(lambda: runner.window_nll(last_hidden, window), repeats)
+    # The vocabulary-subset bound, with the rows the dense model's own predictions pick.
+    mass = torch.zeros(runner.adapter.lm_head(model).weight.shape[0])
+    runner.window_nll(last_hidden, window, mass)
+    rows = subset_rows(mass)
+    bound = 0.0
+    if rows is not None:
+        vocab = VocabBound(runner.adapter, model, rows)
+        bound = _best_of(lambda: vocab.window_bounds(last_hidden, window), repeats)
 
     unit = (attn_best + mlp_best) / (2 * n_layers)
     return {
@@ -171,6 +180,9 @@ def piece_times(model, windows: torch.Tensor, repeats: int) -> dict:
         "head_s": head,
         "unit_fraction": unit / full,
         "head_fraction": head / full,
+        "bound_rows": 0 if rows is None else len(rows),
+        "bound_s": bound,
+        "bound_fraction": bound / full,
         # How much of a full HF forward the pieces account for; the rest is HF overhead (mask, rope, glue).
         "pieces_over_full": (2 * n_layers * unit + head) / full,
     }
@@ -197,6 +209,7 @@ def flops_per_window(config, seq_len: int) -> dict:
         "mlp_unit": t * 2 * 3 * d * ff,
         "head_scored": (t - 1) * 2 * d * vocab,
         "head_full": t * 2 * d * vocab,
+        "vocab": vocab,
     }
 
 
@@ -216,6 +229,8 @@ class Run:
     load_after: list[float] = field(default_factory=list)
     unit_windows: int = 0
     head_windows: int = 0
+    bound_windows: int = 0
+    bound_rows: int = 0
     attn_windows: int = 0
     mlp_windows: int = 0
     stored_bytes: int = 0
@@ -302,6 +317,8 @@ def run_pruneflow(model, windows, steps, exact, sampler) -> Run:
         process_peak=peak_rss(),
         unit_windows=work.unit_windows,
         head_windows=work.head_windows,
+        bound_windows=work.bound_windows,
+        bound_rows=work.bound_rows,
         attn_windows=kinds["attn"],
         mlp_windows=kinds["mlp"],
         stored_bytes=work.stored_bytes,
@@ -313,7 +330,11 @@ def run_pruneflow(model, windows, steps, exact, sampler) -> Run:
 def forward_equivalents(run: Run, pieces: dict) -> float:
     if run.forwards is not None:
         return float(run.forwards)
-    return run.unit_windows * pieces["unit_fraction"] + run.head_windows * pieces["head_fraction"]
+    return (
+        run.unit_windows * pieces["unit_fraction"]
+        + run.head_windows * pieces["head_fraction"]
+        + run.bound_windows * pieces.get("bound_fraction", 0.0)
+    )
 
 
 def run_flops(run: Run, flops: dict, n_layers: int, n_windows: int) -> float:
@@ -322,6 +343,7 @@ def run_flops(run: Run, flops: dict, n_layers: int, n_windows: int) -> float:
             run.attn_windows * flops["attn_unit"]
             + run.mlp_windows * flops["mlp_unit"]
             + run.head_windows * flops["head_scored"]
+            + run.bound_windows * flops["head_scored"] * run.bound_rows / flops["vocab"]
         )
     # Naive: each candidate of step s runs every unit except the s removed ones and itself, all T logits.
     total = 0.0
@@ -483,6 +505,10 @@ def bench_case(name, model, windows, steps, sampler, piece_repeats) -> dict:
                 "attn_windows": run.attn_windows,
                 "mlp_windows": run.mlp_windows,
                 "head_windows": run.head_windows,
+                "bound_windows": run.bound_windows,
+                "bound_rows": run.bound_rows,
+                # Units only: what any search that runs each candidate's layers to choose exactly must do.
+                "body_flops": run.attn_windows * flops["attn_unit"] + run.mlp_windows * flops["mlp_unit"],
                 "stored_bytes": run.stored_bytes,
                 "rss_start_bytes": run.rss_start,
                 "rss_peak_bytes": run.rss_peak,
@@ -538,8 +564,8 @@ def markdown(report: dict) -> str:
         "# Search speed: naive BlockPruner loop vs pruneflow",
         "",
         ("Produced by `python -m benchmarks.search_speed` (see benchmarks/README.md). All three searches ran "
-        "side by side in ONE process, one after the other, on the same model and windows, on a machine other "
-        "jobs were using at the same time: absolute seconds are noisy, ratios within a case are the point."),
+        "side by side in ONE process, one after the other, on the same model and windows; the load averages "
+        "below show what else the machine was doing. Ratios within a case are the point."),
         "",
         (f"Machine: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['cores_usable_by_process']} usable), "
         f"torch {m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}, "
@@ -562,11 +588,13 @@ def markdown(report: dict) -> str:
         "",
         ("- *naive*: one Hugging Face forward per window per candidate, skipped halves swapped for zero modules "
         "(benchmarks/naive_search.py). *pruneflow exact*: `SearchContext(..., exact=True)`, iterative, "
-        "sublayer, batch_windows=1. *early-abort*: the same with `exact=False`."),
+        "sublayer, batch_windows=1. *early-abort*: the same with `exact=False` (vocabulary-subset bounds, "
+        "then the exact head only for candidates that can still win; tasks/score/vocab_bound.py)."),
         ("- *forward-equivalents* (FE): naive = full forwards of one window. pruneflow = unit_windows x "
         "(t_unit / t_full) + head_windows x (t_head / t_full), with t_full = one HF forward of one window "
         "plus its loss, t_unit = mean time of one residual unit on one window (all 2L units timed once, "
-        "divided by 2L), t_head = final norm + lm_head + loss on one window; all best-of-N on this model."),
+        "divided by 2L), t_head = final norm + lm_head + loss on one window; all best-of-N on this model. "
+        "Bounded windows add bound_windows x (t_bound / t_full), t_bound = one window's subset bound."),
         ("- *RSS rise*: peak current RSS sampled every 20 ms during that search minus RSS at its start. "
         "*process peak*: `getrusage` high-water mark after that search (cumulative over the process)."),
         ("- *compute floor*: matmul FLOPs implied by the work (projections, causal half of the attention "
@@ -585,14 +613,14 @@ def markdown(report: dict) -> str:
             f"{case['steps']} steps."),
             "",
             ("| method | wall s | time / naive | speedup | forward-equiv. | work / naive | s per FE | "
-            "unit_windows | head_windows | stored MiB | RSS rise MiB | process peak MiB | load 1 min before/after |"),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "unit_windows | head_windows | bound_windows | stored MiB | RSS rise MiB | process peak MiB | load 1 min before/after |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in case["runs"]:
             out.append(
                 f"| {r['method']} | {r['wall_s']:.2f} | {r['time_vs_naive']:.3f} | {r['speedup']:.2f}x | "
                 f"{r['forward_equivalents']:.1f} | {r['forward_equivalents'] / case['runs'][0]['forward_equivalents']:.3f} | "
-                f"{r['wall_s'] / r['forward_equivalents']:.3f} | {r['unit_windows']} | {r['head_windows']} | "
+                f"{r['wall_s'] / r['forward_equivalents']:.3f} | {r['unit_windows']} | {r['head_windows']} | {r.get('bound_windows', 0)} | "
                 f"{r['stored_bytes'] / MIB:.1f} | {(r['rss_peak_bytes'] - r['rss_start_bytes']) / MIB:.1f} | "
                 f"{r['process_peak_rss_bytes'] / MIB:.0f} | {fmt_load(r.get('load_before', [])[:1])} / "
                 f"{fmt_load(r.get('load_after', [])[:1])} |"
@@ -635,6 +663,11 @@ def markdown(report: dict) -> str:
             f"{p['head_s'] * 1e3:.2f} ms"),
             (f"- unit fraction {p['unit_fraction']:.4f}, head fraction {p['head_fraction']:.4f}; "
             f"2L units + head = {p['pieces_over_full']:.2f} of a full forward"),
+            *(
+                [f"- vocabulary-subset bound: {p['bound_rows']} rows, {p['bound_s'] * 1e3:.2f} ms per window "
+                 f"({p['bound_s'] / p['head_s']:.3f} of the head)"]
+                if p.get("bound_rows") else ["- vocabulary-subset bound: not used (predictions too flat)"]
+            ),
             "",
             "Compute floor (FLOPs / best matmul rate) vs measured:",
             "",
@@ -645,6 +678,17 @@ def markdown(report: dict) -> str:
             out.append(
                 f"| {r['method']} | {r['gflop']:.1f} | {r['floor_s']:.2f} | {r['wall_s']:.2f} | {r['efficiency']:.2f} |"
             )
+        exact_run = case["runs"][1]
+        if "body_flops" in exact_run:
+            share = exact_run["body_flops"] / case["runs"][0]["flops"]
+            out += [
+                "",
+                (f"The layers alone of every candidate, from its entry point on (exact run, no head): "
+                f"{exact_run['body_flops'] / 1e9:.1f} GFLOP, {share:.3f} of naive's FLOPs. A search that chooses "
+                f"exactly must run each candidate's layers on the windows it needs to rule that candidate out, "
+                f"so at naive's FLOP rate no such search is more than {1 / share:.2f}x faster here, however cheap "
+                f"its head."),
+            ]
         if case["step0_distribution"]:
             out += [
                 "",

@@ -101,13 +101,20 @@ class ResidualRunner:
             hidden = self.apply(unit, hidden, ctx)
         return hidden
 
-    def window_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Summed next-token NLL of every window (float64, shape [batch]); windows go one at a time."""
+    def window_nll(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, mass: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Summed next-token NLL of every window (float64, shape [batch]); windows go one at a time.
+
+        `mass`, when given, gets each vocabulary entry's predicted probability added, summed over positions.
+        """
         targets = input_ids.to(hidden.device)[:, 1:]
         sums = []
         for row in range(hidden.shape[0]):
             logits = self.adapter.logits(self.model, hidden[row : row + 1, :-1]).float()[0]
             sums.append(F.cross_entropy(logits, targets[row], reduction="sum").double())
+            if mass is not None:
+                mass += logits.softmax(dim=-1).sum(dim=0).to(mass.device)
         return torch.stack(sums)
 
     @torch.inference_mode()

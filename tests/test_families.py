@@ -19,6 +19,7 @@ import transformers as tf
 from transformers import AutoModelForCausalLM
 
 from tasks.residual import ResidualRunner, perplexity
+from tasks.score.vocab_bound import VocabBound
 from tasks.search import SearchContext, Target, run_search
 from tasks.surgery import (
     adapter_for,
@@ -274,3 +275,25 @@ def test_two_step_search_through_the_flow(family, tmp_path):
     pruned = AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
     assert pruned.config.num_hidden_layers == LAYERS - 2
     assert total_params(pruned) == summary["params_pruned"] == total_params(load_model(summary["checkpoint"]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vocabulary_bound_stays_under_the_exact_nll(family):
+    """The subset bound of tasks.score.vocab_bound: below the exact NLL for any rows (targets inside or
+    outside them), and equal to it up to its margin when the rows are the whole vocabulary. Covers each
+    family's head: Gemma's soft cap, OPT's projection out, biases."""
+    model, windows = build(family), tiny_windows(samples=3)
+    runner = ResidualRunner(model)
+    with torch.no_grad():
+        hidden = runner.embed(windows)
+        hidden = runner.run(hidden, runner.context(hidden), runner.units)
+        exact = runner.window_nll(hidden, windows)
+        generator = torch.Generator().manual_seed(0)
+        for count in (1, 9, VOCAB // 2):
+            rows = torch.randperm(VOCAB, generator=generator)[:count].sort().values
+            bound = VocabBound(runner.adapter, model, rows).window_bounds(hidden, windows)
+            assert (bound <= exact).all(), (count, bound, exact)
+            assert (bound > 0).all()
+        whole = VocabBound(runner.adapter, model, torch.arange(VOCAB)).window_bounds(hidden, windows)
+    assert (whole <= exact).all()
+    assert torch.allclose(whole, exact, rtol=1e-4)

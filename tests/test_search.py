@@ -56,6 +56,38 @@ def test_early_abort_skips_work_and_marks_lower_bounds():
     assert runs[False][1].scorer.work.unit_windows < runs[True][1].scorer.work.unit_windows
 
 
+def peaked_model(seed: int):
+    """A tiny model whose predictions concentrate on 16 of its 128 tokens, as a trained LM's do on a few
+    thousand of its vocabulary: only then is a vocabulary-subset bound cheap enough to be used."""
+    model = tiny_model("llama", layers=4, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight[16:].mul_(0.1)
+        model.lm_head.weight[:16].mul_(10.0)
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vocabulary_bounds_choose_what_exact_sums_choose(seed):
+    model, windows = peaked_model(seed), tiny_windows(samples=8, seq_len=16, seed=seed)
+    expected, last_ppl = brute_force_order(model, windows, "sublayer", 4)
+    runs = {}
+    for exact in (True, False):
+        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer",
+                            target=Target(blocks=4), exact=exact)
+        runs[exact] = ([r.block for r in run_search(ctx, "iterative")], ctx)
+    assert runs[True][0] == runs[False][0] == expected
+    work = runs[False][1].scorer.work
+    assert 0 < work.bound_rows <= 32 and work.bound_windows > 0
+    # Candidates settled by their bounds never ran the full head.
+    assert work.head_windows < runs[True][1].scorer.work.head_windows
+    final = runs[False][1].recorder.scores[3]
+    bounded = [b for b, s in final.items() if not s.exact]
+    assert bounded
+    for block in bounded:
+        assert final[block].value <= last_ppl[block]
+        assert final[block].value > final[expected[-1]].value
+
+
 def test_prefix_reuse_does_less_work_than_naive():
     model, windows = tiny_model("llama", layers=4), tiny_windows(samples=2)
     ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=2))

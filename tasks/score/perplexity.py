@@ -3,10 +3,16 @@
 Removing a block changes nothing before it, so a step runs the current model once, keeps the hidden
 state entering every remaining unit, and evaluates each candidate from its own entry point. Entry
 states whose prefix did not change since the previous step are reused, so after removing block b only
-the states after b are recomputed. With `exact=False` a candidate stops as soon as its partial NLL sum
-exceeds the best complete total (NLL terms are non-negative, so it can no longer win); its value is then
-a lower bound. Every path runs the same unit functions on the same fixed micro-batches, so the chosen
-blocks are identical to a full forward per candidate.
+the states after b are recomputed.
+
+With `exact=False` only the winner needs an exact total. The most promising candidate (by the previous
+step's scores) runs in full, and its predictions pick the vocabulary rows that carry most probability
+mass. Every other candidate first gets a lower bound per window from those rows alone (a fraction of
+the output head's cost, tasks.score.vocab_bound); it stops as soon as its bounds exceed the best exact
+total, since it can no longer win, and its value is stored as that lower bound. A candidate that might
+still win gets the exact head window by window. NLL terms are non-negative and bounds are below them,
+so the chosen block is the one exact sums pick; every exact sum runs the same unit functions on the same
+fixed micro-batches as a full forward, so the chosen blocks are identical to a naive search's.
 
 Memory: the kept states are units x tokens x hidden values. When that exceeds the budget only every
 k-th state is kept, and a candidate rebuilds its entry state from the nearest kept one (at most k-1
@@ -24,6 +30,7 @@ from torch import nn
 
 from tasks.residual import ResidualRunner, Unit, predictions
 from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
+from tasks.score.vocab_bound import VocabBound, subset_rows
 from tasks.surgery import units_of
 
 
@@ -33,6 +40,9 @@ class WorkCounter:
 
     unit_windows: int = 0
     head_windows: int = 0
+    # Windows whose NLL was bounded from a vocabulary subset (tasks.score.vocab_bound) instead.
+    bound_windows: int = 0
+    bound_rows: int = 0
     stored_bytes: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -86,33 +96,64 @@ class PrefixReuseScorer:
         )
         return entries
 
-    def _evaluate(
-        self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], bound: float
-    ) -> tuple[list[float], int, bool]:
-        """NLL sum of every micro-batch, in order; stops after a batch whose running total exceeds `bound`
-        (math.inf: never), which is sound because every later term is non-negative."""
+    def _finals(self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str]):
+        """Per micro-batch, in order: (index, input ids, last layer's output) without the units in `drop`."""
         first = next(i for i, u in enumerate(active) if u.id in drop)
         kept = first - first % self.stride
-        rebuild = active[kept:first]
-        rest = [u for u in active[first:] if u.id not in drop]
-        parts: list[float] = []
-        total, done = 0.0, 0
+        chain = active[kept:first] + [u for u in active[first:] if u.id not in drop]
         for index, batch in enumerate(self.batches):
             hidden = entries[kept][index]
             ctx = self._context(index, hidden)
-            for unit in rebuild:
+            for unit in chain:
                 hidden = self.runner.apply(unit, hidden, ctx)
-            self.work.unit_windows += len(rebuild) * batch.shape[0]
-            for unit in rest:
-                hidden = self.runner.apply(unit, hidden, ctx)
-            self.work.unit_windows += len(rest) * batch.shape[0]
-            self.work.head_windows += batch.shape[0]
-            parts.append(float(self.runner.window_nll(hidden, batch).sum()))
+            self.work.unit_windows += len(chain) * batch.shape[0]
+            yield index, batch, hidden
+
+    def _exact_nll(self, hidden: torch.Tensor, batch: torch.Tensor, mass: torch.Tensor | None = None) -> float:
+        self.work.head_windows += batch.shape[0]
+        return float(self.runner.window_nll(hidden, batch, mass).sum())
+
+    def _evaluate(
+        self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], bound: float,
+        mass: torch.Tensor | None = None,
+    ) -> tuple[list[float], int, bool]:
+        """NLL sum of every micro-batch, in order; stops after a batch whose running total exceeds `bound`
+        (math.inf: never), which is sound because every later term is non-negative."""
+        parts: list[float] = []
+        total, done = 0.0, 0
+        for index, batch, hidden in self._finals(active, entries, drop):
+            parts.append(self._exact_nll(hidden, batch, mass))
             total += parts[-1]
-            done += batch.shape[0] * (batch.shape[1] - 1)
+            done += predictions(batch)
             if total > bound and index < len(self.batches) - 1:
                 return parts, done, False
         return parts, done, True
+
+    def _bounded(
+        self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], best: float,
+        vocab: VocabBound,
+    ) -> tuple[list[float], float, int, bool]:
+        """A candidate that must beat `best` (an exact total): vocabulary-subset bounds first, window by
+        window, and the exact head only while the candidate can still win.
+
+        Returns exact per-batch sums (when complete), a lower bound (when not), predictions covered and
+        whether it is complete. Every lower bound used to stop is a sum of exact sums and bounds."""
+        finals, bounds, done = [], [], 0
+        last = len(self.batches) - 1
+        for index, batch, hidden in self._finals(active, entries, drop):
+            self.work.bound_windows += batch.shape[0]
+            bounds.append(float(vocab.window_bounds(hidden, batch).sum()))
+            finals.append((batch, hidden))
+            done += predictions(batch)
+            if sum(bounds) > best:
+                return [], sum(bounds), done, False
+        parts: list[float] = []
+        for index, (batch, hidden) in enumerate(finals):
+            parts.append(self._exact_nll(hidden, batch))
+            lower = sum(parts) + sum(bounds[index + 1 :])
+            if lower > best and index < last:
+                return [], lower, done, False
+        return parts, math.nan, done, True
 
     @torch.inference_mode()
     def batch_sums(
@@ -144,17 +185,33 @@ class PrefixReuseScorer:
         results, todo = split_known(candidates, known)
         if todo:
             entries = self.entry_states(active)
-            # Most promising first, so the early-abort bound is tight from the start.
+            # Most promising first, so the best total is tight from the start.
             todo.sort(key=lambda c: (self._previous.get(c, math.inf), candidates.index(c)))
             best = min((math.log(s.value) * self.n_predictions for s in results.values() if s.exact), default=math.inf)
-            for block in todo:
+            vocab: VocabBound | None = None
+            for position, block in enumerate(todo):
                 start = time.perf_counter()
-                parts, done, complete = self._evaluate(
-                    active, entries, units_of([block]), best if not self.exact else math.inf
-                )
+                drop = units_of([block])
+                if vocab is not None:
+                    parts, lower, done, complete = self._bounded(active, entries, drop, best, vocab)
+                else:
+                    # Exact mode, or no bound: every candidate runs whole, or until its exact partial sum
+                    # exceeds the best total. The first also measures where the probability mass lies.
+                    mass = None
+                    if not self.exact and position == 0:
+                        mass = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.runner.device)
+                    parts, done, complete = self._evaluate(
+                        active, entries, drop, math.inf if self.exact else best, mass
+                    )
+                    lower = sum(parts)
+                    if mass is not None and (rows := subset_rows(mass)) is not None:
+                        vocab = VocabBound(self.runner.adapter, self.runner.model, rows)
+                        self.work.bound_rows = len(rows)
                 total = 0.0
                 for value in parts:  # in batch order from 0.0, as distributed shards are added up
                     total += value
+                if not complete:
+                    total = lower
                 score = CandidateScore(
                     block=block,
                     value=math.exp(total / self.n_predictions),
@@ -168,6 +225,10 @@ class PrefixReuseScorer:
                 on_score(score)
         self._previous = {c: s.value for c, s in results.items()}
         return results
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.adapter.lm_head(self.runner.model).weight.shape[0]
 
 
 def _checkpoint_stride(runner: ResidualRunner, windows: torch.Tensor, budget_bytes: float) -> int:

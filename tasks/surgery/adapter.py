@@ -106,9 +106,19 @@ class ArchitectureAdapter:
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.get_output_embeddings()
 
+    def head_input(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the output embedding multiplies: the last layer's output after the final norm."""
+        return self.final_norm(model, hidden)
+
+    def shape_logits(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """The family's elementwise map from raw output-embedding products to logits (Gemma 2's soft cap).
+
+        Elementwise, so a bound that computes only some vocabulary rows can apply it too."""
+        return logits
+
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from the last layer's output, exactly as the family's own forward makes them."""
-        return self.lm_head(model)(self.final_norm(model, hidden))
+        return self.shape_logits(model, self.lm_head(model)(self.head_input(model, hidden)))
 
     # --- deleting ----------------------------------------------------------------------------------
     def check_layer_deletion(self, model: nn.Module, kept_positions: list[int]) -> None:

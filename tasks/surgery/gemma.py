@@ -27,8 +27,7 @@ class _GemmaAdapter(RotaryDecoderAdapter):
     def mlp_delta(self, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, position: int) -> torch.Tensor:
         return layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
 
-    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().logits(model, hidden)
+    def shape_logits(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -59,8 +59,8 @@ class OPTAdapter(ArchitectureAdapter):
         norm = model.model.decoder.final_layer_norm
         return norm(hidden) if norm is not None else hidden
 
-    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def head_input(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.final_norm(model, hidden)
         if model.model.decoder.project_out is not None:
             hidden = model.model.decoder.project_out(hidden)
-        return self.lm_head(model)(hidden)
+        return hidden
