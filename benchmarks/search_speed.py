@@ -32,6 +32,7 @@ from benchmarks.naive_search import window_nll as hf_window_nll
 from tasks.residual import ResidualRunner
 from tasks.score.vocab_bound import VocabBound, subset_rows
 from tasks.search import SearchContext, Target, run_search
+from tasks.search.stage import parallel_candidates
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
@@ -231,6 +232,10 @@ class Run:
     head_windows: int = 0
     bound_windows: int = 0
     bound_rows: int = 0
+    mass_windows: int = 0
+    mass_unit_windows: int = 0
+    parallel: int = 1
+    prefix_s: list[float] = field(default_factory=list)
     attn_windows: int = 0
     mlp_windows: int = 0
     stored_bytes: int = 0
@@ -260,21 +265,25 @@ def run_naive(model, windows, steps, sampler) -> Run:
 
 
 def count_unit_kinds(runner: ResidualRunner) -> dict:
-    """Wraps the runner's apply to split unit applications by kind; the scorer's counter does not."""
+    """Wraps the runner's apply to split unit applications by kind; the scorer's counter does not.
+    Candidates may run on several threads, hence the lock."""
     counts = {"attn": 0, "mlp": 0}
     apply = runner.apply
+    lock = threading.Lock()
 
     def counted(unit, hidden, ctx):
-        counts[unit.part] += hidden.shape[0]
+        with lock:
+            counts[unit.part] += hidden.shape[0]
         return apply(unit, hidden, ctx)
 
     runner.apply = counted
     return counts
 
 
-def run_pruneflow(model, windows, steps, exact, sampler) -> Run:
+def run_pruneflow(model, windows, steps, exact, sampler, parallel: int = 1) -> Run:
     scores: dict[int, dict[str, dict]] = {}
     marks: list[float] = []
+    prefix: list[float] = []
 
     def on_score(step, score):
         scores.setdefault(step, {})[score.block] = {
@@ -286,6 +295,7 @@ def run_pruneflow(model, windows, steps, exact, sampler) -> Run:
 
     def on_step(step, _scores, _record):
         marks.append(time.perf_counter())
+        prefix.append(ctx.scorer.work.prefix_seconds - sum(prefix))
 
     start_rss = sampler.reset()
     start = time.perf_counter()
@@ -297,6 +307,7 @@ def run_pruneflow(model, windows, steps, exact, sampler) -> Run:
         target=Target(blocks=steps),
         batch_windows=1,
         exact=exact,
+        parallel_candidates=parallel,
         on_step=on_step,
         on_score=on_score,
     )
@@ -304,8 +315,8 @@ def run_pruneflow(model, windows, steps, exact, sampler) -> Run:
     records = run_search(ctx, "iterative")
     wall = time.perf_counter() - start
     work = ctx.scorer.work
-    if kinds["attn"] + kinds["mlp"] != work.unit_windows:
-        raise AssertionError(f"unit counts disagree: {kinds} vs unit_windows={work.unit_windows}")
+    if kinds["attn"] + kinds["mlp"] != work.unit_windows + work.mass_unit_windows:
+        raise AssertionError(f"unit counts disagree: {kinds} vs {work}")
     return Run(
         method="pruneflow exact" if exact else "pruneflow early-abort",
         wall_s=wall,
@@ -319,6 +330,10 @@ def run_pruneflow(model, windows, steps, exact, sampler) -> Run:
         head_windows=work.head_windows,
         bound_windows=work.bound_windows,
         bound_rows=work.bound_rows,
+        mass_windows=work.mass_windows,
+        mass_unit_windows=work.mass_unit_windows,
+        parallel=parallel,
+        prefix_s=prefix,
         attn_windows=kinds["attn"],
         mlp_windows=kinds["mlp"],
         stored_bytes=work.stored_bytes,
@@ -331,8 +346,8 @@ def forward_equivalents(run: Run, pieces: dict) -> float:
     if run.forwards is not None:
         return float(run.forwards)
     return (
-        run.unit_windows * pieces["unit_fraction"]
-        + run.head_windows * pieces["head_fraction"]
+        (run.unit_windows + run.mass_unit_windows) * pieces["unit_fraction"]
+        + (run.head_windows + run.mass_windows) * pieces["head_fraction"]
         + run.bound_windows * pieces.get("bound_fraction", 0.0)
     )
 
@@ -342,7 +357,7 @@ def run_flops(run: Run, flops: dict, n_layers: int, n_windows: int) -> float:
         return (
             run.attn_windows * flops["attn_unit"]
             + run.mlp_windows * flops["mlp_unit"]
-            + run.head_windows * flops["head_scored"]
+            + (run.head_windows + run.mass_windows) * flops["head_scored"]
             + run.bound_windows * flops["head_scored"] * run.bound_rows / flops["vocab"]
         )
     # Naive: each candidate of step s runs every unit except the s removed ones and itself, all T logits.
@@ -385,7 +400,6 @@ def step_table(runs: list[Run], n_windows: int) -> list[dict]:
     rows = []
     for step, block in enumerate(naive.blocks):
         values = sorted(v["value"] for v in naive.scores[step].values())
-        pf_times = [s["seconds"] for s in exact.scores.get(step, {}).values()]
         aborted = [b for b, s in early.scores.get(step, {}).items() if not s["exact"]]
         rows.append(
             {
@@ -398,7 +412,7 @@ def step_table(runs: list[Run], n_windows: int) -> list[dict]:
                 "candidates": len(naive.scores[step]),
                 "naive_step_s": naive.step_wall_s[step],
                 "exact_step_s": exact.step_wall_s[step] if step < len(exact.step_wall_s) else None,
-                "exact_prefix_s": (exact.step_wall_s[step] - sum(pf_times)) if step < len(exact.step_wall_s) else None,
+                "exact_prefix_s": exact.prefix_s[step] if step < len(exact.prefix_s) else None,
                 "early_step_s": early.step_wall_s[step] if step < len(early.step_wall_s) else None,
                 "early_aborted": len(aborted),
                 # Per aborted candidate, the windows it never ran.
@@ -450,7 +464,7 @@ def step_one_distribution(runs: list[Run]) -> list[dict]:
 
 
 # --- one case -------------------------------------------------------------------------------------
-def bench_case(name, model, windows, steps, sampler, piece_repeats) -> dict:
+def bench_case(name, model, windows, steps, sampler, piece_repeats, parallel: int = 1) -> dict:
     print(f"\n=== {name}: {windows.shape[0]} windows x {windows.shape[1]} tokens, {steps} steps ===", flush=True)
     n_layers = len(model.model.layers)
     with torch.inference_mode():
@@ -465,7 +479,7 @@ def bench_case(name, model, windows, steps, sampler, piece_repeats) -> dict:
         if method == "naive":
             run = run_naive(model, windows, steps, sampler)
         else:
-            run = run_pruneflow(model, windows, steps, method == "exact", sampler)
+            run = run_pruneflow(model, windows, steps, method == "exact", sampler, parallel)
         run.load_before, run.load_after = load_before, list(os.getloadavg())
         print(f"{run.method:22s} {run.wall_s:9.2f} s  blocks={run.blocks}", flush=True)
         runs.append(run)
@@ -507,6 +521,9 @@ def bench_case(name, model, windows, steps, sampler, piece_repeats) -> dict:
                 "head_windows": run.head_windows,
                 "bound_windows": run.bound_windows,
                 "bound_rows": run.bound_rows,
+                "mass_windows": run.mass_windows,
+                "mass_unit_windows": run.mass_unit_windows,
+                "parallel_candidates": run.parallel,
                 # Units only: what any search that runs each candidate's layers to choose exactly must do.
                 "body_flops": run.attn_windows * flops["attn_unit"] + run.mlp_windows * flops["mlp_unit"],
                 "stored_bytes": run.stored_bytes,
@@ -588,7 +605,8 @@ def markdown(report: dict) -> str:
         "",
         ("- *naive*: one Hugging Face forward per window per candidate, skipped halves swapped for zero modules "
         "(benchmarks/naive_search.py). *pruneflow exact*: `SearchContext(..., exact=True)`, iterative, "
-        "sublayer, batch_windows=1. *early-abort*: the same with `exact=False` (vocabulary-subset bounds, "
+        "sublayer, batch_windows=1, `parallel_candidates` as in the table (candidates side by side, one torch "
+        "thread each). *early-abort*: the same with `exact=False` (vocabulary-subset bounds, "
         "then the exact head only for candidates that can still win; tasks/score/vocab_bound.py)."),
         ("- *forward-equivalents* (FE): naive = full forwards of one window. pruneflow = unit_windows x "
         "(t_unit / t_full) + head_windows x (t_head / t_full), with t_full = one HF forward of one window "
@@ -612,13 +630,13 @@ def markdown(report: dict) -> str:
             f"{mm['params'] / 1e6:.2f} M params; {case['windows'][0]} windows x {case['windows'][1]} tokens; "
             f"{case['steps']} steps."),
             "",
-            ("| method | wall s | time / naive | speedup | forward-equiv. | work / naive | s per FE | "
+            ("| method | side by side | wall s | time / naive | speedup | forward-equiv. | work / naive | s per FE | "
             "unit_windows | head_windows | bound_windows | stored MiB | RSS rise MiB | process peak MiB | load 1 min before/after |"),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in case["runs"]:
             out.append(
-                f"| {r['method']} | {r['wall_s']:.2f} | {r['time_vs_naive']:.3f} | {r['speedup']:.2f}x | "
+                f"| {r['method']} | {r.get('parallel_candidates', 1) if r['forwards'] is None else '-'} | {r['wall_s']:.2f} | {r['time_vs_naive']:.3f} | {r['speedup']:.2f}x | "
                 f"{r['forward_equivalents']:.1f} | {r['forward_equivalents'] / case['runs'][0]['forward_equivalents']:.3f} | "
                 f"{r['wall_s'] / r['forward_equivalents']:.3f} | {r['unit_windows']} | {r['head_windows']} | {r.get('bound_windows', 0)} | "
                 f"{r['stored_bytes'] / MIB:.1f} | {(r['rss_peak_bytes'] - r['rss_start_bytes']) / MIB:.1f} | "
@@ -643,7 +661,7 @@ def markdown(report: dict) -> str:
             (f"Largest relative difference between a naive and a pruneflow-exact score of the same candidate: "
             f"{case['max_rel_diff_naive_vs_exact']:.2e}."),
             "",
-            "Per step (seconds; *prefix* = exact step wall minus its candidates' own time: recomputing entry states):",
+            "Per step (seconds; *prefix* = the exact run's time bringing entry states up to date):",
             "",
             "| step | naive | exact | exact prefix | early-abort | aborted candidates | windows saved |",
             "|---:|---:|---:|---:|---:|---:|---:|",
@@ -721,7 +739,8 @@ def tiny_case(args, sampler) -> dict:
 
     model = tiny_model("llama", layers=args.tiny_layers)
     windows = tiny_windows(args.tiny_samples, args.tiny_seq_len)
-    return bench_case("tiny random llama", model, windows, args.steps, sampler, piece_repeats=50)
+    return bench_case("tiny random llama", model, windows, args.steps, sampler, piece_repeats=50,
+                      parallel=args.parallel_resolved)
 
 
 def real_case(args, sampler) -> dict:
@@ -736,7 +755,8 @@ def real_case(args, sampler) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     stream = tokenize_stream(load_texts("builtin:wiki-vital-en", "calibration"), tokenizer)
     windows = sample_windows(stream, args.seq_len, args.samples, 0)
-    return bench_case("SmolLM2-135M", model, windows, args.steps, sampler, piece_repeats=5)
+    return bench_case("SmolLM2-135M", model, windows, args.steps, sampler, piece_repeats=5,
+                      parallel=args.parallel_resolved)
 
 
 def main(argv=None) -> int:
@@ -753,6 +773,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="re-render the markdown from the saved JSON, run nothing"
     )
+    parser.add_argument(
+        "--parallel", default="auto",
+        help="pruneflow's execution.parallel_candidates: an integer, or auto (one per usable core, at most 4)",
+    )
     parser.add_argument("--tiny-layers", type=int, default=6)
     parser.add_argument("--tiny-samples", type=int, default=4)
     parser.add_argument("--tiny-seq-len", type=int, default=64)
@@ -763,6 +787,9 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.parallel_resolved = parallel_candidates(
+        args.parallel if args.parallel == "auto" else int(args.parallel), torch.device("cpu")
+    )
     torch.set_grad_enabled(False)
     sampler = RssSampler()
     sampler.start()

@@ -28,7 +28,7 @@ from pipelines.names import check_registered
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 Granularity = Literal["layer", "attn", "mlp", "sublayer"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -42,7 +42,7 @@ class ModelSpec(BaseModel):
         ),
         min_length=1,
     )
-    dtype: DType = Field("float32", description="Weights and compute dtype (use float32 on CPU).")
+    dtype: DType = Field("float32", description="Weights and compute dtype; auto: bfloat16 on a CUDA device that supports it, else float32.")
     device: Device = Field("auto", description="auto picks cuda when available, else cpu.")
 
 
@@ -449,10 +449,29 @@ class ExecutionSpec(BaseModel):
     )
     threads: int = Field(1, ge=1, le=1024, description="dask: torch threads in each worker process.")
     device: Device | None = Field(None, description="dask: device on each worker; default model.device.")
+    parallel_candidates: int | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "local: search candidates evaluated side by side, each on one torch thread (same scores); "
+            "auto: one per usable CPU core up to 4, one on a GPU."
+        ),
+    )
+
+    @field_validator("parallel_candidates")
+    @classmethod
+    def _some_candidates(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("execution.parallel_candidates must be 'auto' or an integer from 1 to 256")
+        return value
 
     @model_validator(mode="after")
     def _settings_fit_runner(self) -> "ExecutionSpec":
         given = sorted(self.model_fields_set & {"address", "workers", "threads", "device"})
+        if self.runner == "dask" and "parallel_candidates" in self.model_fields_set:
+            raise ValueError(
+                "execution.parallel_candidates applies only with execution.runner: local "
+                "(Dask workers take execution.threads)"
+            )
         if self.runner == "local":
             if given:
                 raise ValueError(

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipelines.spec import PipelineSpec
 from tasks.calibrate import EvalData, load_windows
 from tasks.export import checkpoint_format
-from tasks.load import open_model, resolve_device
+from tasks.load import open_model, resolve_device, resolve_dtype
 from tasks.refs import tree_bytes
 from tasks.residual import perplexity, predictions
 from tasks.surgery import total_params
@@ -45,7 +45,8 @@ def evaluate_stage(model_path: str, stage: str, data: list[EvalData], spec: Pipe
     if checkpoint_format(model_path) in SERVABLE_FORMATS:
         from tasks.speed import speed_evaluations  # tasks.speed builds on this module's Evaluation
 
-        out.extend(speed_evaluations(model_path, stage, spec.model.dtype, resolve_device(spec.model.device)))
+        device = resolve_device(spec.model.device)
+        out.extend(speed_evaluations(model_path, stage, resolve_dtype(spec.model.dtype, device), device))
     if spec.evaluate.tasks:
         from tasks.downstream import downstream_evaluations  # lm-eval is an optional extra
 

@@ -33,6 +33,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto`: bfloat16 on a CUDA device that computes in it natively, else float32 (bfloat16 matmuls on a
+    CPU without bf16 units run several times slower than float32)."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 def skeleton(path: str) -> nn.Module:
     """The architecture without weights (meta device): enough to enumerate and count blocks."""
     config = AutoConfig.from_pretrained(path)
@@ -63,4 +73,5 @@ def load_stage(spec: PipelineSpec) -> ModelRef:
 
 def open_model(path: str, spec: PipelineSpec) -> nn.Module:
     """Any model pruneflow reads (a source model or an export in any format) as pruneflow's in-memory model."""
-    return load_checkpoint(path, dtype=spec.model.dtype, device=resolve_device(spec.model.device))
+    device = resolve_device(spec.model.device)
+    return load_checkpoint(path, dtype=resolve_dtype(spec.model.dtype, device), device=device)

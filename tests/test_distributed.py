@@ -79,6 +79,12 @@ def test_execution_never_changes_identity_or_cache_keys(tmp_path):
     assert identity_hash(dask) == identity_hash(plain)
     for stage in STAGE_SECTIONS:
         assert stage_key(stage, dask, {}) == stage_key(stage, plain, {}), stage
+    side_by_side = plain.model_copy(update={"execution": load_spec(
+        _pipeline(tmp_path / "p", {"parallel_candidates": 3})).execution})
+    assert side_by_side.execution.parallel_candidates == 3
+    assert identity_hash(side_by_side) == identity_hash(plain)
+    for stage in STAGE_SECTIONS:
+        assert stage_key(stage, side_by_side, {}) == stage_key(stage, plain, {}), stage
     explicit_local = load_spec(_pipeline(tmp_path / "l", {"runner": "local"}))
     assert explicit_local.model_dump(mode="json") == load_spec(_pipeline(tmp_path / "l")).model_dump(mode="json")
 
@@ -89,6 +95,10 @@ def test_execution_never_changes_identity_or_cache_keys(tmp_path):
     ({"runner": "local", "workers": 2}, "execution.workers apply only with execution.runner: dask"),
     ({"runner": "dask", "workers": 0}, "execution.workers"),
     ({"runner": "ray", "workers": 2}, "execution.runner"),
+    ({"runner": "dask", "workers": 2, "parallel_candidates": 2},
+     "execution.parallel_candidates applies only with execution.runner: local"),
+    ({"parallel_candidates": 0}, "execution.parallel_candidates must be 'auto' or an integer from 1 to 256"),
+    ({"parallel_candidates": "many"}, "execution.parallel_candidates"),
 ])
 def test_bad_execution_exits_2_naming_the_field(tmp_path, capsys, execution, message):
     assert cli(["validate", str(_pipeline(tmp_path, execution))]) == 2

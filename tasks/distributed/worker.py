@@ -54,7 +54,7 @@ class _WorkerState:
     def scorer(self, job: ShardJob):
         from tasks.calibrate import load_windows
         from tasks.export import load_checkpoint
-        from tasks.load import resolve_device
+        from tasks.load import resolve_device, resolve_dtype
         from tasks.refs import sha256_file
         from tasks.score.perplexity import PrefixReuseScorer
 
@@ -63,7 +63,8 @@ class _WorkerState:
         if run_key != self.run_key:
             self.scorers.clear()
             self.model = self.windows = None
-            self.model = load_checkpoint(job.model_path, dtype=job.dtype, device=resolve_device(job.device))
+            device = resolve_device(job.device)
+            self.model = load_checkpoint(job.model_path, dtype=resolve_dtype(job.dtype, device), device=device)
             digest = sha256_file(Path(job.calibration_path))
             if digest != job.calibration_sha256:
                 # A worker must read the very file the flow wrote (a shared filesystem), not a stale copy.

@@ -5,14 +5,15 @@ state entering every remaining unit, and evaluates each candidate from its own e
 states whose prefix did not change since the previous step are reused, so after removing block b only
 the states after b are recomputed.
 
-With `exact=False` only the winner needs an exact total. The most promising candidate (by the previous
-step's scores) runs in full, and its predictions pick the vocabulary rows that carry most probability
-mass. Every other candidate first gets a lower bound per window from those rows alone (a fraction of
-the output head's cost, tasks.score.vocab_bound); it stops as soon as its bounds exceed the best exact
-total, since it can no longer win, and its value is stored as that lower bound. A candidate that might
-still win gets the exact head window by window. NLL terms are non-negative and bounds are below them,
-so the chosen block is the one exact sums pick; every exact sum runs the same unit functions on the same
-fixed micro-batches as a full forward, so the chosen blocks are identical to a naive search's.
+With `exact=False` only the winner needs an exact total. The current model's predictions pick the
+vocabulary rows that carry most of the probability mass (one head per window and step). Each candidate,
+most promising first by the previous step's scores, first gets a lower bound per window from those rows
+alone (a tenth of the output head's cost, tasks.score.vocab_bound); it stops as soon as its bounds
+exceed the best exact total, since it can no longer win, and its value is stored as that lower bound.
+A candidate that might still win gets the exact head window by window. NLL terms are non-negative and
+bounds are below them, so the chosen block is the one exact sums pick; every exact sum runs the same
+unit functions on the same fixed micro-batches as a full forward, so the chosen blocks are identical to
+a naive search's.
 
 Memory: the kept states are units x tokens x hidden values. When that exceeds the budget only every
 k-th state is kept, and a candidate rebuilds its entry state from the nearest kept one (at most k-1
@@ -22,8 +23,12 @@ extra units), which changes the cost, never the numbers.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,21 +41,47 @@ from tasks.surgery import units_of
 
 @dataclass
 class WorkCounter:
-    """Unit and head applications, each counted per window: the scorer's compute in model pieces."""
+    """Unit and head applications, each counted per window: the scorer's compute in model pieces.
+    Candidates evaluated side by side count through `add`, which holds a lock."""
 
     unit_windows: int = 0
     head_windows: int = 0
     # Windows whose NLL was bounded from a vocabulary subset (tasks.score.vocab_bound) instead.
     bound_windows: int = 0
     bound_rows: int = 0
+    # The current model's pass that finds where its predictions lie (bounds only): its head windows and
+    # its unit applications, per window, kept apart from the candidates' own work.
+    mass_windows: int = 0
+    mass_unit_windows: int = 0
+    # Wall seconds spent bringing the entry states up to date (the step's shared prefix).
+    prefix_seconds: float = 0.0
     stored_bytes: int = 0
     extra: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, count in counts.items():
+                setattr(self, name, getattr(self, name) + count)
+
+
+@dataclass
+class Outcome:
+    """One candidate's evaluation: exact per-batch sums when complete, else a lower bound."""
+
+    parts: list[float]
+    lower: float
+    done: int
+    complete: bool
+    seconds: float
 
 
 class PrefixReuseScorer:
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
-                 memory_budget_bytes: float = math.inf):
+                 memory_budget_bytes: float = math.inf, parallel: int = 1):
         self.runner = ResidualRunner(model)
+        # Candidates evaluated side by side, each on one torch thread (see `score`).
+        self.parallel = max(1, parallel)
         self.batches = [b.contiguous() for b in windows.split(batch_windows)]
         self.stride = _checkpoint_stride(self.runner, windows, memory_budget_bytes)
         self.n_predictions = predictions(windows)
@@ -66,7 +97,7 @@ class PrefixReuseScorer:
         return self._contexts[index]
 
     def _apply(self, unit: Unit, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        self.work.unit_windows += sum(s.shape[0] for s in states)
+        self.work.add(unit_windows=sum(s.shape[0] for s in states))
         return [self.runner.apply(unit, h, self._context(i, h)) for i, h in enumerate(states)]
 
     def entry_states(self, active: list[Unit]) -> list[list[torch.Tensor] | None]:
@@ -96,9 +127,11 @@ class PrefixReuseScorer:
         )
         return entries
 
-    def _finals(self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str]):
-        """Per micro-batch, in order: (index, input ids, last layer's output) without the units in `drop`."""
-        first = next(i for i, u in enumerate(active) if u.id in drop)
+    def _finals(self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str],
+                counter: str = "unit_windows"):
+        """Per micro-batch, in order: (index, input ids, last layer's output) without the units in `drop`
+        (none: the current model); the units applied are counted in `counter`, per window."""
+        first = next((i for i, u in enumerate(active) if u.id in drop), len(active) - 1)
         kept = first - first % self.stride
         chain = active[kept:first] + [u for u in active[first:] if u.id not in drop]
         for index, batch in enumerate(self.batches):
@@ -106,23 +139,22 @@ class PrefixReuseScorer:
             ctx = self._context(index, hidden)
             for unit in chain:
                 hidden = self.runner.apply(unit, hidden, ctx)
-            self.work.unit_windows += len(chain) * batch.shape[0]
+            self.work.add(**{counter: len(chain) * batch.shape[0]})
             yield index, batch, hidden
 
     def _exact_nll(self, hidden: torch.Tensor, batch: torch.Tensor, mass: torch.Tensor | None = None) -> float:
-        self.work.head_windows += batch.shape[0]
+        self.work.add(head_windows=batch.shape[0])
         return float(self.runner.window_nll(hidden, batch, mass).sum())
 
     def _evaluate(
-        self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], bound: float,
-        mass: torch.Tensor | None = None,
+        self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], bound: float
     ) -> tuple[list[float], int, bool]:
         """NLL sum of every micro-batch, in order; stops after a batch whose running total exceeds `bound`
         (math.inf: never), which is sound because every later term is non-negative."""
         parts: list[float] = []
         total, done = 0.0, 0
         for index, batch, hidden in self._finals(active, entries, drop):
-            parts.append(self._exact_nll(hidden, batch, mass))
+            parts.append(self._exact_nll(hidden, batch))
             total += parts[-1]
             done += predictions(batch)
             if total > bound and index < len(self.batches) - 1:
@@ -141,7 +173,7 @@ class PrefixReuseScorer:
         finals, bounds, done = [], [], 0
         last = len(self.batches) - 1
         for index, batch, hidden in self._finals(active, entries, drop):
-            self.work.bound_windows += batch.shape[0]
+            self.work.add(bound_windows=batch.shape[0])
             bounds.append(float(vocab.window_bounds(hidden, batch).sum()))
             finals.append((batch, hidden))
             done += predictions(batch)
@@ -184,51 +216,79 @@ class PrefixReuseScorer:
         active = self.runner.active(removed)
         results, todo = split_known(candidates, known)
         if todo:
+            start = time.perf_counter()
             entries = self.entry_states(active)
+            self.work.add(prefix_seconds=time.perf_counter() - start)
+            for index, hidden in enumerate(entries[0]):
+                self._context(index, hidden)  # built here, so candidate threads only read them
             # Most promising first, so the best total is tight from the start.
             todo.sort(key=lambda c: (self._previous.get(c, math.inf), candidates.index(c)))
             best = min((math.log(s.value) * self.n_predictions for s in results.values() if s.exact), default=math.inf)
-            vocab: VocabBound | None = None
-            for position, block in enumerate(todo):
-                start = time.perf_counter()
-                drop = units_of([block])
-                if vocab is not None:
-                    parts, lower, done, complete = self._bounded(active, entries, drop, best, vocab)
-                else:
-                    # Exact mode, or no bound: every candidate runs whole, or until its exact partial sum
-                    # exceeds the best total. The first also measures where the probability mass lies.
-                    mass = None
-                    if not self.exact and position == 0:
-                        mass = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.runner.device)
-                    parts, done, complete = self._evaluate(
-                        active, entries, drop, math.inf if self.exact else best, mass
+            vocab = self._vocab_bound(active, entries) if not self.exact and len(todo) > 1 else None
+            # Candidates go in waves of `parallel`, each against the best total known when its wave
+            # began, so the stored bounds do not depend on thread timing.
+            for first in range(0, len(todo), self.parallel):
+                wave = todo[first : first + self.parallel]
+                run = partial(self._candidate, active=active, entries=entries, best=best, vocab=vocab)
+                for block, outcome in zip(wave, self._run_wave(run, wave)):
+                    total = 0.0
+                    for value in outcome.parts:  # in batch order from 0.0, as distributed shards are added up
+                        total += value
+                    if not outcome.complete:
+                        total = outcome.lower
+                    score = CandidateScore(
+                        block=block,
+                        value=math.exp(total / self.n_predictions),
+                        n_tokens=outcome.done,
+                        seconds=outcome.seconds,
+                        exact=outcome.complete,
                     )
-                    lower = sum(parts)
-                    if mass is not None and (rows := subset_rows(mass)) is not None:
-                        vocab = VocabBound(self.runner.adapter, self.runner.model, rows)
-                        self.work.bound_rows = len(rows)
-                total = 0.0
-                for value in parts:  # in batch order from 0.0, as distributed shards are added up
-                    total += value
-                if not complete:
-                    total = lower
-                score = CandidateScore(
-                    block=block,
-                    value=math.exp(total / self.n_predictions),
-                    n_tokens=done,
-                    seconds=time.perf_counter() - start,
-                    exact=complete,
-                )
-                if complete:
-                    best = min(best, total)
-                results[block] = score
-                on_score(score)
+                    if outcome.complete:
+                        best = min(best, total)
+                    results[block] = score
+                    on_score(score)
         self._previous = {c: s.value for c, s in results.items()}
         return results
 
-    @property
-    def vocab_size(self) -> int:
-        return self.runner.adapter.lm_head(self.runner.model).weight.shape[0]
+    def _candidate(self, block: str, *, active: list[Unit], entries: list[list[torch.Tensor]], best: float,
+                   vocab: VocabBound | None) -> Outcome:
+        start = time.perf_counter()
+        drop = units_of([block])
+        with torch.inference_mode():  # per thread: a candidate thread does not inherit the caller's mode
+            if vocab is not None:
+                parts, lower, done, complete = self._bounded(active, entries, drop, best, vocab)
+            else:
+                # Exact mode, or predictions too flat for a bound: every candidate runs whole, or until
+                # its exact partial sum exceeds the best total.
+                parts, done, complete = self._evaluate(active, entries, drop, math.inf if self.exact else best)
+                lower = sum(parts)
+        return Outcome(parts, lower, done, complete, time.perf_counter() - start)
+
+    def _run_wave(self, run: Callable[[str], Outcome], wave: list[str]) -> list[Outcome]:
+        """Outcomes in wave order. Side by side, each candidate's ops run on its own thread with one torch
+        thread: on a few CPU cores, matmuls of one window's size use two cores far from twice as well as
+        one, and the numbers are the same either way (tests/test_search.py)."""
+        if len(wave) == 1 or self.parallel == 1:
+            return [run(block) for block in wave]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="pruneflow-candidate") as pool:
+                return list(pool.map(run, wave))
+        finally:
+            torch.set_num_threads(threads)
+
+    def _vocab_bound(self, active: list[Unit], entries: list[list[torch.Tensor]]) -> VocabBound | None:
+        """Bounds from the rows that hold most of the current model's predicted mass: every candidate
+        of the step is that model less one block, whatever order the candidates come in."""
+        weight = self.runner.adapter.lm_head(self.runner.model).weight
+        mass = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for _, batch, hidden in self._finals(active, entries, set(), counter="mass_unit_windows"):
+            self.work.add(mass_windows=batch.shape[0])
+            self.runner.window_nll(hidden, batch, mass)
+        rows = subset_rows(mass)
+        self.work.bound_rows = 0 if rows is None else len(rows)
+        return None if rows is None else VocabBound(self.runner.adapter, self.runner.model, rows)
 
 
 def _checkpoint_stride(runner: ResidualRunner, windows: torch.Tensor, budget_bytes: float) -> int:

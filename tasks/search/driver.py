@@ -97,6 +97,7 @@ class SearchContext:
         protect_first: int = 0,
         protect_last: int = 0,
         memory_budget_gb: float | None = None,
+        parallel_candidates: int = 1,
         metric_settings: Mapping[str, Any] | None = None,
         strategy_settings: Mapping[str, Any] | None = None,
         recorder: Recorder | None = None,
@@ -134,6 +135,9 @@ class SearchContext:
         self.scorer: StepScorer = (
             scorer if scorer is not None else self.metric.scorer(model, windows, batch_windows, exact, budget)
         )
+        # Scorers that evaluate candidates independently say so with a `parallel` attribute.
+        if hasattr(self.scorer, "parallel"):
+            self.scorer.parallel = max(1, parallel_candidates)
         self.evaluated = 0  # candidates scored by this invocation
         self.reused = 0  # candidates whose recorded score was reused (resume)
         self._check_reachable()

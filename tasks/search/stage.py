@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -62,6 +63,17 @@ def _scorer(model_path: str, calibration: ArtifactRef, spec: PipelineSpec) -> It
         yield windows, scorer
 
 
+def parallel_candidates(setting: int | str, device: torch.device) -> int:
+    """`execution.parallel_candidates`: auto runs one candidate per usable CPU core, at most 4, and one at
+    a time on a GPU, which one stream of work keeps busy. Measured on 2 cores: benchmarks/search_speed.py.
+    More threads contend for the GIL between ops, hence the cap."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cpu":
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def _search(model, windows, spec: PipelineSpec, recorder: Recorder, on_step, on_score,
             scorer: StepScorer | None) -> SearchResult:
     ctx = SearchContext(
@@ -76,6 +88,7 @@ def _search(model, windows, spec: PipelineSpec, recorder: Recorder, on_step, on_
         protect_first=spec.search.protect_first,
         protect_last=spec.search.protect_last,
         memory_budget_gb=spec.score.memory_budget_gb,
+        parallel_candidates=parallel_candidates(spec.execution.parallel_candidates, next(model.parameters()).device),
         metric_settings=spec.score.metric_settings(),
         strategy_settings=spec.search.strategy_settings(),
         recorder=recorder,
