@@ -65,11 +65,8 @@ def machine() -> dict:
     }
 
 
-def matmul_rate(size: int = 1024, repeats: int = 30) -> dict:
-    """fp32 GFLOP/s of a square matmul; the best repeat is the rate the floor is computed with."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    out = torch.empty(size, size)
+def _mm_seconds(m: int, k: int, n: int, repeats: int) -> list[float]:
+    a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
     for _ in range(3):
         torch.mm(a, b, out=out)
     times = []
@@ -77,13 +74,44 @@ def matmul_rate(size: int = 1024, repeats: int = 30) -> dict:
         start = time.perf_counter()
         torch.mm(a, b, out=out)
         times.append(time.perf_counter() - start)
-    flops = 2.0 * size**3
-    return {
-        "size": size,
-        "repeats": repeats,
-        "best_gflops": flops / min(times) / 1e9,
-        "median_gflops": flops / statistics.median(times) / 1e9,
-    }
+    return times
+
+
+def _side_by_side_gflops(m: int, k: int, n: int, repeats: int, threads: int) -> float:
+    """Aggregate rate of `threads` matmuls at once, one torch thread each (as parallel candidates run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        workers = [threading.Thread(target=_mm_seconds, args=(m, k, n, repeats)) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
+    return threads * (repeats + 3) * 2.0 * m * k * n / elapsed / 1e9
+
+
+def matmul_rate(repeats: int = 20) -> dict:
+    """The machine's best fp32 matmul rate, the one the floor is computed with: the best repeat over a
+    square matmul and the shapes a search runs (a window through the head and through an MLP), at the
+    process's thread count and side by side on one thread each."""
+    shapes = {"1024x1024x1024": (1024, 1024, 1024), "head 255x576x49152": (255, 576, 49152),
+              "mlp 256x576x1536": (256, 576, 1536)}
+    rates = {}
+    for name, (m, k, n) in shapes.items():
+        times = _mm_seconds(m, k, n, repeats)
+        flops = 2.0 * m * k * n
+        rates[name] = {"best_gflops": flops / min(times) / 1e9, "median_gflops": flops / statistics.median(times) / 1e9}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores > 1:
+        for name in ("head 255x576x49152", "mlp 256x576x1536"):
+            m, k, n = shapes[name]
+            rates[f"{name}, {cores} side by side"] = {"best_gflops": _side_by_side_gflops(m, k, n, 5, cores)}
+    best_name = max(rates, key=lambda name: rates[name]["best_gflops"])
+    return {"shapes": rates, "best_shape": best_name, "best_gflops": rates[best_name]["best_gflops"]}
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -586,8 +614,9 @@ def markdown(report: dict) -> str:
         "",
         (f"Machine: {m['cpu_model']}, {m['logical_cores']} logical cores ({m['cores_usable_by_process']} usable), "
         f"torch {m['torch']} ({m['torch_threads']} threads), transformers {m['transformers']}, "
-        f"Python {m['python']}, fp32, `torch.inference_mode()`. fp32 matmul {rate['size']}x{rate['size']}: "
-        f"best {rate['best_gflops']:.1f} GFLOP/s, median {rate['median_gflops']:.1f} GFLOP/s. "
+        f"Python {m['python']}, fp32, `torch.inference_mode()`. fp32 matmul, best GFLOP/s by shape: "
+        + ", ".join(f"{name} {r['best_gflops']:.1f}" for name, r in rate.get("shapes", {}).items())
+        + f"; the floor uses the best, {rate['best_gflops']:.1f} ({rate.get('best_shape', '1024 square')}). "
         f"Load average (1/5/15 min) at start {fmt_load(m['load_average_1_5_15'])}, at end "
         f"{fmt_load(report.get('load_average_at_end'))}."),
         "",
