@@ -47,9 +47,9 @@ class StageCalls:
             monkeypatch.setattr(stages, name, self._counting(name, original))
         original_nll = ResidualRunner.window_nll
 
-        def counting_nll(runner, hidden, input_ids):
+        def counting_nll(runner, hidden, input_ids, mass=None):
             self.forwards += 1
-            return original_nll(runner, hidden, input_ids)
+            return original_nll(runner, hidden, input_ids, mass)
 
         monkeypatch.setattr(ResidualRunner, "window_nll", counting_nll)
 
