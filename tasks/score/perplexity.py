@@ -26,6 +26,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
@@ -82,6 +83,8 @@ class PrefixReuseScorer:
         self.runner = ResidualRunner(model)
         # Candidates evaluated side by side, each on one torch thread (see `score`).
         self.parallel = max(1, parallel)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         self.batches = [b.contiguous() for b in windows.split(batch_windows)]
         self.stride = _checkpoint_stride(self.runner, windows, memory_budget_bytes)
         self.n_predictions = predictions(windows)
@@ -227,28 +230,36 @@ class PrefixReuseScorer:
             vocab = self._vocab_bound(active, entries) if not self.exact and len(todo) > 1 else None
             # Candidates go in waves of `parallel`, each against the best total known when its wave
             # began, so the stored bounds do not depend on thread timing.
-            for first in range(0, len(todo), self.parallel):
-                wave = todo[first : first + self.parallel]
-                run = partial(self._candidate, active=active, entries=entries, best=best, vocab=vocab)
-                for block, outcome in zip(wave, self._run_wave(run, wave)):
-                    total = 0.0
-                    for value in outcome.parts:  # in batch order from 0.0, as distributed shards are added up
-                        total += value
-                    if not outcome.complete:
-                        total = outcome.lower
-                    score = CandidateScore(
-                        block=block,
-                        value=math.exp(total / self.n_predictions),
-                        n_tokens=outcome.done,
-                        seconds=outcome.seconds,
-                        exact=outcome.complete,
-                    )
-                    if outcome.complete:
-                        best = min(best, total)
-                    results[block] = score
-                    on_score(score)
+            with self._side_by_side():
+                for first in range(0, len(todo), self.parallel):
+                    wave = todo[first : first + self.parallel]
+                    run = partial(self._candidate, active=active, entries=entries, best=best, vocab=vocab)
+                    outcomes = self._run_wave(run, wave)
+                    best = self._record(wave, outcomes, best, results, on_score)
         self._previous = {c: s.value for c, s in results.items()}
         return results
+
+    def _record(self, wave: list[str], outcomes: list[Outcome], best: float,
+                results: dict[str, CandidateScore], on_score: OnScore) -> float:
+        """Scores of a wave, in its order; returns the best exact total after it."""
+        for block, outcome in zip(wave, outcomes):
+            total = 0.0
+            for value in outcome.parts:  # in batch order from 0.0, as distributed shards are added up
+                total += value
+            if not outcome.complete:
+                total = outcome.lower
+            score = CandidateScore(
+                block=block,
+                value=math.exp(total / self.n_predictions),
+                n_tokens=outcome.done,
+                seconds=outcome.seconds,
+                exact=outcome.complete,
+            )
+            if outcome.complete:
+                best = min(best, total)
+            results[block] = score
+            on_score(score)
+        return best
 
     def _candidate(self, block: str, *, active: list[Unit], entries: list[list[torch.Tensor]], best: float,
                    vocab: VocabBound | None) -> Outcome:
@@ -264,19 +275,29 @@ class PrefixReuseScorer:
                 lower = sum(parts)
         return Outcome(parts, lower, done, complete, time.perf_counter() - start)
 
-    def _run_wave(self, run: Callable[[str], Outcome], wave: list[str]) -> list[Outcome]:
-        """Outcomes in wave order. Side by side, each candidate's ops run on its own thread with one torch
-        thread: on a few CPU cores, matmuls of one window's size use two cores far from twice as well as
-        one, and the numbers are the same either way (tests/test_search.py)."""
-        if len(wave) == 1 or self.parallel == 1:
-            return [run(block) for block in wave]
+    @contextmanager
+    def _side_by_side(self):
+        """One torch thread per candidate thread for a step's candidates, on threads kept for the scorer's
+        life: their kept head buffers then stay allocated, and the thread pool is resized once a step."""
+        if self.parallel == 1:
+            yield
+            return
+        if self._pool is None or self._pool_size != self.parallel:
+            self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pruneflow-candidate")
+            self._pool_size = self.parallel
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="pruneflow-candidate") as pool:
-                return list(pool.map(run, wave))
+            yield
         finally:
             torch.set_num_threads(threads)
+
+    def _run_wave(self, run: Callable[[str], Outcome], wave: list[str]) -> list[Outcome]:
+        """Outcomes in wave order. Side by side, each candidate runs on its own thread with one torch
+        thread; the numbers are the same as one at a time (tests/test_search.py)."""
+        if self.parallel == 1:
+            return [run(block) for block in wave]
+        return list(self._pool.map(run, wave))
 
     def _vocab_bound(self, active: list[Unit], entries: list[list[torch.Tensor]]) -> VocabBound | None:
         """Bounds from the rows that hold most of the current model's predicted mass: every candidate
