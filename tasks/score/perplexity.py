@@ -224,8 +224,12 @@ class PrefixReuseScorer:
             self.work.add(prefix_seconds=time.perf_counter() - start)
             for index, hidden in enumerate(entries[0]):
                 self._context(index, hidden)  # built here, so candidate threads only read them
-            # Most promising first, so the best total is tight from the start.
+            # Most promising first, so the best total is tight from the start. Side by side, only the
+            # first wave goes by promise: the rest go in model order, so that a wave's candidates have
+            # about as many layers to run and no thread waits long for the other.
             todo.sort(key=lambda c: (self._previous.get(c, math.inf), candidates.index(c)))
+            if self.parallel > 1:
+                todo = todo[: self.parallel] + sorted(todo[self.parallel :], key=candidates.index)
             best = min((math.log(s.value) * self.n_predictions for s in results.values() if s.exact), default=math.inf)
             vocab = self._vocab_bound(active, entries) if not self.exact and len(todo) > 1 else None
             # Candidates go in waves of `parallel`, each against the best total known when its wave
