@@ -148,8 +148,8 @@ class ResidualRunner:
         plain linear layer: a fresh 50 MB tensor per window costs ~20% of the head in page faults on CPU."""
         head = self.adapter.lm_head(self.model)
         features = self.adapter.head_input(self.model, hidden)
-        if type(head) is not nn.Linear or features.dim() != 2:
-            return self.adapter.logits(self.model, hidden)
+        if type(head) is not nn.Linear:
+            return self.adapter.shape_logits(self.model, head(features))
         out = self._workspace.take("logits", features, (features.shape[0], head.weight.shape[0]))
         if head.bias is None:
             torch.mm(features, head.weight.t(), out=out)

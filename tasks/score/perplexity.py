@@ -145,9 +145,9 @@ class PrefixReuseScorer:
             self.work.add(**{counter: len(chain) * batch.shape[0]})
             yield index, batch, hidden
 
-    def _exact_nll(self, hidden: torch.Tensor, batch: torch.Tensor, mass: torch.Tensor | None = None) -> float:
+    def _exact_nll(self, hidden: torch.Tensor, batch: torch.Tensor) -> float:
         self.work.add(head_windows=batch.shape[0])
-        return float(self.runner.window_nll(hidden, batch, mass).sum())
+        return float(self.runner.window_nll(hidden, batch).sum())
 
     def _evaluate(
         self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], bound: float

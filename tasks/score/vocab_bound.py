@@ -47,15 +47,10 @@ class VocabBound:
         self.weight = head.weight
         self.bias = getattr(head, "bias", None)
         rows = rows.to(self.weight.device)
-        self.rows = rows
         self.subset_weight = self.weight[rows].contiguous()
         self.subset_bias = self.bias[rows].contiguous() if self.bias is not None else None
         self.member = torch.zeros(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
         self.member[rows] = True
-
-    def _raw(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = features @ weight.T
-        return out + bias if bias is not None else out
 
     def window_bounds(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Lower bounds (float64, shape [batch]) on what `ResidualRunner.window_nll` returns."""
@@ -63,7 +58,10 @@ class VocabBound:
         sums = []
         for row in range(hidden.shape[0]):
             features = self.adapter.head_input(self.model, hidden[row, :-1])
-            subset = self.adapter.shape_logits(self.model, self._raw(features, self.subset_weight, self.subset_bias))
+            raw_subset = features @ self.subset_weight.T
+            if self.subset_bias is not None:
+                raw_subset = raw_subset + self.subset_bias
+            subset = self.adapter.shape_logits(self.model, raw_subset)
             target_weight = self.weight[targets[row]]
             raw_target = (features * target_weight).sum(-1)
             if self.bias is not None:
