@@ -34,6 +34,7 @@ from tasks.export.nemotron_nas import check_nemotron_nas
 from tasks.sources import resolve_model
 from tasks.speed import Timing, kv_bytes_per_token, load_for_serving, time_prefill
 from tasks.surgery import remove_blocks, total_params
+from tasks.surgery.kv_cache import cache_kwargs, output_cache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The demo pipeline's first six picks on SmolLM2-135M, plus two more attention blocks.
@@ -104,18 +105,18 @@ def lockstep_decode(models: dict[str, nn.Module], prompt: int, new_tokens: int) 
     state = {}
     for name, model in models.items():
         out = model(ids, use_cache=True, logits_to_keep=1)
-        state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+        state[name] = (output_cache(out), out.logits[:, -1:].argmax(-1))
     wall, cpu = dict.fromkeys(models, 0.0), dict.fromkeys(models, 0.0)
     names = list(models)
     for step in range(new_tokens):
         for name in names if step % 2 == 0 else names[::-1]:
             cache, token = state[name]
             start_wall, start_cpu = time.perf_counter(), time.process_time()
-            out = models[name](token, past_key_values=cache, use_cache=True)
+            out = models[name](token, use_cache=True, **cache_kwargs(cache))
             token = out.logits[:, -1:].argmax(-1)
             wall[name] += time.perf_counter() - start_wall
             cpu[name] += time.process_time() - start_cpu
-            state[name] = (out.past_key_values, token)
+            state[name] = (output_cache(out), token)
     return {name: Timing(wall[name], cpu[name]) for name in models}
 
 

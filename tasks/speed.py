@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from tasks.evaluate import Evaluation
 from tasks.export import checkpoint_format
 from tasks.export.common import DTYPES
+from tasks.surgery.kv_cache import cache_kwargs, output_cache
 
 # Formats whose checkpoints carry their own modeling code.
 _REMOTE_CODE_FORMATS = ("remote_code", "nemotron_nas")
@@ -93,11 +94,11 @@ def time_prefill(model: nn.Module, batch: int, tokens: int) -> Timing:
 def time_decode(model: nn.Module, prompt: int, new_tokens: int, batch: int = 1) -> Timing:
     """Greedy steps of one token each on the KV cache, after a prefill that is not timed."""
     out = model(_tokens(model, batch, prompt), use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     with _Stopwatch(model) as watch:
         for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **cache_kwargs(cache))
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     return watch.timing
 
 
@@ -132,7 +133,7 @@ def cache_layers_filled(cache) -> int:
 @torch.inference_mode()
 def kv_bytes_per_token(model: nn.Module, tokens: int = 16) -> float:
     ids = _tokens(model, 1, tokens)
-    return cache_bytes(model(ids, use_cache=True, logits_to_keep=1).past_key_values) / tokens
+    return cache_bytes(output_cache(model(ids, use_cache=True, logits_to_keep=1))) / tokens
 
 
 def speed_evaluations(model_path: str | Path, stage: str, dtype: str = "float32", device: str = "cpu",

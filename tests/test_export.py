@@ -48,6 +48,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tasks.export import load_checkpoint
 from tasks.speed import cache_bytes, cache_layers_filled
+from tasks.surgery.kv_cache import output_cache
 
 root = Path(sys.argv[1])
 ids = torch.load(root / "ids.pt")
@@ -76,9 +77,9 @@ for name, loading in json.loads((root / "cases.json").read_text()).items():
         cls=type(model).__name__,
         logits_diff=(out.logits - ref).abs().max().item(),
         pruneflow_diff=(ours - ref).abs().max().item(),
-        cache_layers=len(out.past_key_values.layers),
-        cache_filled=cache_layers_filled(out.past_key_values),
-        cache_bytes=cache_bytes(out.past_key_values),
+        cache_layers=len(output_cache(out).layers),
+        cache_filled=cache_layers_filled(output_cache(out)),
+        cache_bytes=cache_bytes(output_cache(out)),
         cached=model.generate(ids[:1, :6], use_cache=True, **kw).tolist(),
         uncached=model.generate(ids[:1, :6], use_cache=False, **kw).tolist(),
     )

@@ -42,9 +42,12 @@ def family_of(model_type: str) -> Family:
     return FAMILIES[model_type]
 
 
-# The modeling template imports it; checkpoints carry pruneflow's own module verbatim (it needs only torch).
+# The modeling template imports them; checkpoints carry pruneflow's own modules verbatim (they need only
+# torch and transformers).
 ADAPTERS_FILE = "residual_adapters.py"
-SHARED = {ADAPTERS_FILE: Path(__file__).resolve().parent.parent / "surgery" / "residual_adapters.py"}
+KV_CACHE_FILE = "kv_cache.py"
+_SURGERY = Path(__file__).resolve().parent.parent / "surgery"
+SHARED = {ADAPTERS_FILE: _SURGERY / ADAPTERS_FILE, KV_CACHE_FILE: _SURGERY / KV_CACHE_FILE}
 
 
 def render(template: str, renames: list[tuple[str, str]]) -> str:
@@ -59,5 +62,10 @@ def for_family(family: Family) -> list[tuple[str, str]]:
 
 
 def write_code(out_dir: Path, files: dict[str, str]) -> None:
+    """Writes the given files and the shared modules that every modeling template imports."""
+    files = {**{name: render(name, []) for name in SHARED}, **files}
     for name, text in files.items():
-        (out_dir / name).write_text(text)
+        # Whole files or none: a reader (or an interrupted refresh) never sees a half-written module.
+        partial = out_dir / f".{name}.tmp"
+        partial.write_text(text)
+        partial.replace(out_dir / name)

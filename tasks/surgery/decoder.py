@@ -14,6 +14,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from tasks.surgery.adapter import ArchitectureAdapter, ForwardContext, UnsupportedArchitecture
+from tasks.surgery.kv_cache import cache_kwargs
 
 # Attention type (the values of `config.layer_types`) -> the mask builder the families' own forwards use.
 MASK_BUILDERS: dict[str, Callable[..., Any]] = {
@@ -44,8 +45,8 @@ def build_masks(config, hidden: torch.Tensor, position_ids: torch.Tensor, types:
             f"{config.model_type}: attention types {unknown} in config.layer_types have no mask builder; "
             f"pruneflow knows {sorted(MASK_BUILDERS)} (tasks/surgery/decoder.py)"
         )
-    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                  position_ids=position_ids)
+    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
+                  **cache_kwargs(None))
     return {t: MASK_BUILDERS[t](**kwargs) for t in sorted(set(types))}
 
 

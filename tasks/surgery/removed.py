@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Families pass the layer's KV cache under one of these keyword names (GPT-NeoX says layer_past).
-_CACHE_KWARGS = ("past_key_values", "layer_past")
+from tasks.surgery.kv_cache import layer_cache
 
 
 class RemovedAttention(nn.Module):
@@ -24,7 +23,7 @@ class RemovedAttention(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        cache = layer_cache(kwargs)
         if cache is not None:
             _hold_length(cache, hidden_states, self.layer_idx)
         return torch.zeros_like(hidden_states), None

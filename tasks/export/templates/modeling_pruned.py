@@ -13,17 +13,11 @@ import copy
 from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaMLP,
-    LlamaModel,
-    LlamaPreTrainedModel,
-    LlamaRMSNorm,
-)
+from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
+                                                      LlamaModel, LlamaPreTrainedModel, LlamaRMSNorm)
 
 from .configuration_pruned import PrunedLlamaConfig
+from .kv_cache import CACHE_ARG, cache_kwargs, pop_cache
 from .residual_adapters import ADAPTERS_ATTR, adapter_key, apply_all, build_adapters, placement
 
 
@@ -49,6 +43,8 @@ class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
         # Build only the kept halves (the parent's __init__ would allocate both).
         GradientCheckpointingLayer.__init__(self)
         self.hidden_size = config.hidden_size
+        # Qwen's forwards before transformers 5.24 pick each layer's mask by this attribute.
+        self.attention_type = (getattr(config, "layer_types", None) or ["full_attention"] * (layer_idx + 1))[layer_idx]
         self.input_layernorm = self.self_attn = None
         self.post_attention_layernorm = self.mlp = None
         if cache_slot is not None:
@@ -64,8 +60,8 @@ class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
         # Held outside the module tree: the adapters' weights belong to the ForCausalLM's ModuleDict.
         self.__dict__["_adapters"] = (adapters, before, attn, mlp, after)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
+                position_embeddings=None, **kwargs):
         adapters, before, attn_unit, mlp_unit, after = self.__dict__["_adapters"]
         hidden_states = apply_all(adapters, before, hidden_states)
         if attn_unit is not None:
@@ -75,7 +71,6 @@ class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
                 hidden_states=self.input_layernorm(hidden_states),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
@@ -101,15 +96,14 @@ class PrunedLlamaModel(LlamaModel):
         )
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                use_cache=None, **kwargs):
+        cache = pop_cache(kwargs)
         wants_cache = self.config.use_cache if use_cache is None else use_cache
-        if wants_cache and past_key_values is None and not (self.gradient_checkpointing and self.training):
-            past_key_values = self.new_cache()
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
-        )
+        if wants_cache and cache is None and not (self.gradient_checkpointing and self.training):
+            cache = self.new_cache()
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, use_cache=use_cache, **cache_kwargs(cache), **kwargs)
 
     def use_adapters(self, adapters: nn.ModuleDict) -> None:
         plan = placement(self.config.pruneflow["layer_ids"], list(self.config.pruneflow.get("adapters") or {}))
@@ -140,10 +134,10 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() sizes a default cache by num_hidden_layers; give it one slot per kept attention instead.
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_ARG)
         default = generation_config.cache_implementation in (None, "dynamic")
         if default and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = self.model.new_cache()
+            model_kwargs[CACHE_ARG] = self.model.new_cache()
 
 
 __all__ = ["PrunedLlamaDecoderLayer", "PrunedLlamaForCausalLM", "PrunedLlamaModel"]
