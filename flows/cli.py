@@ -1,4 +1,4 @@
-"""`pruneflow` command line: validate, run, runs, show, serve.
+"""`pruneflow` command line: validate, run, runs, show, serve, refresh-code.
 
 Bad input exits 2 with one message per problem; nothing else is printed as a traceback.
 """
@@ -25,11 +25,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tasks.search import SearchError
     from tasks.sources import SourceError
     from tasks.downstream import DownstreamError
+    from tasks.export import ExportError
     from tasks.recover import RecoveryError
     from tasks.surgery import UnsupportedArchitecture
 
     return (SpecError, SourceError, SearchError, UnsupportedArchitecture, CatalogError, OutputDirError, PruneError,
-            RecoveryError, DownstreamError)
+            RecoveryError, DownstreamError, ExportError)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -112,6 +113,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh_code(args: argparse.Namespace) -> int:
+    from tasks.export import refresh_code
+
+    written = refresh_code(args.checkpoint)
+    print(f"{args.checkpoint}: rewrote {', '.join(written)} (weights and config.json unchanged)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pruneflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="show one run: spec, steps, scores, evaluations, artifacts")
     show.add_argument("run_id")
     show.set_defaults(fn=cmd_show)
+    refresh = sub.add_parser("refresh-code", help="rewrite a pruned checkpoint's modeling code with this release's")
+    refresh.add_argument("checkpoint")
+    refresh.set_defaults(fn=cmd_refresh_code)
     for p in (runs, show):
         p.add_argument("--catalog", default="outputs/catalog.duckdb")
     return parser

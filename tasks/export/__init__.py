@@ -14,9 +14,11 @@ from pathlib import Path
 from torch import nn
 
 from tasks.export import hf, nemotron_nas, pruneflow_format, remote_code  # noqa: F401  (register the formats)
+from tasks.export.codegen import SHARED, write_code
 from tasks.export.common import has_lone_halves
 from tasks.surgery.adapted import adapter_ranks
-from tasks.export.registry import ExportError, ExportFormat, format_names, format_of, get_format, register_format
+from tasks.export.registry import (ExportError, ExportFormat, format_names, format_of, get_format, read_config,
+                                   register_format)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,20 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=own_code)
 
 
+def refresh_code(path: str | Path) -> list[str]:
+    """Rewrites the modeling code a checkpoint carries with this release's, leaving weights and config as
+    they are; returns the files written. Checkpoints from earlier pruneflow releases carry code written
+    for the transformers of their day (before 5.24's `cache` keyword, for example)."""
+    path = Path(path)
+    fmt = format_of(path)
+    files = fmt.code_files(read_config(path))
+    if not files:
+        raise ExportError(f"{path} is a '{fmt.name}' checkpoint, which carries no modeling code; "
+                          f"formats that do: {', '.join(_CODE_FORMATS)}")
+    write_code(path, files)
+    return sorted(set(files) | set(SHARED))
+
+
 def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
     """Any checkpoint pruneflow reads or writes, as pruneflow's in-memory model (tasks.surgery's form)."""
     return format_of(Path(path)).load(Path(path), dtype, device)
@@ -79,6 +95,7 @@ __all__ = [
     "get_format",
     "load_checkpoint",
     "load_tokenizer",
+    "refresh_code",
     "register_format",
     "resolve_format",
 ]

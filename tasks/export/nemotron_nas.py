@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import nn
 
-from tasks.export.codegen import ADAPTERS_FILE, render, write_code
+from tasks.export.codegen import render, write_code
 from tasks.export.common import (
     adapters_problem,
     KeptLayer,
@@ -94,8 +94,10 @@ class NemotronNasFormat(ExportFormat):
                       block_configs=blocks, pruneflow=pruneflow_record(model, self.name))
         config.update(_legacy_rope(config))
         write_config(out_dir, config)
-        write_code(out_dir, {CONFIG_FILE: render(CONFIG_FILE, []), MODELING_FILE: render("modeling_pruned.py", _RENAMES),
-                             ADAPTERS_FILE: render(ADAPTERS_FILE, [])})
+        write_code(out_dir, self.code_files(config))
+
+    def code_files(self, config: dict) -> dict[str, str]:
+        return {CONFIG_FILE: render(CONFIG_FILE, []), MODELING_FILE: render("modeling_pruned.py", _RENAMES)}
 
     def claims(self, config: dict) -> bool:
         return config.get("model_type") == MODEL_TYPE

@@ -27,6 +27,10 @@ class ExportFormat:
         """Weights, config.json and any code files (the caller adds tokenizer and generation config)."""
         raise NotImplementedError
 
+    def code_files(self, config: dict) -> dict[str, str]:
+        """File name -> text of the modeling code a checkpoint with this config.json carries (none here)."""
+        return {}
+
     def claims(self, config: dict) -> bool:
         """Whether a checkpoint with this config.json is in this format."""
         raise NotImplementedError

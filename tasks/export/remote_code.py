@@ -3,7 +3,8 @@
 Files: `model.safetensors` (kept blocks only, original parameter names), `config.json` (model_type
 `pruneflow_<family>`, `auto_map`, and `pruneflow.{layer_ids,removed}` in original block ids),
 `configuration_pruned.py` and `modeling_pruned.py` (a config class and model classes subclassing the
-family's transformers classes) and `residual_adapters.py` (recovery adapters, used when recovery added any). Loads offline with
+family's transformers classes), `residual_adapters.py` (recovery adapters, used when recovery added any)
+and `kv_cache.py` (the cache keyword of the transformers release that loads it). Loads offline with
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
 
 The model_type is not the base one on purpose: a plain `from_pretrained` without trust_remote_code then
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.export.codegen import ADAPTERS_FILE, FAMILIES, family_of, for_family, render, write_code
+from tasks.export.codegen import FAMILIES, family_of, for_family, render, write_code
 from tasks.export.common import (
     PRUNED_MODEL_TYPE_PREFIX,
     load_recorded,
@@ -57,9 +58,11 @@ class RemoteCodeFormat(ExportFormat):
             pruneflow=pruneflow_record(model, self.name),
         )
         write_config(out_dir, config)
-        renames = for_family(family)
-        write_code(out_dir, {CONFIG_FILE: render(CONFIG_FILE, renames), MODELING_FILE: render(MODELING_FILE, renames),
-                             ADAPTERS_FILE: render(ADAPTERS_FILE, [])})
+        write_code(out_dir, self.code_files(config))
+
+    def code_files(self, config: dict) -> dict[str, str]:
+        renames = for_family(family_of(config["pruneflow"]["base_model_type"]))
+        return {CONFIG_FILE: render(CONFIG_FILE, renames), MODELING_FILE: render(MODELING_FILE, renames)}
 
     def claims(self, config: dict) -> bool:
         return recorded_format(config) == self.name
