@@ -213,7 +213,7 @@ RELOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 from tasks.residual import ResidualRunner
-from tasks.surgery import load_model
+from tasks.surgery import adapter_for, load_model
 root = sys.argv[1]
 torch.set_num_threads(int(sys.argv[2]))
 windows = torch.load(f"{root}/windows.pt")
@@ -223,7 +223,10 @@ for name in json.load(open(f"{root}/cases.json")):
     with torch.no_grad():
         out[name] = {"logits": model(windows).logits, "nll": ResidualRunner(model).nll(windows)}
     if name.endswith("-hf"):
-        plain = AutoModelForCausalLM.from_pretrained(f"{root}/{name}").eval()
+        # The family's attention kernel, as pruneflow uses it: releases differ in their default (Gemma 2:
+        # SDPA before 5.24, eager after), which moves logits in the last bits, not the checkpoint.
+        kernel = adapter_for(model.config.model_type).attn_implementation
+        plain = AutoModelForCausalLM.from_pretrained(f"{root}/{name}", attn_implementation=kernel).eval()
         with torch.no_grad():
             out[name]["plain"] = plain(windows).logits
 torch.save(out, f"{root}/reloaded.pt")

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -41,17 +42,22 @@ def test_reference_perplexities(smollm2, reference_windows, skip, expected):
     assert perplexity(model, reference_windows, batch_windows=4, skip=skip) == pytest.approx(expected, abs=0.01)
 
 
-def test_reduced_demo_pipeline(tmp_path):
+def test_reduced_demo_pipeline(tmp_path, caplog):
     from flows import prune_pipeline
 
-    summary = prune_pipeline(
-        "pipelines/smollm2-blockpruner.yaml",
-        [
-            "calibration.samples=2", "calibration.seq_len=128", "search.target.blocks=2",
-            "evaluate.seq_len=256", "evaluate.max_tokens=1024", "recover.steps=3", "recover.seq_len=64",
-            f"output_dir={tmp_path / 'out' / 'demo'}", f"catalog={tmp_path / 'out' / 'catalog.duckdb'}",
-        ],
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = prune_pipeline(
+            "pipelines/smollm2-blockpruner.yaml",
+            [
+                "calibration.samples=2", "calibration.seq_len=128", "search.target.blocks=2",
+                "evaluate.seq_len=256", "evaluate.max_tokens=1024", "recover.steps=3", "recover.seq_len=64",
+                f"output_dir={tmp_path / 'out' / 'demo'}", f"catalog={tmp_path / 'out' / 'catalog.duckdb'}",
+            ],
+        )
+    # Neither pruneflow's code nor the code it writes into checkpoints uses a deprecated cache keyword.
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "past_key_values" in m or "cache_params" in m]
     assert len(summary["blocks"]) == 2 and all(b.endswith((".attn", ".mlp")) for b in summary["blocks"])
     ppl = next(iter(summary["perplexity"].values()))
     assert 5 < ppl["dense"] < 40 and ppl["pruned"] > 0
