@@ -34,9 +34,10 @@ from catalog.rows import (
     ScoreRow,
     StepRow,
 )
+from tasks.errors import UserError
 
 
-class CatalogError(RuntimeError):
+class CatalogError(UserError, RuntimeError):
     """The catalog cannot be used as asked; the message says why and what to do."""
 
 

@@ -11,26 +11,12 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.errors import UserError
+
 
 def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from catalog import CatalogError
-    from flows.outputs import OutputDirError
-    from pipelines import SpecError
-    from tasks.prune import PruneError
-    from tasks.search import SearchError
-    from tasks.sources import SourceError
-    from tasks.downstream import DownstreamError
-    from tasks.export import ExportError
-    from tasks.recover import RecoveryError
-    from tasks.surgery import UnsupportedArchitecture
-
-    return (SpecError, SourceError, SearchError, UnsupportedArchitecture, CatalogError, OutputDirError, PruneError,
-            RecoveryError, DownstreamError, ExportError)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -107,7 +93,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deploy.serve import serve_pipeline
+    from flows.serve import serve_pipeline
 
     serve_pipeline(args.pipeline, cron=args.cron, overrides=args.set)
     return 0
@@ -153,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except _user_errors() as exc:
+    except UserError as exc:
         print(f"pruneflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from tasks.errors import UserError
+
 OWNER_FILE = "pruneflow-run.json"
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError):
     pass
 
 

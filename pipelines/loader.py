@@ -9,9 +9,10 @@ import yaml
 from pydantic import ValidationError
 
 from pipelines.spec import PipelineSpec
+from tasks.errors import UserError
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A pipeline that cannot be read or validated; `errors` holds one line per problem."""
 
     def __init__(self, source: str, errors: list[str]):

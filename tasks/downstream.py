@@ -13,11 +13,13 @@ import logging
 from typing import Sequence
 
 from torch import nn
-from tasks.evaluate import Evaluation
+
+from tasks.evaluation import Evaluation
 from tasks.export import load_tokenizer
+from tasks.errors import UserError
 
 
-class DownstreamError(ValueError):
+class DownstreamError(UserError):
     pass
 
 

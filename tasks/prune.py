@@ -13,9 +13,10 @@ from tasks.export import ExportError, export_model, load_tokenizer, resolve_form
 from tasks.load import open_model
 from tasks.refs import ArtifactRef
 from tasks.surgery import remove_blocks
+from tasks.errors import UserError
 
 
-class PruneError(ValueError):
+class PruneError(UserError):
     pass
 
 

@@ -65,7 +65,7 @@ def pair_cost(layers: frozenset[int]) -> float:
 
 
 @pytest.fixture
-def fakes(monkeypatch):
+def fakes():
     metrics = {
         "fake_removal": fake_metric("fake_removal", "removal", pair_cost),
         "fake_block": fake_metric("fake_block", "block", lambda layers: pair_cost(layers)),
@@ -73,8 +73,10 @@ def fakes(monkeypatch):
         "fake_window": fake_metric("fake_window", "window", lambda layers: sum(BASE[i] for i in layers) % 4.3),
     }
     for name, metric in metrics.items():
-        monkeypatch.setitem(METRICS, name, metric)
-    return metrics
+        METRICS.add(name, metric)
+    yield metrics
+    for name in metrics:
+        METRICS.remove(name)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,7 @@ def test_wide_beam_equals_exhaustive_search(model, fakes):
     def cost(layers):
         return sum(BASE[i] * (1 + 0.3 * j) for j, i in enumerate(sorted(layers))) - 4.0 * ({3, 4} <= layers)
 
-    fakes["fake_removal"] = METRICS["fake_removal"] = fake_metric("fake_removal", "removal", cost)
+    fakes["fake_removal"] = METRICS.add("fake_removal", fake_metric("fake_removal", "removal", cost))
     best = min(itertools.combinations(range(LAYERS), 3), key=lambda c: cost(frozenset(c)))
     records = run_search(context(model, "fake_removal", Target(blocks=3), strategy_settings={"width": 100}), "beam")
     assert sorted(int(b.split(".")[1]) for b in removed_by(records)) == list(best)

@@ -8,8 +8,11 @@ from typing import ClassVar
 
 from torch import nn
 
+from tasks.errors import UserError
+from tasks.registry import Registry
 
-class ExportError(ValueError):
+
+class ExportError(UserError):
     pass
 
 
@@ -18,6 +21,10 @@ class ExportFormat:
     `load` returns that same representation, whatever the files look like."""
 
     name: ClassVar[str]
+    # Whether its checkpoints carry pruneflow's modeling code (loaded with trust_remote_code), and whether
+    # transformers loads them at all (else only pruneflow reads them).
+    carries_code: ClassVar[bool] = False
+    servable: ClassVar[bool] = True
 
     def problem(self, model: nn.Module) -> str | None:
         """Why this format cannot express `model`, or None when it can."""
@@ -39,24 +46,22 @@ class ExportFormat:
         raise NotImplementedError
 
 
-_FORMATS: dict[str, ExportFormat] = {}
+_FORMATS: Registry[ExportFormat] = Registry("export format", unknown=ExportError)
 # Checked last when reading: it accepts any checkpoint transformers itself can load.
 _FALLBACK = "hf"
 
 
 def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
-    _FORMATS[cls.name] = cls()
+    _FORMATS.add(cls.name, cls())
     return cls
 
 
 def format_names() -> list[str]:
-    return sorted(_FORMATS)
+    return _FORMATS.names()
 
 
 def get_format(name: str) -> ExportFormat:
-    if name not in _FORMATS:
-        raise ExportError(f"unknown export format '{name}'; known: {', '.join(format_names())}")
-    return _FORMATS[name]
+    return _FORMATS.lookup(name)
 
 
 def read_config(path: Path) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -11,8 +10,11 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from tasks.errors import UserError
+from tasks.registry import Registry
 
-class RecoveryError(ValueError):
+
+class RecoveryError(UserError):
     pass
 
 
@@ -46,21 +48,17 @@ class RecoveryMethod:
         raise NotImplementedError
 
 
-_METHODS: dict[str, RecoveryMethod] = {}
+RECOVERY_METHODS: Registry[RecoveryMethod] = Registry("recovery method", unknown=RecoveryError)
 
 
 def register_recovery(cls: type[RecoveryMethod]) -> type[RecoveryMethod]:
-    _METHODS[cls.name] = cls()
+    RECOVERY_METHODS.add(cls.name, cls())
     return cls
 
 
 def recovery_names() -> list[str]:
-    return sorted(_METHODS)
+    return RECOVERY_METHODS.names()
 
 
 def get_recovery(name: str) -> RecoveryMethod:
-    if name not in _METHODS:
-        close = difflib.get_close_matches(name, recovery_names(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise RecoveryError(f"unknown recovery method '{name}'{hint}; known: {', '.join(recovery_names())}")
-    return _METHODS[name]
+    return RECOVERY_METHODS.lookup(name)

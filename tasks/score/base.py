@@ -9,6 +9,8 @@ from typing import Any, Callable, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
+from tasks.registry import Registry
+
 
 @dataclass(frozen=True)
 class CandidateScore:
@@ -82,10 +84,10 @@ class Metric:
         raise NotImplementedError
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
 def register_metric(cls: type[Metric]) -> type[Metric]:
-    METRICS[cls.name] = cls()
+    METRICS.add(cls.name, cls())
     return cls
 

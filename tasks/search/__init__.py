@@ -19,12 +19,11 @@ from tasks.search.registry import NEEDS, STRATEGIES, StrategyNeeds, register_str
 
 
 def run_search(ctx: SearchContext, strategy: str) -> list[StepRecord]:
-    if strategy not in STRATEGIES:
-        raise SearchError(f"unknown strategy '{strategy}'; accepted: {', '.join(sorted(STRATEGIES))}")
+    run = STRATEGIES.lookup(strategy)
     problems = combination_problems(ctx.metric_name, ctx.granularity, strategy, ctx.exact)
     if problems:
         raise SearchError("; ".join(problems))
-    return STRATEGIES[strategy](ctx)
+    return run(ctx)
 
 
 __all__ = [

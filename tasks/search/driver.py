@@ -22,9 +22,10 @@ from torch import nn
 
 from tasks.score import METRICS, CandidateScore, StepScorer
 from tasks.surgery import block_param_counts, candidate_blocks, layer_ids, parse_block, total_params, units_of
+from tasks.errors import UserError
 
 
-class SearchError(ValueError):
+class SearchError(UserError):
     """A search that cannot run as specified (target out of reach, bad protected block...)."""
 
 
@@ -108,10 +109,9 @@ class SearchContext:
         """`scorer` replaces the metric's own step scorer: distributed execution hands every step's
         scoring to one that computes the same numbers elsewhere (tasks.distributed)."""
         self.model = model
-        if metric not in METRICS:
-            raise SearchError(f"unknown metric '{metric}'; accepted: {', '.join(sorted(METRICS))}")
+        registered = METRICS.lookup(metric)
         try:
-            self.metric = METRICS[metric].configure(**dict(metric_settings or {}))
+            self.metric = registered.configure(**dict(metric_settings or {}))
         except (TypeError, ValueError) as exc:
             raise SearchError(f"bad settings for metric '{metric}': {exc}") from exc
         if granularity not in self.metric.granularities:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tasks.registry import Registry
+
 ALL_GRANULARITIES = frozenset({"layer", "attn", "mlp", "sublayer"})
 
 
@@ -22,14 +24,14 @@ class StrategyNeeds:
     lower_bounds: bool = False
 
 
-STRATEGIES: dict[str, Callable] = {}
-NEEDS: dict[str, StrategyNeeds] = {}
+STRATEGIES: Registry[Callable] = Registry("strategy")
+NEEDS: Registry[StrategyNeeds] = Registry("strategy")
 
 
 def register_strategy(name: str, needs: StrategyNeeds = StrategyNeeds()) -> Callable[[Callable], Callable]:
     def register(fn: Callable) -> Callable:
-        STRATEGIES[name] = fn
-        NEEDS[name] = needs
+        STRATEGIES.add(name, fn)
+        NEEDS.add(name, needs)
         return fn
 
     return register

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from tasks.errors import UserError
 
-class SourceError(ValueError):
+
+class SourceError(UserError):
     """A model or text source cannot be used as given.
 
     The message names the problem and the accepted values; the CLI turns it into exit code 2.

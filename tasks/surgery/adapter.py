@@ -9,8 +9,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tasks.errors import UserError
+from tasks.registry import Registry
 
-class UnsupportedArchitecture(ValueError):
+
+class UnsupportedArchitecture(UserError):
     pass
 
 
@@ -141,30 +144,28 @@ class ArchitectureAdapter:
                     module.layer_idx = new_idx
 
 
-_ADAPTERS: dict[str, ArchitectureAdapter] = {}
+# Architecture adapters by the `model_type` they serve (one adapter may serve several).
+_ADAPTERS: Registry[ArchitectureAdapter] = Registry("model_type", unknown=UnsupportedArchitecture)
 
 
 def register_adapter(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
     instance = cls()
     for model_type in cls.model_types:
-        existing = _ADAPTERS.get(model_type)
-        if existing is not None and type(existing).__qualname__ != cls.__qualname__:
-            raise ValueError(f"model_type '{model_type}' already has the adapter {type(existing).__qualname__}")
-        _ADAPTERS[model_type] = instance
+        _ADAPTERS.add(model_type, instance)
     return cls
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_ADAPTERS)
+    return _ADAPTERS.names()
 
 
 def adapter_for(model_type: str) -> ArchitectureAdapter:
     if model_type not in _ADAPTERS:
-        known = supported_model_types()
-        close = difflib.get_close_matches(model_type, known, n=1)
+        close = difflib.get_close_matches(model_type, supported_model_types(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UnsupportedArchitecture(
-            f"model_type '{model_type}' has no pruneflow adapter{hint}; supported: {', '.join(known)}. "
+            f"model_type '{model_type}' has no pruneflow adapter{hint}; supported: "
+            f"{', '.join(supported_model_types())}. "
             "To add one, write one module under tasks/surgery/ registered with @register_adapter (README)."
         )
     return _ADAPTERS[model_type]

@@ -1,0 +1,74 @@
+"""One registry shape for every kind of plugin (metrics, strategies, recovery methods, export formats,
+architecture adapters): a name registered twice is refused, and an unknown name is answered with the
+closest known ones."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from typing import Iterator, TypeVar
+
+from tasks.errors import UserError
+
+T = TypeVar("T")
+
+
+class UnknownName(UserError):
+    """A spec or call named a plugin that is not registered."""
+
+
+class DuplicateRegistration(ValueError):
+    """Two plugins claimed one name: a programming error, raised at import time."""
+
+
+class Registry(Mapping[str, T]):
+    """Read like a dict (`registry[name]`, `in`, `.items()`); written only through `add` and `remove`."""
+
+    def __init__(self, kind: str, unknown: type[Exception] = UnknownName):
+        self.kind = kind  # "metric", "recovery method", ... as the user's messages name it
+        self.unknown = unknown  # the error an unknown name raises (the stage's own user error)
+        self._items: dict[str, T] = {}
+
+    def add(self, name: str, item: T) -> T:
+        existing = self._items.get(name)
+        if existing is not None and _origin(existing) != _origin(item):
+            raise DuplicateRegistration(
+                f"{self.kind} '{name}' is registered twice: {_origin(existing)} and {_origin(item)}"
+            )
+        # The same definition again (a module imported under two names, a reload) replaces itself.
+        self._items[name] = item
+        return item
+
+    def remove(self, name: str) -> None:
+        """Unregisters `name` (tests that register a toy plugin clean up with it)."""
+        del self._items[name]
+
+    def lookup(self, name: str, hint: str = "") -> T:
+        """The plugin called `name`, or the registry's user error with the closest names and `hint`."""
+        if name not in self._items:
+            raise self.unknown(self.unknown_message(name) + hint)
+        return self._items[name]
+
+    def __getitem__(self, name: str) -> T:
+        return self._items[name]
+
+    def unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown {self.kind} '{name}'{guess}; known: {', '.join(self.names())}"
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _origin(item: object) -> str:
+    # Instances (metrics, formats, adapters) are known by their class; strategies are plain functions.
+    target = item if inspect.isfunction(item) or isinstance(item, type) else type(item)
+    return f"{target.__module__}.{target.__qualname__}"
