@@ -32,7 +32,7 @@ from flows.stages import (
     search_task,
 )
 from pipelines import PipelineSpec, load_spec
-from tasks.evaluate import Evaluation
+from tasks.evaluation import Evaluation
 from tasks.recover.stage import Recovered
 from tasks.refs import ArtifactRef
 from tasks.score import CandidateScore

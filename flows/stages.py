@@ -9,7 +9,8 @@ from prefect import task
 from flows.keys import cache_key_fn
 from pipelines.spec import PipelineSpec
 from tasks.calibrate import EvalData, calibrate_stage, eval_data_stage
-from tasks.evaluate import Evaluation, evaluate_stage
+from tasks.evaluate import evaluate_stage
+from tasks.evaluation import Evaluation
 from tasks.load import ModelRef, load_stage
 from tasks.prune import prune_stage
 from tasks.recover.stage import Recovered, recover_stage

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.spec import PipelineSpec
 from tasks.calibrate import EvalData, load_windows
-from tasks.export import checkpoint_format
+from tasks.evaluation import Evaluation
+from tasks.export.registry import format_of
 from tasks.load import open_model, resolve_device, resolve_dtype
 from tasks.refs import tree_bytes
 from tasks.residual import perplexity, predictions
+from tasks.speed import speed_evaluations
 from tasks.surgery import total_params
-
-
-SERVABLE_FORMATS = ("hf", "remote_code", "nemotron_nas")
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    stage: str
-    kind: str
-    dataset: str
-    metric: str
-    value: float
-    n_tokens: int | None = None
-    seq_len: int | None = None
-    stride: int | None = None
-    n_samples: int | None = None  # downstream tasks: examples evaluated
 
 
 def evaluate_stage(model_path: str, stage: str, data: list[EvalData], spec: PipelineSpec) -> list[Evaluation]:
@@ -42,9 +27,7 @@ def evaluate_stage(model_path: str, stage: str, data: list[EvalData], spec: Pipe
     out.append(Evaluation(stage, "size", "-", "checkpoint_bytes", float(_weight_bytes(Path(model_path)))))
     # Speed is measured the way a user serves the checkpoint; the `pruneflow` format has no runtime
     # outside pruneflow, so it gets no speed rows (the report's speed table then lacks that stage).
-    if checkpoint_format(model_path) in SERVABLE_FORMATS:
-        from tasks.speed import speed_evaluations  # tasks.speed builds on this module's Evaluation
-
+    if format_of(Path(model_path)).servable:
         device = resolve_device(spec.model.device)
         out.extend(speed_evaluations(model_path, stage, resolve_dtype(spec.model.dtype, device), device))
     if spec.evaluate.tasks:

@@ -16,14 +16,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from tasks.evaluate import Evaluation
-from tasks.export import checkpoint_format
+from tasks.evaluation import Evaluation
+from tasks.export.registry import format_of
 from tasks.export.common import DTYPES
 from tasks.surgery.kv_cache import cache_kwargs, output_cache
-
-# Formats whose checkpoints carry their own modeling code.
-_REMOTE_CODE_FORMATS = ("remote_code", "nemotron_nas")
-
 
 @dataclass(frozen=True)
 class SpeedSettings:
@@ -40,7 +36,7 @@ class SpeedSettings:
 
 
 def load_for_serving(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
-    remote = checkpoint_format(path) in _REMOTE_CODE_FORMATS
+    remote = format_of(Path(path)).carries_code
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], trust_remote_code=remote, attn_implementation="sdpa"
     )

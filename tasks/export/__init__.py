@@ -53,16 +53,12 @@ def checkpoint_format(path: str | Path) -> str:
     return format_of(Path(path)).name
 
 
-# Formats whose checkpoints carry modeling code pruneflow itself wrote.
-_CODE_FORMATS = ("remote_code", "nemotron_nas")
-
-
 def load_tokenizer(path: str | Path):
     """The tokenizer of any model folder. A checkpoint in a format carrying pruneflow's own modeling code is
     read with trust_remote_code (otherwise transformers stops to ask on the terminal); other folders never."""
     from transformers import AutoTokenizer
 
-    own_code = (Path(path) / "config.json").is_file() and checkpoint_format(path) in _CODE_FORMATS
+    own_code = (Path(path) / "config.json").is_file() and format_of(Path(path)).carries_code
     return AutoTokenizer.from_pretrained(path, trust_remote_code=own_code)
 
 
@@ -72,10 +68,11 @@ def refresh_code(path: str | Path) -> list[str]:
     for the transformers of their day (before 5.24's `cache` keyword, for example)."""
     path = Path(path)
     fmt = format_of(path)
-    files = fmt.code_files(read_config(path))
-    if not files:
+    if not fmt.carries_code:
+        with_code = [name for name in format_names() if get_format(name).carries_code]
         raise ExportError(f"{path} is a '{fmt.name}' checkpoint, which carries no modeling code; "
-                          f"formats that do: {', '.join(_CODE_FORMATS)}")
+                          f"formats that do: {', '.join(with_code)}")
+    files = fmt.code_files(read_config(path))
     write_code(path, files)
     return sorted(set(files) | set(SHARED))
 

@@ -65,6 +65,7 @@ def block_config(layer: KeptLayer, num_heads: int, num_kv_heads: int, intermedia
 @register_format
 class NemotronNasFormat(ExportFormat):
     name = "nemotron_nas"
+    carries_code = True
 
     def problem(self, model: nn.Module) -> str | None:
         config = model.config

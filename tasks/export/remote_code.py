@@ -35,6 +35,7 @@ MODELING_FILE = "modeling_pruned.py"
 @register_format
 class RemoteCodeFormat(ExportFormat):
     name = "remote_code"
+    carries_code = True
 
     def problem(self, model: nn.Module) -> str | None:
         if model.config.model_type not in FAMILIES:
