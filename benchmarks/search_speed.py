@@ -817,7 +817,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.parallel_resolved = parallel_candidates(
-        args.parallel if args.parallel == "auto" else int(args.parallel), torch.device("cpu")
+        args.parallel if args.parallel == "auto" else int(args.parallel), "cpu"
     )
     torch.set_grad_enabled(False)
     sampler = RssSampler()

@@ -1,4 +1,4 @@
-"""Explicit cache keys: stage name + code version + spec sections read + upstream digests.
+"""Explicit cache keys: stage name + code version + the sections and upstream digests a task is given.
 
 Never a hash of a model or tensor: upstream artifacts enter a key by their sha256 only.
 """
@@ -11,39 +11,20 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel
+
 from pipelines.spec import IDENTITY_SECTIONS, PipelineSpec
 from tasks.calibrate import EvalData
 from tasks.load import ModelRef
 from tasks.refs import ArtifactRef
 
 # Bump when a stage's results change meaning, so old cached results are not reused.
-CODE_VERSION = "pruneflow-stages-3"
+# 4: keys are built from the typed sections each task is given, not from a table of spec paths.
+CODE_VERSION = "pruneflow-stages-4"
 
-# The spec sections each stage reads (dotted paths name a single field).
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "load": ("model.source",),
-    "calibrate": ("calibration",),
-    "eval-data": ("evaluate.datasets", "evaluate.seq_len", "evaluate.max_tokens"),
-    "search": IDENTITY_SECTIONS,
-    "prune": ("model.dtype", "prune"),
-    "recover": ("model.dtype", "model.device", "prune.format", "score.batch_windows", "recover"),
-    "evaluate": ("model", "score.batch_windows", "evaluate"),
-}
-
-# Parameters that carry live objects (catalog handles, callbacks), never part of a key.
-_RUNTIME_PARAMS = {"spec", "recorder", "progress", "out_dir", "checkpoint_path"}
-
-
-def section_values(spec: PipelineSpec, sections: tuple[str, ...]) -> dict[str, Any]:
-    # Defaults left out, as in PipelineSpec.section_json: new settings keep old cache keys valid.
-    dumped = spec.model_dump(mode="json", exclude_defaults=True)
-    out = {}
-    for dotted in sections:
-        node: Any = dumped
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        out[dotted] = node
-    return out
+# Parameters that carry live objects (catalog handles, callbacks, output folders) or only say where work
+# runs (`execution`: every runner computes the same numbers), never part of a key.
+_RUNTIME_PARAMS = {"recorder", "progress", "out_dir", "checkpoint_path", "execution", "pipeline"}
 
 
 def keyable(value: Any) -> Any:
@@ -53,6 +34,9 @@ def keyable(value: Any) -> Any:
         return {"model": value.fingerprint}
     if isinstance(value, EvalData):
         return {"dataset": value.dataset, "sha256": value.ref.sha256}
+    if isinstance(value, BaseModel):
+        # Defaults left out, as in PipelineSpec.section_json: a new setting keeps old cache keys valid.
+        return value.model_dump(mode="json", exclude_defaults=True)
     if dataclasses.is_dataclass(value):
         return keyable(dataclasses.asdict(value))
     if isinstance(value, dict):
@@ -64,11 +48,11 @@ def keyable(value: Any) -> Any:
     return value
 
 
-def stage_key(stage: str, spec: PipelineSpec, parameters: dict[str, Any]) -> str:
+def stage_key(stage: str, parameters: dict[str, Any]) -> str:
+    """The stage name, the code version and every parameter the task was given but runtime handles."""
     payload = {
         "stage": stage,
         "code": CODE_VERSION,
-        "spec": section_values(spec, STAGE_SECTIONS[stage]),
         "inputs": {k: keyable(v) for k, v in sorted(parameters.items()) if k not in _RUNTIME_PARAMS},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -76,7 +60,7 @@ def stage_key(stage: str, spec: PipelineSpec, parameters: dict[str, Any]) -> str
 
 def cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
     def key(_context: Any, parameters: dict[str, Any]) -> str:
-        return f"{stage}-{stage_key(stage, parameters['spec'], parameters)}"
+        return f"{stage}-{stage_key(stage, parameters)}"
 
     return key
 

@@ -36,6 +36,7 @@ from tasks.evaluation import Evaluation
 from tasks.recover.stage import Recovered
 from tasks.refs import ArtifactRef
 from tasks.score import CandidateScore
+from tasks.search.stage import SearchSections
 from tasks.surgery import candidate_blocks, units_of
 
 
@@ -122,9 +123,10 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     catalog = Catalog(spec.catalog_path())
     check_owner(out_dir, spec.name, identity, _status_in(catalog, fresh))
 
-    model = _with(load_task, out_dir, fresh)(spec, source_stamp(spec.model.source))
-    calibration = _with(calibrate_task, out_dir, fresh)(spec, model, out_dir)
-    eval_data = _with(eval_data_task, out_dir, fresh)(spec, model, out_dir)
+    model = _with(load_task, out_dir, fresh)(spec.model, spec.score, spec.search, source_stamp(spec.model.source))
+    calibration = _with(calibrate_task, out_dir, fresh)(spec.calibration, model, out_dir)
+    eval_data = _with(eval_data_task, out_dir, fresh)(spec.evaluate.datasets, spec.evaluate.seq_len,
+                                                     spec.evaluate.max_tokens, model, out_dir)
     run_id = derive_run_id(spec, model.fingerprint, calibration.sha256)
     claim(out_dir, spec.name, identity, run_id)
     if fresh:
@@ -186,21 +188,29 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     width = spec.search.strategy_settings().get("width", 1)
     ui = SearchArtifacts(spec.name, run_id, expected_candidates(spec.search.strategy, len(first), total_steps, width))
     progress = Fanout(SearchProgress(total_steps, logger), ui)
+    sections = SearchSections(model=spec.model, score=spec.score, search=spec.search)
     result = _with(search_task, out_dir, fresh)(
-        spec, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress
+        sections, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress, spec.execution
     )
     ui.finish()
-    checkpoint = _with(prune_task, out_dir, fresh)(spec, model, result.blocks, run_dir(out_dir, run_id))
+    folder = run_dir(out_dir, run_id)
+    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
     recovered = None
     if spec.recover.method != "none":
-        recovered = _with(recover_task, out_dir, fresh)(spec, model, checkpoint, calibration, run_dir(out_dir, run_id))
+        recovered = _with(recover_task, out_dir, fresh)(spec.recover, spec.model, spec.score.batch_windows,
+                                                        spec.prune.format, model, checkpoint, calibration, folder,
+                                                        spec.name)
         _record_artifact(catalog, run_id, "recovered", recovered.checkpoint)
-    evaluate = _with(evaluate_task, out_dir, fresh)
-    evaluations = [*evaluate(spec, model.fingerprint, model.path, "dense", eval_data),
-                   *evaluate(spec, checkpoint.sha256, checkpoint.path, "pruned", eval_data)]
+
+    def evaluate(sha: str, path: str, stage: str) -> list[Evaluation]:
+        return _with(evaluate_task, out_dir, fresh)(spec.model, spec.score.batch_windows, spec.evaluate, sha, path,
+                                                    stage, eval_data)
+
+    evaluations = [*evaluate(model.fingerprint, model.path, "dense"),
+                   *evaluate(checkpoint.sha256, checkpoint.path, "pruned")]
     if recovered is not None:
-        evaluations += evaluate(spec, recovered.checkpoint.sha256, recovered.checkpoint.path, "recovered", eval_data)
+        evaluations += evaluate(recovered.checkpoint.sha256, recovered.checkpoint.path, "recovered")
     _record_evaluations(catalog, run_id, evaluations)
     ppl: dict[str, dict[str, float]] = {}
     for e in evaluations:

@@ -32,7 +32,7 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
 
     check_owner(Path(spec.output_dir), spec.name, identity_hash(spec), status)
     resolve_device(spec.model.device)
-    model = load_stage(spec)
+    model = load_stage(spec.model, spec.score, spec.search)
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     cal = spec.calibration
     _enough_tokens(

@@ -1,4 +1,8 @@
-"""Prefect task wrappers: each stage a cached task keyed by flows.keys, results kept in the output folder."""
+"""Prefect task wrappers: each stage a cached task keyed by flows.keys, results kept in the output folder.
+
+Every task takes the spec sections its stage reads, as typed parameters (never the whole spec): its
+cache key is built from exactly those, so a setting a stage reads cannot be left out of its key.
+"""
 
 from __future__ import annotations
 
@@ -6,70 +10,70 @@ from pathlib import Path
 
 from prefect import task
 
-from flows.keys import cache_key_fn
-from pipelines.spec import PipelineSpec
-from tasks.calibrate import EvalData, calibrate_stage, eval_data_stage
+from flows.keys import cache_key_fn, stage_key
+from tasks.calibrate import CalibrationSpec, EvalData, calibrate_stage, eval_data_stage
 from tasks.evaluate import evaluate_stage
-from tasks.evaluation import Evaluation
-from tasks.load import ModelRef, load_stage
-from tasks.prune import prune_stage
+from tasks.evaluation import EvaluateSpec, Evaluation
+from tasks.execution import ExecutionSpec
+from tasks.load import ModelRef, ModelSpec, load_stage
+from tasks.prune import PruneSpec, prune_stage
+from tasks.recover.settings import RecoverSpec
 from tasks.recover.stage import Recovered, recover_stage
 from tasks.refs import ArtifactRef
-from tasks.search.stage import SearchResult, search_stage
+from tasks.search.settings import ScoreSpec, SearchSpec
+from tasks.search.stage import SearchResult, SearchSections, search_stage
 
 _COMMON = dict(persist_result=True, retries=0)
 
 
 @task(name="load", cache_key_fn=cache_key_fn("load"), **_COMMON)
-def load_task(spec: PipelineSpec, source_stamp: str) -> ModelRef:
-    return load_stage(spec)
+def load_task(model_spec: ModelSpec, score: ScoreSpec, search: SearchSpec, source_stamp: str) -> ModelRef:
+    return load_stage(model_spec, score, search)
 
 
 @task(name="calibrate", cache_key_fn=cache_key_fn("calibrate"), **_COMMON)
-def calibrate_task(spec: PipelineSpec, model: ModelRef, out_dir: Path) -> ArtifactRef:
-    from flows.keys import stage_key
-
-    key = stage_key("calibrate", spec, {"model": model})
-    return calibrate_stage(model.path, spec.calibration, out_dir, key)
+def calibrate_task(calibration: CalibrationSpec, model: ModelRef, out_dir: Path) -> ArtifactRef:
+    key = stage_key("calibrate", {"calibration": calibration, "model": model})
+    return calibrate_stage(model.path, calibration, out_dir, key)
 
 
 @task(name="eval-data", cache_key_fn=cache_key_fn("eval-data"), **_COMMON)
-def eval_data_task(spec: PipelineSpec, model: ModelRef, out_dir: Path) -> list[EvalData]:
-    from flows.keys import stage_key
-
-    key = stage_key("eval-data", spec, {"model": model})
-    return eval_data_stage(model.path, spec.evaluate, out_dir, key)
+def eval_data_task(datasets: tuple[str, ...], seq_len: int, max_tokens: int, model: ModelRef,
+                   out_dir: Path) -> list[EvalData]:
+    key = stage_key("eval-data", {"datasets": datasets, "seq_len": seq_len, "max_tokens": max_tokens,
+                                  "model": model})
+    return eval_data_stage(model.path, datasets, seq_len, max_tokens, out_dir, key)
 
 
 @task(name="search", cache_key_fn=cache_key_fn("search"), **_COMMON)
-def search_task(
-    spec: PipelineSpec, model: ModelRef, calibration: ArtifactRef, run_id: str, catalog_path: str, recorder, progress
-) -> SearchResult:
-    return search_stage(
-        model.path, calibration, spec, recorder, on_step=progress.on_step, on_score=progress.on_score
-    )
+def search_task(sections: SearchSections, model: ModelRef, calibration: ArtifactRef, run_id: str,
+                catalog_path: str, recorder, progress, execution: ExecutionSpec) -> SearchResult:
+    return search_stage(model.path, calibration, sections, recorder, execution,
+                        on_step=progress.on_step, on_score=progress.on_score)
 
 
 @task(name="prune", cache_key_fn=cache_key_fn("prune"), **_COMMON)
-def prune_task(spec: PipelineSpec, model: ModelRef, blocks: tuple[str, ...], out_dir: Path) -> ArtifactRef:
-    return prune_stage(model.path, blocks, spec, out_dir)
+def prune_task(model_spec: ModelSpec, prune: PruneSpec, model: ModelRef, blocks: tuple[str, ...],
+               out_dir: Path) -> ArtifactRef:
+    return prune_stage(model.path, blocks, model_spec, prune, out_dir)
 
 
 @task(name="recover", cache_key_fn=cache_key_fn("recover"), **_COMMON)
-def recover_task(spec: PipelineSpec, model: ModelRef, checkpoint: ArtifactRef, calibration: ArtifactRef,
-                 out_dir: Path) -> Recovered:
-    from flows.keys import stage_key
+def recover_task(recover: RecoverSpec, model_spec: ModelSpec, batch_windows: int, prune_format: str, model: ModelRef,
+                 checkpoint: ArtifactRef, calibration: ArtifactRef, out_dir: Path, pipeline: str) -> Recovered:
     from prefect import get_run_logger
 
     from flows.ui import TrainingProgress
 
-    key = stage_key("recover", spec, {"model": model, "checkpoint": checkpoint, "calibration": calibration})
-    progress = TrainingProgress(spec.name, spec.recover.method)
-    return recover_stage(checkpoint.path, model.path, calibration, spec, out_dir, key, log=get_run_logger().info,
-                         on_step=progress.on_step)
+    key = stage_key("recover", {"recover": recover, "model_spec": model_spec, "batch_windows": batch_windows,
+                                "prune_format": prune_format, "model": model, "checkpoint": checkpoint,
+                                "calibration": calibration})
+    progress = TrainingProgress(pipeline, recover.method)
+    return recover_stage(checkpoint.path, model.path, calibration, recover, model_spec, batch_windows, prune_format,
+                         out_dir, key, log=get_run_logger().info, on_step=progress.on_step)
 
 
 @task(name="evaluate", cache_key_fn=cache_key_fn("evaluate"), **_COMMON)
-def evaluate_task(spec: PipelineSpec, checkpoint_sha: str, checkpoint_path: str, stage: str,
-                  data: list[EvalData]) -> list[Evaluation]:
-    return evaluate_stage(checkpoint_path, stage, data, spec)
+def evaluate_task(model_spec: ModelSpec, batch_windows: int, evaluate: EvaluateSpec, checkpoint_sha: str,
+                  checkpoint_path: str, stage: str, data: list[EvalData]) -> list[Evaluation]:
+    return evaluate_stage(checkpoint_path, stage, data, model_spec, batch_windows, evaluate)

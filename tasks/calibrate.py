@@ -7,15 +7,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from pipelines.spec import CalibrationSpec, EvaluateSpec
 from tasks.refs import ArtifactRef
+from tasks.settings import Settings
 from tasks.sources import load_texts
 from tasks.windows import leading_windows, sample_windows, tokenize_stream
 
 _DOCS_PER_CHUNK = 64
+
+
+class CalibrationSpec(Settings):
+    dataset: str = Field(
+        "builtin:wiki-vital-en",
+        description="builtin:wiki-vital-en, a local .txt/.jsonl/.parquet file, or a hub dataset NAME[:CONFIG][@SPLIT].",
+        min_length=1,
+    )
+    samples: int = Field(32, ge=1, le=100_000, description="Number of calibration windows.")
+    seq_len: int = Field(512, ge=8, le=131_072, description="Tokens per calibration window.")
+    seed: int = Field(0, ge=0, description="Seed that draws the calibration windows.")
 
 
 def save_windows(windows: torch.Tensor, path: Path, kind: str) -> ArtifactRef:
@@ -53,12 +65,14 @@ class EvalData:
     ref: ArtifactRef
 
 
-def eval_data_stage(model_path: str, spec: EvaluateSpec, out_dir: Path, key: str) -> list[EvalData]:
+def eval_data_stage(model_path: str, datasets: tuple[str, ...], seq_len: int, max_tokens: int, out_dir: Path,
+                    key: str) -> list[EvalData]:
+    """`evaluate.datasets` as evaluation windows: their leading `max_tokens` tokens in `seq_len` windows."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     out = []
-    for index, dataset in enumerate(spec.datasets):
-        stream = leading_stream(load_texts(dataset, "evaluation"), tokenizer, spec.max_tokens)
-        windows = leading_windows(stream, spec.seq_len, spec.max_tokens)
+    for index, dataset in enumerate(datasets):
+        stream = leading_stream(load_texts(dataset, "evaluation"), tokenizer, max_tokens)
+        windows = leading_windows(stream, seq_len, max_tokens)
         path = out_dir / "evaluation" / f"eval-{key[:16]}-{index}.safetensors"
         out.append(EvalData(dataset, save_windows(windows, path, "evaluation-data")))
     return out

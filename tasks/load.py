@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+from pydantic import Field
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipelines.spec import PipelineSpec
 from tasks.search.driver import Target, check_reachable
+from tasks.search.settings import ScoreSpec, SearchSpec
 from tasks.sources import resolve_model
 from tasks.export import load_checkpoint
+from tasks.settings import Settings
 from tasks.surgery import adapter_for, total_params
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ModelSpec(Settings):
+    source: str = Field(
+        description=(
+            "Model to prune: a local Hugging Face directory, a hub id, a path to a .gguf file, "
+            "or builtin:smollm2-135m."
+        ),
+        min_length=1,
+    )
+    dtype: DType = Field("float32", description="Weights and compute dtype; auto: bfloat16 on a CUDA device that supports it, else float32.")
+    device: Device = Field("auto", description="auto picks cuda when available, else cpu.")
 
 
 @dataclass(frozen=True)
@@ -51,27 +69,28 @@ def skeleton(path: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def search_target(spec: PipelineSpec) -> Target:
-    target = spec.search.target
+def search_target(search: SearchSpec) -> Target:
+    target = search.target
     return Target(blocks=getattr(target, "blocks", None), params_ratio=getattr(target, "params_ratio", None))
 
 
-def load_stage(spec: PipelineSpec) -> ModelRef:
-    resolved = resolve_model(spec.model.source)
-    model = skeleton(str(resolved.path))
-    check_reachable(model, spec.score.granularity, search_target(spec), spec.search.protect,
-                    protect_first=spec.search.protect_first, protect_last=spec.search.protect_last)
+def load_stage(model: ModelSpec, score: ScoreSpec, search: SearchSpec) -> ModelRef:
+    """Resolves `model.source` and checks that the search can reach its target on this architecture."""
+    resolved = resolve_model(model.source)
+    skeleton_model = skeleton(str(resolved.path))
+    check_reachable(skeleton_model, score.granularity, search_target(search), search.protect,
+                    protect_first=search.protect_first, protect_last=search.protect_last)
     return ModelRef(
         path=str(resolved.path),
         fingerprint=resolved.fingerprint,
-        source=spec.model.source,
-        model_type=model.config.model_type,
-        num_layers=model.config.num_hidden_layers,
-        params=total_params(model),
+        source=model.source,
+        model_type=skeleton_model.config.model_type,
+        num_layers=skeleton_model.config.num_hidden_layers,
+        params=total_params(skeleton_model),
     )
 
 
-def open_model(path: str, spec: PipelineSpec) -> nn.Module:
+def open_model(path: str, model: ModelSpec) -> nn.Module:
     """Any model pruneflow reads (a source model or an export in any format) as pruneflow's in-memory model."""
-    device = resolve_device(spec.model.device)
-    return load_checkpoint(path, dtype=resolve_dtype(spec.model.dtype, device), device=device)
+    device = resolve_device(model.device)
+    return load_checkpoint(path, dtype=resolve_dtype(model.dtype, device), device=device)

@@ -6,25 +6,43 @@ import os
 import shutil
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import Field
 from transformers import GenerationConfig
 
-from pipelines.spec import PipelineSpec
-from tasks.export import ExportError, export_model, load_tokenizer, resolve_format
-from tasks.load import open_model
-from tasks.refs import ArtifactRef
-from tasks.surgery import remove_blocks
 from tasks.errors import UserError
+from tasks.export import ExportError, export_model, load_tokenizer, resolve_format
+from tasks.load import ModelSpec, open_model
+from tasks.refs import ArtifactRef
+from tasks.settings import Settings
+from tasks.surgery import remove_blocks
 
 
 class PruneError(UserError):
     pass
 
 
-def prune_stage(model_path: str, blocks: tuple[str, ...], spec: PipelineSpec, out_dir: Path) -> ArtifactRef:
+PruneFormat = Literal["auto", "hf", "pruneflow", "remote_code", "nemotron_nas"]
+
+
+class PruneSpec(Settings):
+    format: PruneFormat = Field(
+        "auto",
+        description=(
+            "auto: a standard checkpoint when only whole layers go, else a self-contained one; "
+            "hf: original architecture (whole layers only); remote_code: modeling code in the checkpoint; "
+            "nemotron_nas: DeciLM block_configs that vLLM serves."
+        ),
+    )
+
+
+def prune_stage(model_path: str, blocks: tuple[str, ...], model: ModelSpec, prune: PruneSpec,
+                out_dir: Path) -> ArtifactRef:
     """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json)."""
-    model = open_model(model_path, spec)
-    remove_blocks(model, list(blocks))
-    return write_checkpoint(model, model_path, out_dir / "checkpoint-pruned", spec.prune.format)
+    pruned = open_model(model_path, model)
+    remove_blocks(pruned, list(blocks))
+    return write_checkpoint(pruned, model_path, out_dir / "checkpoint-pruned", prune.format)
 
 
 def write_checkpoint(model, source_path: str, target: Path, requested_format: str) -> ArtifactRef:

@@ -22,7 +22,8 @@ import yaml
 from catalog import Catalog
 from flows import prune_pipeline
 from flows.cli import main as cli
-from flows.keys import STAGE_SECTIONS, identity_hash, stage_key
+from flows.keys import identity_hash, stage_key
+from tasks.search.stage import SearchSections
 from pipelines import IDENTITY_SECTIONS, load_spec
 from tasks.calibrate import save_windows
 from tasks.distributed.scorer import DistributedScorer
@@ -77,14 +78,17 @@ def test_execution_never_changes_identity_or_cache_keys(tmp_path):
     assert dask.model_dump(mode="json")["execution"]["workers"] == 2
     assert dask.section_json(*IDENTITY_SECTIONS) == plain.section_json(*IDENTITY_SECTIONS)
     assert identity_hash(dask) == identity_hash(plain)
-    for stage in STAGE_SECTIONS:
-        assert stage_key(stage, dask, {}) == stage_key(stage, plain, {}), stage
+    # The search task is given `execution` beside the sections it keys on; the key leaves it out.
+    given = {"sections": SearchSections(plain.model, plain.score, plain.search), "run_id": "r"}
+    assert stage_key("search", {**given, "execution": dask.execution}) == stage_key(
+        "search", {**given, "execution": plain.execution})
     side_by_side = plain.model_copy(update={"execution": load_spec(
         _pipeline(tmp_path / "p", {"parallel_candidates": 3})).execution})
     assert side_by_side.execution.parallel_candidates == 3
     assert identity_hash(side_by_side) == identity_hash(plain)
-    for stage in STAGE_SECTIONS:
-        assert stage_key(stage, side_by_side, {}) == stage_key(stage, plain, {}), stage
+    assert stage_key("search", {**given, "execution": side_by_side.execution}) == stage_key(
+        "search", {**given, "execution": plain.execution})
+    assert stage_key("search", {**given, "run_id": "other"}) != stage_key("search", given)  # the key can change
     explicit_local = load_spec(_pipeline(tmp_path / "l", {"runner": "local"}))
     assert explicit_local.model_dump(mode="json") == load_spec(_pipeline(tmp_path / "l")).model_dump(mode="json")
 

@@ -277,24 +277,26 @@ def test_legacy_interim_checkpoints_still_load(tmp_path):
         assert (load_checkpoint(tmp_path / "old")(ids).logits - model(ids).logits).abs().max() < 1e-5
 
 
-def _spec(source: Path, out: Path, fmt: str) -> PipelineSpec:
-    return PipelineSpec.model_validate({
+def _prune(source: Path, out: Path, fmt: str):
+    """prune_stage as the flow calls it, with the sections of a validated pipeline."""
+    spec = PipelineSpec.model_validate({
         "name": "export", "model": {"source": str(source)}, "search": {"target": {"blocks": 1}},
-        "output_dir": str(out), "prune": {"format": fmt},
+        "output_dir": str(out.parent / "out"), "prune": {"format": fmt},
     })
+    return prune_stage(str(source), tuple(MIXED), spec.model, spec.prune, out)
 
 
 def test_prune_stage_writes_the_chosen_format(tmp_path):
     source = tiny_checkpoint(tmp_path / "model")
-    ref = prune_stage(str(source), tuple(MIXED), _spec(source, tmp_path / "out", "auto"), tmp_path / "run")
+    ref = _prune(source, tmp_path / "run", "auto")
     assert ref.kind == "checkpoint" and len(ref.sha256) == 64 and ref.bytes > 0
     target = Path(ref.path)
     assert checkpoint_format(target) == "remote_code"
     assert (target / "tokenizer.json").is_file() and (target / "generation_config.json").is_file()
-    nemotron = prune_stage(str(source), tuple(MIXED), _spec(source, tmp_path / "out", "nemotron_nas"), tmp_path / "n")
+    nemotron = _prune(source, tmp_path / "n", "nemotron_nas")
     assert checkpoint_format(nemotron.path) == "nemotron_nas"
     with pytest.raises(PruneError, match="format 'hf'"):
-        prune_stage(str(source), tuple(MIXED), _spec(source, tmp_path / "out", "hf"), tmp_path / "h")
+        _prune(source, tmp_path / "h", "hf")
 
 
 def test_speed_evaluations_rows(exported):

@@ -55,21 +55,6 @@ def graph() -> dict[str, set[str]]:
     return edges
 
 
-# Stages that still take the whole pipeline spec (or settings classes defined in it) instead of their own
-# typed section: the method-plugin restructuring moves these settings down and empties this list. It is
-# kept exact, so that no new upward arrow is added and a removed one cannot linger here.
-KNOWN_UPWARD = {
-    "tasks.calibrate -> pipelines.spec",
-    "tasks.distributed.runner -> pipelines.spec",
-    "tasks.evaluate -> pipelines.spec",
-    "tasks.load -> pipelines.spec",
-    "tasks.prune -> pipelines.spec",
-    "tasks.recover.adapter_fit -> pipelines.spec",
-    "tasks.recover.stage -> pipelines.spec",
-    "tasks.search.stage -> pipelines.spec",
-}
-
-
 def upward_arrows(edges: dict[str, set[str]]) -> set[str]:
     upward = set()
     for source, targets in edges.items():
@@ -79,7 +64,7 @@ def upward_arrows(edges: dict[str, set[str]]) -> set[str]:
 
 
 def test_no_layer_imports_a_higher_one():
-    assert upward_arrows(graph()) == KNOWN_UPWARD
+    assert upward_arrows(graph()) == set()
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:

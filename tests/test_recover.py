@@ -130,7 +130,8 @@ def test_recovered_model_has_lower_loss_than_pruned(tmp_path, name):
         from tasks.recover.data import TrainingStreams
 
         windows = TrainingStreams(pruned_ref.path, {corpus_path: 1.0}, 32, 4096).batch(999, 8, seed=7)
-    out = recover_stage(pruned_ref.path, dense_dir, calibration, spec, tmp_path / "out", key="k" * 64, log=lambda m: None)
+    out = recover_stage(pruned_ref.path, dense_dir, calibration, spec.recover, spec.model, spec.score.batch_windows,
+                        spec.prune.format, tmp_path / "out", key="k" * 64, log=lambda m: None)
     pruned_ppl = perplexity(load_checkpoint(pruned_ref.path), windows)
     recovered_model = load_checkpoint(out.checkpoint.path)
     recovered_ppl = perplexity(recovered_model, windows)

@@ -24,11 +24,13 @@ from typing import Iterator
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.spec import ExecutionSpec, PipelineSpec
 from tasks.distributed.scorer import DistributedScorer
 from tasks.distributed.shards import Shard, ShardResult, shard_layout
 from tasks.distributed.worker import ShardJob, score_shard
+from tasks.execution import ExecutionSpec
+from tasks.load import ModelSpec
 from tasks.refs import ArtifactRef
+from tasks.search.settings import ScoreSpec
 
 # How long to wait for an existing scheduler to have at least one worker.
 WORKER_WAIT_SECONDS = 120
@@ -168,20 +170,20 @@ def dask_client(execution: ExecutionSpec) -> Iterator[object]:
 
 @contextmanager
 def distributed_scorer(
-    model_path: str, calibration: ArtifactRef, spec: PipelineSpec, n_windows: int, n_predictions: int
+    model_path: str, calibration: ArtifactRef, model: ModelSpec, score: ScoreSpec, exact: bool,
+    execution: ExecutionSpec, n_windows: int, n_predictions: int,
 ) -> Iterator[DistributedScorer]:
     """A DistributedScorer for one search: the cluster lives as long as the `with` block."""
-    execution = spec.execution
     with dask_client(execution) as client:
-        batches = math.ceil(n_windows / spec.score.batch_windows)
+        batches = math.ceil(n_windows / score.batch_windows)
         shards = shard_layout(batches, len(client.scheduler_info()["workers"]))
         template = ShardJob(
             # Absolute: workers need not share the flow's working directory, only its filesystem.
             model_path=str(Path(model_path).resolve()), calibration_path=str(Path(calibration.path).resolve()),
-            calibration_sha256=calibration.sha256, dtype=spec.model.dtype,
-            device=execution.device or spec.model.device, threads=execution.threads,
-            batch_windows=spec.score.batch_windows, memory_budget_bytes=spec.score.memory_budget_gb * 2**30,
+            calibration_sha256=calibration.sha256, dtype=model.dtype,
+            device=execution.device or model.device, threads=execution.threads,
+            batch_windows=score.batch_windows, memory_budget_bytes=score.memory_budget_gb * 2**30,
             shard=0, first_batch=0, stop_batch=0, removed=(), candidates=(),
         )
         backend = DaskShardBackend(client, template, shards)
-        yield DistributedScorer(backend, n_predictions, spec.search.exact_scores)
+        yield DistributedScorer(backend, n_predictions, exact)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipelines.spec import BiasRecovery, LowRankRecovery
 from tasks.export import load_checkpoint
 from tasks.recover.data import calibration_batches
 from tasks.recover.least_squares import Fit, fit_adapters, fit_adapters_in_pruned
 from tasks.recover.registry import RecoveryContext, RecoveryError, RecoveryRun
+from tasks.recover.settings import BiasRecovery, LowRankRecovery
 from tasks.recover.training import TrainSettings, train
 from tasks.surgery import removed_units
 from tasks.surgery.adapted import get_adapter, install_adapters

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipelines.spec import PipelineSpec
 from tasks.calibrate import load_windows
 from tasks.export import checkpoint_format
-from tasks.load import open_model
+from tasks.load import ModelSpec, open_model
 from tasks.prune import write_checkpoint
 from tasks.recover.registry import RecoveryContext, get_recovery
+from tasks.recover.settings import RecoverSpec
 from tasks.refs import ArtifactRef
 
 CHECKPOINT = "checkpoint-recovered"
@@ -30,21 +30,22 @@ class Recovered:
     resumed_from_step: int = 0
 
 
-def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, spec: PipelineSpec, out_dir: Path,
-                  key: str, log: Callable[[str], None] = print,
+def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, recover: RecoverSpec,
+                  model_spec: ModelSpec, batch_windows: int, prune_format: str, out_dir: Path, key: str,
+                  log: Callable[[str], None] = print,
                   on_step: Callable[[int, int, float], None] | None = None) -> Recovered:
     started = time.perf_counter()
-    method = get_recovery(spec.recover.method)
-    model = open_model(pruned_path, spec)
+    method = get_recovery(recover.method)
+    model = open_model(pruned_path, model_spec)
     ctx = RecoveryContext(
         dense_path=dense_path, calibration=load_windows(calibration), tokenizer_path=pruned_path,
-        state_dir=out_dir / "recover-state" / key[:16], batch_windows=spec.score.batch_windows, log=log,
+        state_dir=out_dir / "recover-state" / key[:16], batch_windows=batch_windows, log=log,
         on_step=on_step,
     )
-    run = method.run(model, spec.recover, ctx, key)
-    ref = write_checkpoint(run.model, pruned_path, out_dir / CHECKPOINT, spec.prune.format)
+    run = method.run(model, recover, ctx, key)
+    ref = write_checkpoint(run.model, pruned_path, out_dir / CHECKPOINT, prune_format)
     return Recovered(
-        method=spec.recover.method, checkpoint=ref, format=checkpoint_format(ref.path),
+        method=recover.method, checkpoint=ref, format=checkpoint_format(ref.path),
         seconds=time.perf_counter() - started, losses=tuple(run.losses), fit=dict(run.fit),
         trainable_params=run.trainable_params, resumed_from_step=run.resumed_from_step,
     )

@@ -9,13 +9,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipelines.spec import PipelineSpec
 from tasks.calibrate import load_windows
-from tasks.load import open_model, search_target
+from tasks.execution import ExecutionSpec
+from tasks.load import ModelSpec, open_model, resolve_device, search_target
 from tasks.refs import ArtifactRef
 from tasks.residual import predictions
 from tasks.score import CandidateScore, StepScorer
 from tasks.search import Recorder, SearchContext, StepRecord, run_search
+from tasks.search.settings import ScoreSpec, SearchSpec
 
 
 @dataclass(frozen=True)
@@ -37,66 +38,82 @@ class SearchResult:
         return 1.0 - self.params_remaining[-1] / self.dense_params
 
 
+@dataclass(frozen=True)
+class SearchSections:
+    """The spec sections that decide which blocks the search removes (with the calibration windows)."""
+
+    model: ModelSpec
+    score: ScoreSpec
+    search: SearchSpec
+
+
 def search_stage(
     model_path: str,
     calibration: ArtifactRef,
-    spec: PipelineSpec,
+    sections: SearchSections,
     recorder: Recorder,
+    execution: ExecutionSpec = ExecutionSpec(),
     on_step: Callable[[int, dict[str, CandidateScore], StepRecord], None] | None = None,
     on_score: Callable[[int, CandidateScore], None] | None = None,
 ) -> SearchResult:
-    with _scorer(model_path, calibration, spec) as (windows, scorer):
-        return _search(open_model(model_path, spec), windows, spec, recorder, on_step, on_score, scorer)
+    """`execution` says where scoring runs; every runner computes the same numbers."""
+    with _scorer(model_path, calibration, sections, execution) as (windows, scorer):
+        parallel = parallel_candidates(execution.parallel_candidates, resolve_device(sections.model.device))
+        return _search(open_model(model_path, sections.model), windows, sections, parallel, recorder, on_step,
+                       on_score, scorer)
 
 
 @contextmanager
-def _scorer(model_path: str, calibration: ArtifactRef, spec: PipelineSpec) -> Iterator[tuple[torch.Tensor, StepScorer | None]]:
+def _scorer(model_path: str, calibration: ArtifactRef, sections: SearchSections,
+            execution: ExecutionSpec) -> Iterator[tuple[torch.Tensor, StepScorer | None]]:
     """The calibration windows and, under `execution.runner: dask`, the scorer that shards each step
     (None: the metric's own, in this process). A Dask cluster started for the run lives this long."""
     windows = load_windows(calibration)
-    if spec.execution.runner == "local":
+    if execution.runner == "local":
         yield windows, None
         return
     from tasks.distributed.runner import distributed_scorer
 
-    with distributed_scorer(model_path, calibration, spec, windows.shape[0], predictions(windows)) as scorer:
+    with distributed_scorer(model_path, calibration, sections.model, sections.score, sections.search.exact_scores,
+                            execution, windows.shape[0], predictions(windows)) as scorer:
         yield windows, scorer
 
 
-def parallel_candidates(setting: int | str, device: torch.device) -> int:
+def parallel_candidates(setting: int | str, device: str) -> int:
     """`execution.parallel_candidates`: auto runs one candidate per usable CPU core, at most 4, and one at
     a time on a GPU, which one stream of work keeps busy. Measured on 2 cores: benchmarks/search_speed.py.
     More threads contend for the GIL between ops, hence the cap."""
     if setting != "auto":
         return int(setting)
-    if device.type != "cpu":
+    if device != "cpu":
         return 1
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def _search(model, windows, spec: PipelineSpec, recorder: Recorder, on_step, on_score,
+def _search(model, windows, sections: SearchSections, parallel: int, recorder: Recorder, on_step, on_score,
             scorer: StepScorer | None) -> SearchResult:
+    score, search = sections.score, sections.search
     ctx = SearchContext(
         model,
         windows,
-        metric=spec.score.metric,
-        granularity=spec.score.granularity,
-        target=search_target(spec),
-        batch_windows=spec.score.batch_windows,
-        exact=spec.search.exact_scores,
-        protect=spec.search.protect,
-        protect_first=spec.search.protect_first,
-        protect_last=spec.search.protect_last,
-        memory_budget_gb=spec.score.memory_budget_gb,
-        parallel_candidates=parallel_candidates(spec.execution.parallel_candidates, next(model.parameters()).device),
-        metric_settings=spec.score.metric_settings(),
-        strategy_settings=spec.search.strategy_settings(),
+        metric=score.metric,
+        granularity=score.granularity,
+        target=search_target(search),
+        batch_windows=score.batch_windows,
+        exact=search.exact_scores,
+        protect=search.protect,
+        protect_first=search.protect_first,
+        protect_last=search.protect_last,
+        memory_budget_gb=score.memory_budget_gb,
+        parallel_candidates=parallel,
+        metric_settings=score.metric_settings(),
+        strategy_settings=search.strategy_settings(),
         recorder=recorder,
         on_step=on_step,
         on_score=on_score,
         scorer=scorer,
     )
-    records = run_search(ctx, spec.search.strategy)
+    records = run_search(ctx, search.strategy)
     work = ctx.scorer.work
     return SearchResult(
         blocks=tuple(r.block for r in records),
