@@ -52,31 +52,15 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
 
 
 def _check_recovery(spec: PipelineSpec, model_path: str, tokenizer) -> None:
-    from tasks.prune import PruneError
-    from tasks.recover import RecoveryError
+    from tasks.recover import RecoveryCheck, get_recovery
 
-    method = spec.recover.method
-    if method in ("bias", "low_rank") and spec.prune.format in ("hf", "nemotron_nas"):
-        raise PruneError(
-            f"recover.method '{method}' puts adapters where blocks were removed, which prune.format "
-            f"'{spec.prune.format}' cannot carry; use prune.format auto, remote_code or pruneflow"
-        )
-    if method == "lora":
-        try:
-            import peft  # noqa: F401
-        except ImportError as err:
-            raise RecoveryError("recover.method 'lora' needs PEFT: pip install 'pruneflow[recover]'") from err
-    sources = {"lora": lambda r: [r.dataset], "continued_pretraining": lambda r: list(r.mixture())}.get(method)
-    if sources is None:
+    if spec.recover.method == "none":
         return
+
+    def enough_tokens(source: str, needed: int, setting: str) -> None:
+        _enough_tokens(load_texts(source, "calibration"), tokenizer, needed, f"recover training source {source}",
+                       f"use a longer dataset or a shorter {setting}")
+
     positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    if positions is not None and spec.recover.seq_len > positions:
-        raise RecoveryError(
-            f"recover.seq_len {spec.recover.seq_len} exceeds the model's {positions} positions "
-            "(max_position_embeddings); use a shorter recover.seq_len"
-        )
-    for source in sources(spec.recover):
-        _enough_tokens(
-            load_texts(source, "calibration"), tokenizer, spec.recover.seq_len + 1,
-            f"recover training source {source}", "use a longer dataset or a shorter recover.seq_len",
-        )
+    env = RecoveryCheck(prune_format=spec.prune.format, positions=positions, enough_tokens=enough_tokens)
+    get_recovery(spec.recover.method).check(spec.recover, env)

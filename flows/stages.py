@@ -17,11 +17,11 @@ from tasks.evaluation import EvaluateSpec, Evaluation
 from tasks.execution import ExecutionSpec
 from tasks.load import ModelRef, ModelSpec, load_stage
 from tasks.prune import PruneSpec, prune_stage
-from tasks.recover.settings import RecoverSpec
 from tasks.recover.stage import Recovered, recover_stage
 from tasks.refs import ArtifactRef
 from tasks.search.settings import ScoreSpec, SearchSpec
 from tasks.search.stage import SearchResult, SearchSections, search_stage
+from tasks.settings import Settings
 
 _COMMON = dict(persist_result=True, retries=0)
 
@@ -59,7 +59,7 @@ def prune_task(model_spec: ModelSpec, prune: PruneSpec, model: ModelRef, blocks:
 
 
 @task(name="recover", cache_key_fn=cache_key_fn("recover"), **_COMMON)
-def recover_task(recover: RecoverSpec, model_spec: ModelSpec, batch_windows: int, prune_format: str, model: ModelRef,
+def recover_task(recover: Settings, model_spec: ModelSpec, batch_windows: int, prune_format: str, model: ModelRef,
                  checkpoint: ArtifactRef, calibration: ArtifactRef, out_dir: Path, pipeline: str) -> Recovered:
     from prefect import get_run_logger
 

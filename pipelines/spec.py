@@ -18,12 +18,20 @@ from tasks.evaluation import EvaluateSpec
 from tasks.execution import ExecutionSpec
 from tasks.load import Device, DType, ModelSpec
 from tasks.prune import PruneFormat, PruneSpec
-from tasks.recover.settings import (BiasRecovery, ContinuedPretrainingRecovery, LoraRecovery, LowRankRecovery,
-                                    NoRecovery, RecoverSpec, WeightedSource)
+from tasks.recover.bias import BiasRecovery
+from tasks.recover.continued_pretraining import ContinuedPretrainingRecovery, WeightedSource
+from tasks.recover.lora import LoraRecovery
+from tasks.recover.low_rank import LowRankRecovery
+from tasks.recover.settings import NoRecovery, recover_section
 from tasks.search.settings import (AngularDistanceSettings, BeamSettings, BlocksTarget, Granularity,
                                    ParamsRatioTarget, ScoreSpec, SearchSpec, ShapleySettings, Target,
                                    check_combination)
+from tasks.plugins import load_plugins
 from tasks.settings import Settings
+
+# Plugins register their methods before the sections made from the registries are composed.
+load_plugins()
+RecoverSpec = recover_section()
 
 
 class PipelineSpec(Settings):

@@ -28,6 +28,7 @@ from tasks.export.registry import ExportFormat, register_format
 class PruneflowFormat(ExportFormat):
     name = "pruneflow"
     servable = False
+    carries_adapters = True
 
     def write(self, model: nn.Module, out_dir: Path) -> None:
         config = write_weights(model, out_dir)

@@ -25,6 +25,8 @@ class ExportFormat:
     # transformers loads them at all (else only pruneflow reads them).
     carries_code: ClassVar[bool] = False
     servable: ClassVar[bool] = True
+    # Whether it keeps recovery adapters that stand where blocks were removed.
+    carries_adapters: ClassVar[bool] = False
 
     def problem(self, model: nn.Module) -> str | None:
         """Why this format cannot express `model`, or None when it can."""

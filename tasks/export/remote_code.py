@@ -36,6 +36,7 @@ MODELING_FILE = "modeling_pruned.py"
 class RemoteCodeFormat(ExportFormat):
     name = "remote_code"
     carries_code = True
+    carries_adapters = True
 
     def problem(self, model: nn.Module) -> str | None:
         if model.config.model_type not in FAMILIES:

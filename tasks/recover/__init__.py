@@ -7,6 +7,8 @@ optionally mixing sources (Shortened LLaMA v2, Sheared LLaMA).
 
 from tasks.recover import bias, continued_pretraining, lora, low_rank  # noqa: F401  (register the methods)
 from tasks.recover.registry import (
+    RECOVERY_METHODS,
+    RecoveryCheck,
     RecoveryContext,
     RecoveryError,
     RecoveryMethod,
@@ -17,6 +19,8 @@ from tasks.recover.registry import (
 )
 
 __all__ = [
+    "RECOVERY_METHODS",
+    "RecoveryCheck",
     "RecoveryContext",
     "RecoveryError",
     "RecoveryMethod",

@@ -2,20 +2,56 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from tasks.export import load_checkpoint
+from tasks.export import get_format, load_checkpoint
+from tasks.prune import PruneError
 from tasks.recover.data import calibration_batches
 from tasks.recover.least_squares import Fit, fit_adapters, fit_adapters_in_pruned
-from tasks.recover.registry import RecoveryContext, RecoveryError, RecoveryRun
-from tasks.recover.settings import BiasRecovery, LowRankRecovery
+from tasks.recover.registry import RecoveryCheck, RecoveryContext, RecoveryError, RecoveryRun
 from tasks.recover.training import TrainSettings, train
+from tasks.settings import Settings
 from tasks.surgery import removed_units
 from tasks.surgery.adapted import get_adapter, install_adapters
 
 
-def recover_with_adapters(model: nn.Module, settings: BiasRecovery | LowRankRecovery, rank: int,
+class AdapterRecovery(Settings):
+    """Adapters fitted in closed form on the dense model's calibration activations, optionally refined."""
+
+    ridge: float = Field(
+        1e-4, ge=0.0, le=1.0,
+        description="Ridge term of the least-squares fit, relative to the mean input variance (0: plain least squares).",
+    )
+    fit: Literal["dense", "pruned"] = Field(
+        "dense",
+        description=(
+            "dense: each adapter maps the block's input to the output it added, in the dense model (Siddiqui et al.); "
+            "pruned: fitted in model order on the pruned model's own stream toward the dense stream after the block."
+        ),
+    )
+    refine_steps: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Optional gradient refinement: steps of Adam on the language-model loss of calibration windows.",
+    )
+    refine_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Learning rate of the refinement.")
+    batch_windows: int = Field(4, ge=1, le=4096, description="Calibration windows per refinement step.")
+    seed: int = Field(0, ge=0, description="Seed of the refinement's batch order.")
+
+
+def check_adapters_fit(method: str, env: RecoveryCheck) -> None:
+    """Adapters sit where blocks were removed: the checkpoint format must have a place for them."""
+    if env.prune_format != "auto" and not get_format(env.prune_format).carries_adapters:
+        raise PruneError(
+            f"recover.method '{method}' puts adapters where blocks were removed, which prune.format "
+            f"'{env.prune_format}' cannot carry; use prune.format auto, remote_code or pruneflow"
+        )
+
+
+def recover_with_adapters(model: nn.Module, settings: AdapterRecovery, rank: int,
                           ctx: RecoveryContext, fingerprint: str) -> RecoveryRun:
     units = sorted(removed_units(model))
     if not units:

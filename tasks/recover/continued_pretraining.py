@@ -7,15 +7,49 @@ its share of the training windows.
 from __future__ import annotations
 
 import math
+from typing import Literal
+
+from pydantic import Field
 
 from tasks.recover.data import TrainingStreams
 from tasks.recover.registry import RecoveryMethod, RecoveryRun, register_recovery
-from tasks.recover.training import TrainSettings, train
+from tasks.recover.training import TrainingRecovery, TrainSettings, check_training, train
+from tasks.settings import Settings
+
+
+class WeightedSource(Settings):
+    source: str = Field(min_length=1, description="Training text: builtin corpus, local file or hub dataset.")
+    weight: float = Field(1.0, gt=0.0, description="Mixing weight (relative to the other sources').")
+
+
+class ContinuedPretrainingRecovery(TrainingRecovery):
+    """Full-parameter training for a token budget (Shortened LLaMA v2, Sheared LLaMA), optionally mixing domains."""
+
+    method: Literal["continued_pretraining"]
+    tokens: int = Field(65_536, ge=8, le=10**13, description="Training token budget (steps = tokens / (batch x seq_len)).")
+    lr: float = Field(2e-5, gt=0.0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay).")
+    datasets: tuple[WeightedSource, ...] = Field(
+        (WeightedSource(source="builtin:wiki-vital-en"),),
+        min_length=1,
+        description="Training text sources and their mixing weights (each window is drawn from one source).",
+    )
+
+    def mixture(self) -> dict[str, float]:
+        """Source -> share of the training windows (weights of a repeated source add up)."""
+        total = sum(d.weight for d in self.datasets)
+        shares: dict[str, float] = {}
+        for d in self.datasets:
+            shares[d.source] = shares.get(d.source, 0.0) + d.weight / total
+        return shares
 
 
 @register_recovery
 class ContinuedPretrainingMethod(RecoveryMethod):
     name = "continued_pretraining"
+    settings = ContinuedPretrainingRecovery
+
+    def check(self, settings, env):
+        check_training(settings, list(settings.mixture()), env)
 
     def run(self, model, settings, ctx, fingerprint):
         steps = math.ceil(settings.tokens / (settings.batch_size * settings.seq_len))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from tasks.recover.data import TrainingStreams
 from tasks.recover.registry import RecoveryError, RecoveryMethod, RecoveryRun, register_recovery
-from tasks.recover.training import TrainSettings, train
+from tasks.recover.training import TrainingRecovery, TrainSettings, check_training, train
 
 
 def _peft():
@@ -19,9 +22,34 @@ def _peft():
     return peft
 
 
+class LoraRecovery(TrainingRecovery):
+    """LoRA fine-tuning of the pruned model with PEFT, merged into the weights (Shortened LLaMA, scaled down)."""
+
+    method: Literal["lora"]
+    dataset: str = Field(
+        "builtin:wiki-vital-en",
+        min_length=1,
+        description="Training text (builtin corpora train on their calibration part, never the evaluation split).",
+    )
+    steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
+    rank: int = Field(8, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = Field(
+        ("all-linear",),
+        min_length=1,
+        description="Module names LoRA adapts (PEFT's target_modules); all-linear: every linear layer but the head.",
+    )
+
+
 @register_recovery
 class LoraMethod(RecoveryMethod):
     name = "lora"
+    settings = LoraRecovery
+
+    def check(self, settings, env):
+        _peft()
+        check_training(settings, [settings.dataset], env)
 
     def run(self, model, settings, ctx, fingerprint):
         peft = _peft()

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 
 from tasks.errors import UserError
 from tasks.registry import Registry
+from tasks.settings import Settings
 
 
 class RecoveryError(UserError):
@@ -40,10 +40,27 @@ class RecoveryRun:
     resumed_from_step: int = 0
 
 
-class RecoveryMethod:
-    name: ClassVar[str]
+@dataclass(frozen=True)
+class RecoveryCheck:
+    """What a method's preflight check may look at, before any model is loaded or file written."""
 
-    def run(self, model: nn.Module, settings: BaseModel, ctx: RecoveryContext, fingerprint: str) -> RecoveryRun:
+    prune_format: str  # `prune.format`, "auto" included
+    positions: int | None  # the model's max_position_embeddings, where it has one
+    # Raises a SourceError unless `source` gives `tokens` tokens of training text; `setting` is what to shorten.
+    enough_tokens: Callable[[str, int, str], None]
+
+
+class RecoveryMethod:
+    """One recovery method: its name (`recover.method`), its settings section and what it checks and does."""
+
+    name: ClassVar[str]
+    # The `recover` section of this method: a Settings class whose `method` field is Literal[name].
+    settings: ClassVar[type[Settings]]
+
+    def check(self, settings: Settings, env: RecoveryCheck) -> None:
+        """Refuse settings this model, prune format or data cannot serve (RecoveryError); default: none."""
+
+    def run(self, model: nn.Module, settings: Settings, ctx: RecoveryContext, fingerprint: str) -> RecoveryRun:
         """Heal `model` in place or return a new one; `fingerprint` tags resumable training state."""
         raise NotImplementedError
 

@@ -12,7 +12,7 @@ from tasks.export import checkpoint_format
 from tasks.load import ModelSpec, open_model
 from tasks.prune import write_checkpoint
 from tasks.recover.registry import RecoveryContext, get_recovery
-from tasks.recover.settings import RecoverSpec
+from tasks.settings import Settings
 from tasks.refs import ArtifactRef
 
 CHECKPOINT = "checkpoint-recovered"
@@ -30,7 +30,7 @@ class Recovered:
     resumed_from_step: int = 0
 
 
-def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, recover: RecoverSpec,
+def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, recover: Settings,
                   model_spec: ModelSpec, batch_windows: int, prune_format: str, out_dir: Path, key: str,
                   log: Callable[[str], None] = print,
                   on_step: Callable[[int, int, float], None] | None = None) -> Recovered:

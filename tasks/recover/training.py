@@ -16,10 +16,38 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from tasks.recover.registry import RecoveryCheck, RecoveryError
+from tasks.settings import Settings
+
 STATE_FILE = "trainer.pt"
+
+
+class TrainingRecovery(Settings):
+    """What every training method shares: schedule, windows, seed and resumable checkpoints."""
+
+    lr: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay).")
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Steps of linear learning-rate warm-up.")
+    seq_len: int = Field(256, ge=8, le=131_072, description="Tokens per training window.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Windows per optimizer step.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation and of the windows each step draws.")
+    checkpoint_every: int = Field(
+        50, ge=1, le=1_000_000, description="Steps between resumable training checkpoints in the output folder."
+    )
+
+
+def check_training(settings: TrainingRecovery, sources: list[str], env: RecoveryCheck) -> None:
+    """Training windows fit the model's positions, and every source has at least one window of text."""
+    if env.positions is not None and settings.seq_len > env.positions:
+        raise RecoveryError(
+            f"recover.seq_len {settings.seq_len} exceeds the model's {env.positions} positions "
+            "(max_position_embeddings); use a shorter recover.seq_len"
+        )
+    for source in sources:
+        env.enough_tokens(source, settings.seq_len + 1, "recover.seq_len")
 
 
 @dataclass(frozen=True)
