@@ -19,7 +19,7 @@ from flows.outputs import check_owner, claim, run_dir, write_json
 from flows.preflight import preflight
 from flows.plots import perplexity_curve, score_heatmap
 from flows.progress import Fanout, SearchProgress
-from flows.ui import SearchArtifacts, expected_candidates, publish_summary
+from flows.ui import SearchArtifacts, publish_summary
 from flows.recorder import CatalogRecorder
 from flows.report import markdown_report
 from flows.stages import (
@@ -36,6 +36,7 @@ from tasks.evaluation import Evaluation
 from tasks.recover.stage import Recovered
 from tasks.refs import ArtifactRef
 from tasks.score import CandidateScore
+from tasks.search.registry import expected_candidates
 from tasks.search.stage import SearchSections
 from tasks.surgery import candidate_blocks, units_of
 
@@ -185,8 +186,8 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     protected = units_of(spec.search.protect)
     first = [c for c in candidate_blocks(list(range(model.num_layers)), spec.score.granularity, set())
              if not units_of([c]) & protected]
-    width = spec.search.strategy_settings().get("width", 1)
-    ui = SearchArtifacts(spec.name, run_id, expected_candidates(spec.search.strategy, len(first), total_steps, width))
+    ui = SearchArtifacts(spec.name, run_id, expected_candidates(spec.search.strategy, len(first), total_steps,
+                                                                spec.search.strategy_section()))
     progress = Fanout(SearchProgress(total_steps, logger), ui)
     sections = SearchSections(model=spec.model, score=spec.score, search=spec.search)
     result = _with(search_task, out_dir, fresh)(

@@ -19,7 +19,7 @@ from tasks.load import ModelRef, ModelSpec, load_stage
 from tasks.prune import PruneSpec, prune_stage
 from tasks.recover.stage import Recovered, recover_stage
 from tasks.refs import ArtifactRef
-from tasks.search.settings import ScoreSpec, SearchSpec
+from tasks.search.settings import ScoreSection, SearchSection
 from tasks.search.stage import SearchResult, SearchSections, search_stage
 from tasks.settings import Settings
 
@@ -27,7 +27,7 @@ _COMMON = dict(persist_result=True, retries=0)
 
 
 @task(name="load", cache_key_fn=cache_key_fn("load"), **_COMMON)
-def load_task(model_spec: ModelSpec, score: ScoreSpec, search: SearchSpec, source_stamp: str) -> ModelRef:
+def load_task(model_spec: ModelSpec, score: ScoreSection, search: SearchSection, source_stamp: str) -> ModelRef:
     return load_stage(model_spec, score, search)
 
 

@@ -23,23 +23,6 @@ def artifact_key(*parts: str) -> str:
     return key[:100] or "pruneflow"
 
 
-def expected_candidates(strategy: str, first_step_candidates: int, steps: int | None, beam_width: int = 1) -> int | None:
-    """Candidates the search will score, for the progress bar (None when the target is a parameter ratio).
-
-    iterative scores every remaining candidate each step; one_shot and consecutive score once (consecutive:
-    every window of `steps` layers); beam scores each kept partial set's extensions (duplicate sets are
-    scored once, so this is an upper bound)."""
-    if steps is None:
-        return None
-    n = first_step_candidates
-    if strategy == "one_shot":
-        return n
-    if strategy == "consecutive":
-        return max(n - steps + 1, 0)
-    width = beam_width if strategy == "beam" else 1
-    return n + sum(width * max(n - t, 0) for t in range(1, steps))
-
-
 class TrainingProgress:
     """Recovery training as a Prefect progress artifact (updated about every 1% of the steps)."""
 

@@ -23,14 +23,19 @@ from tasks.recover.continued_pretraining import ContinuedPretrainingRecovery, We
 from tasks.recover.lora import LoraRecovery
 from tasks.recover.low_rank import LowRankRecovery
 from tasks.recover.settings import NoRecovery, recover_section
-from tasks.search.settings import (AngularDistanceSettings, BeamSettings, BlocksTarget, Granularity,
-                                   ParamsRatioTarget, ScoreSpec, SearchSpec, ShapleySettings, Target,
-                                   check_combination)
+from tasks.score.angular_distance import AngularDistanceSettings
+from tasks.score.shapley import ShapleySettings
+from tasks.search.beam import BeamSettings
+from tasks.search.settings import (BlocksTarget, Granularity, ParamsRatioTarget, Target, check_combination,
+                                   score_section, search_section)
 from tasks.plugins import load_plugins
 from tasks.settings import Settings
 
-# Plugins register their methods before the sections made from the registries are composed.
+# Plugins register their methods before the sections made from the registries are composed: each
+# registered method's settings class becomes its section (`score.<metric>`, `search.<strategy>`, `recover`).
 load_plugins()
+ScoreSpec = score_section(__name__)
+SearchSpec = search_section(__name__)
 RecoverSpec = recover_section()
 
 

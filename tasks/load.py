@@ -11,7 +11,7 @@ from pydantic import Field
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tasks.search.driver import Target, check_reachable
-from tasks.search.settings import ScoreSpec, SearchSpec
+from tasks.search.settings import ScoreSection, SearchSection
 from tasks.sources import resolve_model
 from tasks.export import load_checkpoint
 from tasks.settings import Settings
@@ -69,12 +69,12 @@ def skeleton(path: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def search_target(search: SearchSpec) -> Target:
+def search_target(search: SearchSection) -> Target:
     target = search.target
     return Target(blocks=getattr(target, "blocks", None), params_ratio=getattr(target, "params_ratio", None))
 
 
-def load_stage(model: ModelSpec, score: ScoreSpec, search: SearchSpec) -> ModelRef:
+def load_stage(model: ModelSpec, score: ScoreSection, search: SearchSection) -> ModelRef:
     """Resolves `model.source` and checks that the search can reach its target on this architecture."""
     resolved = resolve_model(model.source)
     skeleton_model = skeleton(str(resolved.path))

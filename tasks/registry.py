@@ -29,20 +29,21 @@ class Registry(Mapping[str, T]):
         self.kind = kind  # "metric", "recovery method", ... as the user's messages name it
         self.unknown = unknown  # the error an unknown name raises (the stage's own user error)
         self._items: dict[str, T] = {}
+        self._origins: dict[str, str] = {}
 
-    def add(self, name: str, item: T) -> T:
-        existing = self._items.get(name)
-        if existing is not None and _origin(existing) != _origin(item):
-            raise DuplicateRegistration(
-                f"{self.kind} '{name}' is registered twice: {_origin(existing)} and {_origin(item)}"
-            )
+    def add(self, name: str, item: T, origin: object = None) -> T:
+        """Registers `item`; `origin` is the definition it comes from when that is not the item itself
+        (a strategy's needs come from its function)."""
+        source = _origin(item if origin is None else origin)
+        if name in self._origins and self._origins[name] != source:
+            raise DuplicateRegistration(f"{self.kind} '{name}' is registered twice: {self._origins[name]} and {source}")
         # The same definition again (a module imported under two names, a reload) replaces itself.
-        self._items[name] = item
+        self._items[name], self._origins[name] = item, source
         return item
 
     def remove(self, name: str) -> None:
         """Unregisters `name` (tests that register a toy plugin clean up with it)."""
-        del self._items[name]
+        del self._items[name], self._origins[name]
 
     def lookup(self, name: str, hint: str = "") -> T:
         """The plugin called `name`, or the registry's user error with the closest names and `hint`."""

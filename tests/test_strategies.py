@@ -400,10 +400,11 @@ def test_the_memory_budget_reaches_the_scorer(model):
 
 
 def test_progress_total_follows_the_strategy():
-    from flows.ui import expected_candidates
+    from tasks.search.beam import BeamSettings
+    from tasks.search.registry import expected_candidates
 
     assert expected_candidates("iterative", 8, 3) == 8 + 7 + 6
     assert expected_candidates("one_shot", 8, 3) == 8
     assert expected_candidates("consecutive", 30, 6) == 25  # windows of 6 among 30 layers
-    assert expected_candidates("beam", 8, 3, beam_width=4) == 8 + 4 * 7 + 4 * 6
+    assert expected_candidates("beam", 8, 3, BeamSettings(width=4)) == 8 + 4 * 7 + 4 * 6
     assert expected_candidates("iterative", 8, None) is None

@@ -30,7 +30,7 @@ from tasks.distributed.worker import ShardJob, score_shard
 from tasks.execution import ExecutionSpec
 from tasks.load import ModelSpec
 from tasks.refs import ArtifactRef
-from tasks.search.settings import ScoreSpec
+from tasks.search.settings import ScoreSection
 
 # How long to wait for an existing scheduler to have at least one worker.
 WORKER_WAIT_SECONDS = 120
@@ -170,7 +170,7 @@ def dask_client(execution: ExecutionSpec) -> Iterator[object]:
 
 @contextmanager
 def distributed_scorer(
-    model_path: str, calibration: ArtifactRef, model: ModelSpec, score: ScoreSpec, exact: bool,
+    model_path: str, calibration: ArtifactRef, model: ModelSpec, score: ScoreSection, exact: bool,
     execution: ExecutionSpec, n_windows: int, n_predictions: int,
 ) -> Iterator[DistributedScorer]:
     """A DistributedScorer for one search: the cluster lives as long as the `with` block."""

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import Field
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from tasks.residual import ResidualRunner
 from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
+from tasks.settings import Settings
 from tasks.score.states import boundary_states, window_span
 
 Tokens = Literal["last", "all"]
@@ -73,10 +75,17 @@ class AngularDistanceScorer:
         return results
 
 
+class AngularDistanceSettings(Settings):
+    tokens: Literal["last", "all"] = Field(
+        "last", description="last: the last token of each window (Gromov et al.); all: every token."
+    )
+
+
 @register_metric
 @dataclass(frozen=True)
 class AngularDistance(Metric):
     name = "angular_distance"
+    settings = AngularDistanceSettings
     remove = "lowest"
     granularities = frozenset({"layer"})
     measures = "window"

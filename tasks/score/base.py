@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tasks.registry import Registry
+from tasks.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class Metric:
     granularities: ClassVar[frozenset[str]] = frozenset({"layer", "attn", "mlp", "sublayer"})
     needs_grad: ClassVar[bool] = False
     measures: ClassVar[Measure] = "removal"
+    # The metric's own section of the spec (`score.<name>`), for metrics that take settings.
+    settings: ClassVar[type[Settings] | None] = None
 
     def configure(self, **settings: Any) -> "Metric":
         """This metric with its `score.<name>` settings applied; metrics without settings take none."""

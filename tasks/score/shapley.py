@@ -21,12 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
+from pydantic import Field, model_validator
 import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
 from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
+from tasks.settings import Settings
 from tasks.surgery import units_of
 
 Estimator = Literal["leave_one_out", "sampled"]
@@ -113,10 +115,31 @@ class ShapleyScorer:
             )
 
 
+class ShapleySettings(Settings):
+    estimator: Literal["leave_one_out", "sampled"] = Field(
+        "sampled",
+        description=(
+            "leave_one_out: loss rise without each block; sampled: random half-subnetworks and their complements."
+        ),
+    )
+    samples: int = Field(
+        16, ge=1, le=100_000, description="sampled: subnetworks drawn (each also evaluated with its complement)."
+    )
+    seed: int = Field(0, ge=0, description="sampled: seed that draws the subnetworks.")
+
+    @model_validator(mode="after")
+    def _sampling_keys_need_sampling(self) -> "ShapleySettings":
+        given = sorted(self.model_fields_set & {"samples", "seed"})
+        if self.estimator == "leave_one_out" and given:
+            raise ValueError(f"{', '.join(given)} apply only to estimator 'sampled', not 'leave_one_out'")
+        return self
+
+
 @register_metric
 @dataclass(frozen=True)
 class Shapley(Metric):
     name = "shapley"
+    settings = ShapleySettings
     remove = "lowest"
     measures = "block"
     estimator: Estimator = "sampled"

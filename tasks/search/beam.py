@@ -11,19 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import Field
+
 from tasks.score import CandidateScore
 from tasks.search.driver import SearchContext, SearchError, StepRecord, set_key
 from tasks.search.registry import StrategyNeeds, register_strategy
+from tasks.settings import Settings
 from tasks.surgery import parse_block
 
 
-@dataclass(frozen=True)
-class BeamSettings:
-    width: int = 4
-
-    def __post_init__(self) -> None:
-        if self.width < 1:
-            raise ValueError(f"beam width must be at least 1, got {self.width}")
+class BeamSettings(Settings):
+    width: int = Field(4, ge=1, le=1024, description="Partial removal sets kept at every depth (1 = iterative).")
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,13 @@ class Path:
         return set_key(self.blocks)
 
 
-@register_strategy("beam", StrategyNeeds(measures=frozenset({"removal"})))
+def expected_candidates(first: int, steps: int, settings: BeamSettings) -> int:
+    # Each kept partial set's extensions; duplicates are scored once, so this is an upper bound.
+    return first + sum(settings.width * max(first - t, 0) for t in range(1, steps))
+
+
+@register_strategy("beam", StrategyNeeds(measures=frozenset({"removal"})), settings=BeamSettings,
+                   expected=expected_candidates)
 def beam(ctx: SearchContext) -> list[StepRecord]:
     width = BeamSettings(**ctx.strategy_settings).width
     frontier = [Path((), ())]

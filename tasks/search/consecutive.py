@@ -31,7 +31,8 @@ def windows_of(ctx: SearchContext) -> list[tuple[str, ...]]:
 
 
 @register_strategy("consecutive", StrategyNeeds(measures=frozenset({"removal", "window"}),
-                                                granularities=frozenset({"layer"})))
+                                                granularities=frozenset({"layer"})),
+                   expected=lambda first, steps, settings: max(first - steps + 1, 0))  # every window, once
 def consecutive(ctx: SearchContext) -> list[StepRecord]:
     windows = windows_of(ctx)
     if not windows:

@@ -7,7 +7,7 @@ from tasks.search.driver import SearchContext, StepRecord
 from tasks.search.registry import register_strategy
 
 
-@register_strategy("one_shot")
+@register_strategy("one_shot", expected=lambda first, steps, settings: first)  # scores once
 def one_shot(ctx: SearchContext) -> list[StepRecord]:
     candidates = ctx.candidates([])
     scores = ctx.score_step(0, [], candidates)

@@ -7,9 +7,10 @@ with a metric it cannot use is refused when it is validated, before any model is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from tasks.registry import Registry
+from tasks.settings import Settings
 
 ALL_GRANULARITIES = frozenset({"layer", "attn", "mlp", "sublayer"})
 
@@ -26,12 +27,36 @@ class StrategyNeeds:
 
 STRATEGIES: Registry[Callable] = Registry("strategy")
 NEEDS: Registry[StrategyNeeds] = Registry("strategy")
+# The strategies that take settings: their section of the spec (`search.<name>`).
+STRATEGY_SETTINGS: Registry[type[Settings]] = Registry("strategy")
+# (candidates at the first step, steps, settings or None) -> candidates the search scores in all.
+Expected = Callable[[int, int, Any], int]
+EXPECTED: Registry[Expected] = Registry("strategy")
 
 
-def register_strategy(name: str, needs: StrategyNeeds = StrategyNeeds()) -> Callable[[Callable], Callable]:
+def every_step(first: int, steps: int, settings: Any) -> int:
+    """Every remaining candidate, every step (the iterative search's count, and the default)."""
+    return first + sum(max(first - t, 0) for t in range(1, steps))
+
+
+def register_strategy(name: str, needs: StrategyNeeds = StrategyNeeds(), settings: type[Settings] | None = None,
+                      expected: Expected = every_step) -> Callable[[Callable], Callable]:
+    """One registration: the search function, what it needs of the metric, its settings section and how
+    many candidates it scores (for progress bars)."""
+
     def register(fn: Callable) -> Callable:
         STRATEGIES.add(name, fn)
-        NEEDS.add(name, needs)
+        NEEDS.add(name, needs, origin=fn)
+        EXPECTED.add(name, expected, origin=fn)
+        if settings is not None:
+            STRATEGY_SETTINGS.add(name, settings)
         return fn
 
     return register
+
+
+def expected_candidates(strategy: str, first: int, steps: int | None, settings: Any = None) -> int | None:
+    """Candidates the search will score, for the progress bar (None when the target is a parameter ratio)."""
+    if steps is None:
+        return None
+    return EXPECTED[strategy](first, steps, settings)

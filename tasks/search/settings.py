@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (
     Discriminator,
     Field,
+    create_model,
     SerializerFunctionWrapHandler,
     Tag,
     field_validator,
@@ -31,37 +32,18 @@ def check_registered(kind: str, value: str) -> str:
     return value
 
 
-class AngularDistanceSettings(Settings):
-    tokens: Literal["last", "all"] = Field(
-        "last", description="last: the last token of each window (Gromov et al.); all: every token."
-    )
+def metric_settings_classes() -> dict[str, type[Settings]]:
+    """The metrics that take settings, and their section classes (`score.<metric>`)."""
+    from tasks.score import METRICS
+
+    return {name: metric.settings for name, metric in METRICS.items() if metric.settings is not None}
 
 
-class ShapleySettings(Settings):
-    estimator: Literal["leave_one_out", "sampled"] = Field(
-        "sampled",
-        description=(
-            "leave_one_out: loss rise without each block; sampled: random half-subnetworks and their complements."
-        ),
-    )
-    samples: int = Field(
-        16, ge=1, le=100_000, description="sampled: subnetworks drawn (each also evaluated with its complement)."
-    )
-    seed: int = Field(0, ge=0, description="sampled: seed that draws the subnetworks.")
+def strategy_settings_classes() -> dict[str, type[Settings]]:
+    """The strategies that take settings, and their section classes (`search.<strategy>`)."""
+    from tasks.search.registry import STRATEGY_SETTINGS
 
-    @model_validator(mode="after")
-    def _sampling_keys_need_sampling(self) -> "ShapleySettings":
-        given = sorted(self.model_fields_set & {"samples", "seed"})
-        if self.estimator == "leave_one_out" and given:
-            raise ValueError(f"{', '.join(given)} apply only to estimator 'sampled', not 'leave_one_out'")
-        return self
-
-
-# Settings sections of metrics that take some, named after the metric (`score.<metric>`).
-_METRIC_SETTINGS: dict[str, type[Settings]] = {
-    "angular_distance": AngularDistanceSettings,
-    "shapley": ShapleySettings,
-}
+    return dict(STRATEGY_SETTINGS.items())
 
 
 def _drop_unused_settings(data: dict[str, Any], table: dict[str, type[Settings]], active: str,
@@ -78,7 +60,9 @@ def _drop_unused_settings(data: dict[str, Any], table: dict[str, type[Settings]]
     return data
 
 
-class ScoreSpec(Settings):
+class ScoreSection(Settings):
+    """The `score` section without the metrics' own sections, which `score_section` adds from the registry."""
+
     granularity: Granularity = Field(
         "sublayer",
         description="Candidate blocks: whole layers, attention only, MLP only, or both sub-blocks (BlockPruner).",
@@ -91,10 +75,6 @@ class ScoreSpec(Settings):
         8.0, gt=0, le=4096,
         description="Most memory for the hidden states a search step keeps; beyond it states are recomputed.",
     )
-    angular_distance: AngularDistanceSettings | None = Field(
-        None, description="Settings of metric angular_distance (only with that metric)."
-    )
-    shapley: ShapleySettings | None = Field(None, description="Settings of metric shapley (only with that metric).")
 
     @field_validator("metric")
     @classmethod
@@ -102,13 +82,13 @@ class ScoreSpec(Settings):
         return check_registered("metric", value)
 
     @model_validator(mode="after")
-    def _settings_and_granularity_fit_metric(self) -> "ScoreSpec":
+    def _settings_and_granularity_fit_metric(self) -> "ScoreSection":
         from tasks.search.fit import metric_problems
 
         problems = [
             f"score.{name} applies only with score.metric: {name} (the metric is '{self.metric}')"
-            for name in _METRIC_SETTINGS
-            if getattr(self, name) is not None and name != self.metric
+            for name in metric_settings_classes()
+            if getattr(self, name, None) is not None and name != self.metric
         ]
         problems += metric_problems(self.metric, self.granularity)
         if problems:
@@ -117,14 +97,14 @@ class ScoreSpec(Settings):
 
     def metric_settings(self) -> dict[str, Any]:
         """Keyword settings of the chosen metric (its section, defaults filled in), for SearchContext."""
-        settings_cls = _METRIC_SETTINGS.get(self.metric)
+        settings_cls = metric_settings_classes().get(self.metric)
         if settings_cls is None:
             return {}
-        return (getattr(self, self.metric) or settings_cls()).model_dump()
+        return (getattr(self, self.metric, None) or settings_cls()).model_dump()
 
     @model_serializer(mode="wrap")
     def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _drop_unused_settings(handler(self), _METRIC_SETTINGS, self.metric, self.metric_settings())
+        return _drop_unused_settings(handler(self), metric_settings_classes(), self.metric, self.metric_settings())
 
 
 class BlocksTarget(Settings):
@@ -163,15 +143,9 @@ Target = Annotated[
 ]
 
 
-class BeamSettings(Settings):
-    width: int = Field(4, ge=1, le=1024, description="Partial removal sets kept at every depth (1 = iterative).")
+class SearchSection(Settings):
+    """The `search` section without the strategies' own sections, which `search_section` adds."""
 
-
-# Settings sections of strategies that take some, named after the strategy (`search.<strategy>`).
-_STRATEGY_SETTINGS: dict[str, type[Settings]] = {"beam": BeamSettings}
-
-
-class SearchSpec(Settings):
     strategy: str = Field("iterative", description="Search strategy (registry name).")
     target: Target = Field(description="When to stop removing blocks.")
     exact_scores: bool = Field(
@@ -185,7 +159,6 @@ class SearchSpec(Settings):
         0, ge=0, le=10_000, description="Never remove the first N layers, attention and MLP (Shortened LLaMA's '+')."
     )
     protect_last: int = Field(0, ge=0, le=10_000, description="Never remove the last N layers, attention and MLP.")
-    beam: BeamSettings | None = Field(None, description="Settings of strategy beam (only with that strategy).")
 
     @field_validator("strategy")
     @classmethod
@@ -201,26 +174,30 @@ class SearchSpec(Settings):
         return data
 
     @model_validator(mode="after")
-    def _settings_fit_strategy(self) -> "SearchSpec":
+    def _settings_fit_strategy(self) -> "SearchSection":
         problems = [
             f"search.{name} applies only with search.strategy: {name} (the strategy is '{self.strategy}')"
-            for name in _STRATEGY_SETTINGS
-            if getattr(self, name) is not None and name != self.strategy
+            for name in strategy_settings_classes()
+            if getattr(self, name, None) is not None and name != self.strategy
         ]
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
+    def strategy_section(self) -> Settings | None:
+        """The chosen strategy's settings (its section, defaults filled in), or None if it takes none."""
+        settings_cls = strategy_settings_classes().get(self.strategy)
+        return None if settings_cls is None else (getattr(self, self.strategy, None) or settings_cls())
+
     def strategy_settings(self) -> dict[str, Any]:
-        """Keyword settings of the chosen strategy (its section, defaults filled in), for SearchContext."""
-        settings_cls = _STRATEGY_SETTINGS.get(self.strategy)
-        if settings_cls is None:
-            return {}
-        return (getattr(self, self.strategy) or settings_cls()).model_dump()
+        """Keyword settings of the chosen strategy, for SearchContext."""
+        section = self.strategy_section()
+        return {} if section is None else section.model_dump()
 
     @model_serializer(mode="wrap")
     def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = _drop_unused_settings(handler(self), _STRATEGY_SETTINGS, self.strategy, self.strategy_settings())
+        data = _drop_unused_settings(handler(self), strategy_settings_classes(), self.strategy,
+                                     self.strategy_settings())
         # Zero protections are the default; leaving them out keeps older pipelines' identity.
         for key in ("protect_first", "protect_last"):
             if data.get(key) == 0:
@@ -228,7 +205,27 @@ class SearchSpec(Settings):
         return data
 
 
-def check_combination(score: ScoreSpec, search: SearchSpec) -> None:
+def _with_method_sections(base: type[Settings], name: str, kind: str, classes: dict[str, type[Settings]],
+                          module: str) -> type[Settings]:
+    fields: dict[str, Any] = {
+        method: (settings | None, Field(None, description=f"Settings of {kind} {method} (only with that {kind})."))
+        for method, settings in classes.items()
+    }
+    return create_model(name, __base__=base, __module__=module, **fields)
+
+
+def score_section(module: str) -> type[ScoreSection]:
+    """The `score` section with a field for each registered metric that takes settings (`score.<metric>`);
+    the class is named ScoreSpec and lives in `module`, the spec that composes it."""
+    return _with_method_sections(ScoreSection, "ScoreSpec", "metric", metric_settings_classes(), module)
+
+
+def search_section(module: str) -> type[SearchSection]:
+    """The `search` section with a field for each registered strategy that takes settings."""
+    return _with_method_sections(SearchSection, "SearchSpec", "strategy", strategy_settings_classes(), module)
+
+
+def check_combination(score: ScoreSection, search: SearchSection) -> None:
     """Refuse a strategy that cannot use the metric, granularity or exact_scores setting given."""
     from tasks.search.fit import combination_problems
 

@@ -16,7 +16,7 @@ from tasks.refs import ArtifactRef
 from tasks.residual import predictions
 from tasks.score import CandidateScore, StepScorer
 from tasks.search import Recorder, SearchContext, StepRecord, run_search
-from tasks.search.settings import ScoreSpec, SearchSpec
+from tasks.search.settings import ScoreSection, SearchSection
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class SearchSections:
     """The spec sections that decide which blocks the search removes (with the calibration windows)."""
 
     model: ModelSpec
-    score: ScoreSpec
-    search: SearchSpec
+    score: ScoreSection
+    search: SearchSection
 
 
 def search_stage(
