@@ -36,9 +36,9 @@ from tasks.evaluation import Evaluation
 from tasks.recover.stage import Recovered
 from tasks.refs import ArtifactRef
 from tasks.score import CandidateScore
+from tasks.search.driver import SearchRules
 from tasks.search.registry import expected_candidates
 from tasks.search.stage import SearchSections
-from tasks.surgery import candidate_blocks, units_of
 
 
 @dataclass
@@ -183,9 +183,9 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     out_dir = Path(spec.output_dir)
     recorder = CatalogRecorder(catalog, run_id, spec.score.metric)
     total_steps = getattr(spec.search.target, "blocks", None)
-    protected = units_of(spec.search.protect)
-    first = [c for c in candidate_blocks(list(range(model.num_layers)), spec.score.granularity, set())
-             if not units_of([c]) & protected]
+    search = spec.search
+    first = SearchRules.of(range(model.num_layers), spec.score.granularity, search.protect, search.protect_first,
+                           search.protect_last).candidates([])
     ui = SearchArtifacts(spec.name, run_id, expected_candidates(spec.search.strategy, len(first), total_steps,
                                                                 spec.search.strategy_section()))
     progress = Fanout(SearchProgress(total_steps, logger), ui)

@@ -47,7 +47,7 @@ class TableScorer:
 
 def fake_metric(name: str, measures: str, cost, remove: str = "lowest") -> Metric:
     class Fake(Metric):
-        def scorer(self, model, windows, batch_windows, exact, memory_budget_bytes=float("inf")):
+        def scorer(self, model, windows, options):
             self.last = TableScorer(cost)
             return self.last
 
@@ -408,3 +408,17 @@ def test_progress_total_follows_the_strategy():
     assert expected_candidates("consecutive", 30, 6) == 25  # windows of 6 among 30 layers
     assert expected_candidates("beam", 8, 3, BeamSettings(width=4)) == 8 + 4 * 7 + 4 * 6
     assert expected_candidates("iterative", 8, None) is None
+
+
+def test_rules_without_weights_give_the_search_candidates(model, fakes):
+    # The flow sizes progress totals from these rules before any model is loaded: they must be the
+    # search's own candidates, protections included.
+    from tasks.search.driver import SearchRules
+
+    ctx = context(model, "fake_block", Target(blocks=2), granularity="sublayer", protect_first=1, protect_last=2,
+                  protect=("layers.3.mlp",))
+    rules = SearchRules.of(range(LAYERS), "sublayer", ("layers.3.mlp",), protect_first=1, protect_last=2)
+    assert rules.candidates([]) == ctx.candidates([])
+    assert rules.candidates([]) == [f"layers.{i}.{h}" for i in range(1, LAYERS - 2) for h in ("attn", "mlp")
+                                    if (i, h) != (3, "mlp")]
+    assert rules.candidates(["layers.1.attn"]) == ctx.candidates(["layers.1.attn"])

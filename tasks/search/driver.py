@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import nn
 
-from tasks.score import METRICS, CandidateScore, StepScorer
+from tasks.score import METRICS, CandidateScore, ScoringOptions, StepScorer
 from tasks.surgery import block_param_counts, candidate_blocks, layer_ids, parse_block, total_params, units_of
 from tasks.errors import UserError
 
@@ -83,6 +83,29 @@ def edge_layers(ids: list[int], first: int, last: int) -> list[str]:
     return [f"layers.{lid}" for lid in ids if lid in kept]
 
 
+@dataclass(frozen=True)
+class SearchRules:
+    """Which blocks may go: the candidates of a model at a granularity, less the protected units. Needs no
+    weights, so the flow asks it for progress totals and preflight for reachability."""
+
+    layer_ids: tuple[int, ...]
+    granularity: str
+    protected: frozenset[str]  # units (`layers.N.attn` / `layers.N.mlp`) never removed
+
+    @classmethod
+    def of(cls, layer_ids: list[int] | tuple[int, ...], granularity: str, protect: tuple[str, ...] = (),
+           protect_first: int = 0, protect_last: int = 0) -> "SearchRules":
+        ids = tuple(layer_ids)
+        protected = units_of([*protect, *edge_layers(list(ids), protect_first, protect_last)])
+        return cls(ids, granularity, frozenset(protected))
+
+    def candidates(self, removed: list[str]) -> list[str]:
+        """The blocks that may go next, once `removed` are gone, in model order."""
+        gone = units_of(removed)
+        return [c for c in candidate_blocks(list(self.layer_ids), self.granularity, gone)
+                if not (units_of([c]) & self.protected)]
+
+
 class SearchContext:
     def __init__(
         self,
@@ -128,12 +151,13 @@ class SearchContext:
         self.on_step = on_step
         self.on_score = on_score
         self.layer_ids = layer_ids(model)
-        self.protected = units_of([*protect, *edge_layers(self.layer_ids, protect_first, protect_last)])
+        self.rules = SearchRules.of(self.layer_ids, granularity, protect, protect_first, protect_last)
         self.unit_params = block_param_counts(model)
         self.dense_params = total_params(model)
         budget = math.inf if memory_budget_gb is None else memory_budget_gb * 2**30
         self.scorer: StepScorer = (
-            scorer if scorer is not None else self.metric.scorer(model, windows, batch_windows, exact, budget)
+            scorer if scorer is not None
+            else self.metric.scorer(model, windows, ScoringOptions(batch_windows, exact, budget))
         )
         # Scorers that evaluate candidates independently say so with a `parallel` attribute.
         if hasattr(self.scorer, "parallel"):
@@ -144,11 +168,7 @@ class SearchContext:
 
     # --- rules -------------------------------------------------------------------------------
     def candidates(self, removed: list[str]) -> list[str]:
-        gone = units_of(removed)
-        return [
-            c for c in candidate_blocks(self.layer_ids, self.granularity, gone)
-            if not (units_of([c]) & self.protected)
-        ]
+        return self.rules.candidates(removed)
 
     def params_of(self, blocks: list[str]) -> int:
         return sum(self.unit_params[u] for u in units_of(blocks))
@@ -162,7 +182,7 @@ class SearchContext:
         return self.params_of(removed) / self.dense_params >= float(self.target.params_ratio)
 
     def _check_reachable(self) -> None:
-        check_reachable(self.model, self.granularity, self.target, tuple(sorted(self.protected)))
+        check_reachable(self.model, self.granularity, self.target, tuple(sorted(self.rules.protected)))
 
     @property
     def sign(self) -> float:
@@ -274,10 +294,7 @@ def check_reachable(
     protect_last: int = 0,
 ) -> None:
     """Refuse a target this model cannot meet; works on a model on the meta device (no weights needed)."""
-    protected = units_of([*protect, *edge_layers(layer_ids(model), protect_first, protect_last)])
-    every = [
-        c for c in candidate_blocks(layer_ids(model), granularity, set()) if not (units_of([c]) & protected)
-    ]
+    every = SearchRules.of(layer_ids(model), granularity, protect, protect_first, protect_last).candidates([])
     if target.blocks is not None and target.blocks > len(every):
         raise SearchError(
             f"search.target.blocks={target.blocks} cannot be met: this model has {len(every)} "
