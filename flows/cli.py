@@ -6,7 +6,6 @@ Bad input exits 2 with one message per problem; nothing else is printed as a tra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

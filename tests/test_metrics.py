@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.score import METRICS, CandidateScore
+from tasks.score import METRICS, CandidateScore, ScoringOptions
 from tasks.score.shapley import draw_halves
 from tests.tiny import tiny_model, tiny_windows
 
@@ -88,7 +88,7 @@ def window_losses(model, windows, zero: set[str] = frozenset()) -> torch.Tensor:
 
 def run_metric(name, model, windows, candidates, removed=frozenset(), batch_windows=2, **settings):
     reported: list[CandidateScore] = []
-    scorer = METRICS[name].configure(**settings).scorer(model, windows, batch_windows, True)
+    scorer = METRICS[name].configure(**settings).scorer(model, windows, ScoringOptions(batch_windows))
     scores = scorer.score(set(removed), candidates, {}, reported.append)
     assert [s.block for s in reported] == [c for c in candidates]
     return scores
@@ -174,7 +174,7 @@ def test_angular_distance_of_windows_of_consecutive_layers(setup, tokens):
     starts = list(range(LAYERS - n + 1))
     wins = {f"layers.{s}": tuple(f"layers.{s + k}" for k in range(n)) for s in starts}
     reported = []
-    scorer = METRICS["angular_distance"].configure(tokens=tokens).scorer(model, windows, 3, True)
+    scorer = METRICS["angular_distance"].configure(tokens=tokens).scorer(model, windows, ScoringOptions(3))
     scores = scorer.score_windows(set(), wins, {}, reported.append)
     assert sorted(s.block for s in reported) == sorted(wins)
     for s in starts:
@@ -224,7 +224,7 @@ def test_shapley_sampled_estimate_does_not_depend_on_what_was_resumed(setup):
     model, windows = setup
     blocks = [f"layers.{i}" for i in range(LAYERS)]
     full = run_metric("shapley", model, windows, blocks, samples=3)
-    scorer = METRICS["shapley"].configure(samples=3).scorer(model, windows, 2, True)
+    scorer = METRICS["shapley"].configure(samples=3).scorer(model, windows, ScoringOptions(2))
     reported = []
     partial = scorer.score(set(), blocks, {b: full[b] for b in blocks[:2]}, reported.append)
     assert [s.block for s in reported] == blocks[2:]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import duckdb
 import pytest
-import yaml
 
 from tests.flowkit import tiny_pipeline
 

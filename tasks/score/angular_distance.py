@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.residual import ResidualRunner
-from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.settings import Settings
 from tasks.score.states import boundary_states, window_span
@@ -97,8 +97,5 @@ class AngularDistance(Metric):
             raise ValueError(f"angular_distance tokens must be last or all, got {configured.tokens!r}")
         return configured
 
-    def scorer(
-        self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
-        memory_budget_bytes: float = math.inf,
-    ) -> AngularDistanceScorer:
-        return AngularDistanceScorer(model, windows, batch_windows, self.tokens)
+    def scorer(self, model: nn.Module, windows: torch.Tensor, options: ScoringOptions) -> AngularDistanceScorer:
+        return AngularDistanceScorer(model, windows, options.batch_windows, self.tokens)

@@ -62,6 +62,15 @@ class WindowScorer(Protocol):
 Measure = Literal["removal", "block", "window"]
 
 
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How a scorer may spend work and memory. Every scorer gets all of them and uses those that concern it."""
+
+    batch_windows: int = 1  # calibration windows per forward micro-batch
+    exact: bool = True  # False: candidates that cannot win may stop early, scored by a lower bound
+    memory_budget_bytes: float = math.inf  # the hidden states kept between candidates, at most
+
+
 class Metric:
     name: ClassVar[str]
     # Which end of the scale marks the block to remove first.
@@ -78,12 +87,8 @@ class Metric:
             raise ValueError(f"metric '{self.name}' takes no settings; got {', '.join(sorted(settings))}")
         return self
 
-    def scorer(
-        self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
-        memory_budget_bytes: float = math.inf,
-    ) -> StepScorer:
-        """`memory_budget_bytes` caps the hidden states a scorer keeps between candidates; scorers that
-        keep none beyond one micro-batch ignore it."""
+    def scorer(self, model: nn.Module, windows: torch.Tensor, options: ScoringOptions) -> StepScorer:
+        """A scorer of `windows` (calibration token windows) on `model`, working as `options` allow."""
         raise NotImplementedError
 
 

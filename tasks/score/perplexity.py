@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit, predictions
-from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, split_known
 from tasks.score.vocab_bound import VocabBound, subset_rows
 from tasks.surgery import units_of
 
@@ -330,6 +330,5 @@ class PerplexityMetric(Metric):
     name = "perplexity"
     remove = "lowest"
 
-    def scorer(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
-               memory_budget_bytes: float = math.inf) -> PrefixReuseScorer:
-        return PrefixReuseScorer(model, windows, batch_windows, exact, memory_budget_bytes)
+    def scorer(self, model: nn.Module, windows: torch.Tensor, options: ScoringOptions) -> PrefixReuseScorer:
+        return PrefixReuseScorer(model, windows, options.batch_windows, options.exact, options.memory_budget_bytes)

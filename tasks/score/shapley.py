@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.settings import Settings
 from tasks.surgery import units_of
@@ -154,8 +154,5 @@ class Shapley(Metric):
             raise ValueError(f"shapley samples must be at least 1, got {configured.samples}")
         return configured
 
-    def scorer(
-        self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
-        memory_budget_bytes: float = math.inf,
-    ) -> ShapleyScorer:
-        return ShapleyScorer(model, windows, batch_windows, self)
+    def scorer(self, model: nn.Module, windows: torch.Tensor, options: ScoringOptions) -> ShapleyScorer:
+        return ShapleyScorer(model, windows, options.batch_windows, self)

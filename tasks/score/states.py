@@ -8,7 +8,6 @@ Each metric is a per-token statistic of (input, output), averaged over every tok
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Iterator
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.surgery import units_of
 
@@ -101,8 +100,5 @@ class BlockStateMetric(Metric):
         """Per-token value, shape [batch, tokens], of a block that maps `inputs` to `outputs`."""
         raise NotImplementedError
 
-    def scorer(
-        self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
-        memory_budget_bytes: float = math.inf,
-    ) -> BlockStateScorer:
-        return BlockStateScorer(model, windows, batch_windows, self)
+    def scorer(self, model: nn.Module, windows: torch.Tensor, options: ScoringOptions) -> BlockStateScorer:
+        return BlockStateScorer(model, windows, options.batch_windows, self)

@@ -8,14 +8,13 @@ and `search.protect_last`.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore, register_metric, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.surgery import units_of
 
@@ -88,8 +87,5 @@ class Taylor(Metric):
     needs_grad = True
     measures = "block"
 
-    def scorer(
-        self, model: nn.Module, windows: torch.Tensor, batch_windows: int, exact: bool,
-        memory_budget_bytes: float = math.inf,
-    ) -> TaylorScorer:
-        return TaylorScorer(model, windows, batch_windows)
+    def scorer(self, model: nn.Module, windows: torch.Tensor, options: ScoringOptions) -> TaylorScorer:
+        return TaylorScorer(model, windows, options.batch_windows)
