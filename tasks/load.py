@@ -15,7 +15,7 @@ from tasks.search.settings import ScoreSection, SearchSection
 from tasks.sources import resolve_model
 from tasks.export import load_checkpoint
 from tasks.settings import Settings
-from tasks.surgery import adapter_for, total_params
+from tasks.surgery import architecture_for, total_params
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -64,7 +64,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 def skeleton(path: str) -> nn.Module:
     """The architecture without weights (meta device): enough to enumerate and count blocks."""
     config = AutoConfig.from_pretrained(path)
-    adapter_for(config.model_type)
+    architecture_for(config.model_type)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

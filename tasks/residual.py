@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tasks.surgery import adapter_of, layer_ids, removed_units
+from tasks.surgery import architecture_of, layer_ids, removed_units
 from tasks.surgery.adapted import adapter_ranks, get_adapter
-from tasks.surgery.adapter import ForwardContext
+from tasks.surgery.architecture import ForwardContext
 from tasks.surgery.residual_adapters import placement
 
 
@@ -46,7 +46,7 @@ class ResidualRunner:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.adapter = adapter_of(model)
+        self.adapter = architecture_of(model)
         self.layers = self.adapter.decoder_layers(model)
         parallel = self.adapter.is_parallel(model)
         self.units: list[Unit] = _units(model, parallel)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tasks.export import export_model, format_names, get_format
-from tasks.surgery import adapter_for, remove_blocks
+from tasks.surgery import architecture_for, remove_blocks
 from tests.test_families import FAMILIES, build
 from tests.tiny import tiny_windows
 
@@ -115,7 +115,7 @@ def generated(tmp_path_factory) -> tuple[dict, dict]:
         name = f"{family}-{fmt}"
         model = remove_blocks(build(family), CUTS.get(fmt, SUBLAYER_CUT))
         assert export_model(model, root / name, fmt) == fmt
-        kernel = adapter_for(model.config.model_type).attn_implementation
+        kernel = architecture_for(model.config.model_type).attn_implementation
         cases[name] = dict(loading=_loading(fmt), kernel=kernel, new_tokens=NEW_TOKENS)
         with torch.no_grad():
             expected[name] = model.generate(prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS,

@@ -22,8 +22,8 @@ from tasks.residual import ResidualRunner, perplexity
 from tasks.score.vocab_bound import VocabBound
 from tasks.search import SearchContext, Target, run_search
 from tasks.surgery import (
-    adapter_for,
-    adapter_of,
+    architecture_for,
+    architecture_of,
     block_param_counts,
     candidate_blocks,
     layer_ids,
@@ -33,7 +33,7 @@ from tasks.surgery import (
     total_params,
     units_of,
 )
-from tasks.surgery.adapter import UnsupportedArchitecture
+from tasks.surgery.architecture import UnsupportedArchitecture
 from tests.tiny import VOCAB, tiny_corpus, tiny_tokenizer, tiny_windows
 
 LAYERS = 4
@@ -90,7 +90,7 @@ def one_thread():
 def build(family: str, seed: int = 0) -> torch.nn.Module:
     config = CONFIGS[family]()
     torch.manual_seed(seed)
-    implementation = adapter_for(config.model_type).attn_implementation
+    implementation = architecture_for(config.model_type).attn_implementation
     model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     # Random init gives near-identical blocks; scale weights so blocks differ clearly in importance.
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_every_family_has_an_adapter():
     families = {CONFIGS[f]().model_type for f in FAMILIES}
     assert families <= set(supported_model_types())
     for model_type in families:
-        formats = adapter_for(model_type).export_formats
+        formats = architecture_for(model_type).export_formats
         assert {"hf", "pruneflow"} <= set(formats)
         llama_family = model_type in ("llama", "mistral", "qwen2", "qwen3")
         assert ({"remote_code", "nemotron_nas"} <= set(formats)) == llama_family
@@ -121,17 +121,17 @@ def test_every_family_has_an_adapter():
 
 def test_unknown_model_type_lists_families_and_points_at_registry():
     with pytest.raises(UnsupportedArchitecture) as info:
-        adapter_for("gpt_neo")
+        architecture_for("gpt_neo")
     message = str(info.value)
     assert "did you mean 'gpt_neox'" in message
     assert f"supported: {', '.join(supported_model_types())}." in message
-    assert "tasks/surgery/" in message and "@register_adapter" in message
+    assert "tasks/surgery/" in message and "@register_architecture" in message
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blocks_and_parameters_add_up(family):
     model = build(family)
-    adapter = adapter_of(model)
+    adapter = architecture_of(model)
     counts = block_param_counts(model)
     assert list(counts) == [f"layers.{i}.{part}" for i in range(LAYERS) for part in ("attn", "mlp")]
     layers = adapter.decoder_layers(model)
@@ -213,7 +213,7 @@ RELOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 from tasks.residual import ResidualRunner
-from tasks.surgery import adapter_for, load_model
+from tasks.surgery import architecture_for, load_model
 root = sys.argv[1]
 torch.set_num_threads(int(sys.argv[2]))
 windows = torch.load(f"{root}/windows.pt")
@@ -225,7 +225,7 @@ for name in json.load(open(f"{root}/cases.json")):
     if name.endswith("-hf"):
         # The family's attention kernel, as pruneflow uses it: releases differ in their default (Gemma 2:
         # SDPA before 5.24, eager after), which moves logits in the last bits, not the checkpoint.
-        kernel = adapter_for(model.config.model_type).attn_implementation
+        kernel = architecture_for(model.config.model_type).attn_implementation
         plain = AutoModelForCausalLM.from_pretrained(f"{root}/{name}", attn_implementation=kernel).eval()
         with torch.no_grad():
             out[name]["plain"] = plain(windows).logits

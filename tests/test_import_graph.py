@@ -115,4 +115,4 @@ def test_the_checks_see_arrows_and_cycles():
     assert upward_arrows({"tasks.x": {"flows.cli", "tasks.y"}, "flows.cli": {"tasks.x"}}) == {"tasks.x -> flows.cli"}
     edges = graph()
     assert "tasks.surgery.kv_cache" in edges["tasks.surgery.removed"]  # absolute imports
-    assert "tasks.surgery.adapter" in edges["tasks.surgery"]  # relative and package imports
+    assert "tasks.surgery.architecture" in edges["tasks.surgery"]  # relative and package imports

@@ -167,7 +167,7 @@ def test_block_metrics_see_blocks_removed_earlier_as_skipped(setup):
 
 
 @pytest.mark.parametrize("tokens", ["last", "all"])
-def test_angular_distance_of_windows_of_consecutive_layers(setup, tokens):
+def test_angular_distance_of_segments_of_consecutive_layers(setup, tokens):
     model, windows = setup
     t = trace(model, windows)
     n = 2
@@ -175,7 +175,7 @@ def test_angular_distance_of_windows_of_consecutive_layers(setup, tokens):
     wins = {f"layers.{s}": tuple(f"layers.{s + k}" for k in range(n)) for s in starts}
     reported = []
     scorer = METRICS["angular_distance"].configure(tokens=tokens).scorer(model, windows, ScoringOptions(3))
-    scores = scorer.score_windows(set(), wins, {}, reported.append)
+    scores = scorer.score_segments(set(), wins, {}, reported.append)
     assert sorted(s.block for s in reported) == sorted(wins)
     for s in starts:
         x, y = t.x[s], t.x[s + n]
@@ -260,7 +260,7 @@ def test_metrics_declare_their_scale_granularities_and_needs():
         "perplexity": ("lowest", "removal", False),
         "block_influence": ("lowest", "block", False),
         "similarity": ("highest", "block", False),
-        "angular_distance": ("lowest", "window", False),
+        "angular_distance": ("lowest", "segment", False),
         "relative_l1": ("lowest", "block", False),
         "relative_l2": ("lowest", "block", False),
         "cosine": ("lowest", "block", False),

@@ -10,7 +10,7 @@ from tasks.recover import RecoveryError, get_recovery
 from tasks.registry import DuplicateRegistration, Registry, UnknownName
 from tasks.score import METRICS, Metric, register_metric
 from tasks.search import STRATEGIES, register_strategy
-from tasks.surgery import UnsupportedArchitecture, adapter_for, register_adapter
+from tasks.surgery import UnsupportedArchitecture, architecture_for, register_architecture
 from tasks.surgery.llama import LlamaFamilyAdapter
 
 
@@ -63,9 +63,9 @@ def test_the_project_registries_refuse_duplicates():
         model_types = ("llama",)
 
     with pytest.raises(DuplicateRegistration, match="model_type 'llama'"):
-        register_adapter(OtherLlama)
+        register_architecture(OtherLlama)
     assert type(METRICS["perplexity"]).__name__ != "Impostor" and STRATEGIES["iterative"].__name__ != "<lambda>"
-    assert type(adapter_for("llama")) is LlamaFamilyAdapter
+    assert type(architecture_for("llama")) is LlamaFamilyAdapter
 
 
 def test_the_project_registries_answer_unknown_names_with_their_own_errors():
@@ -76,4 +76,4 @@ def test_the_project_registries_answer_unknown_names_with_their_own_errors():
     with pytest.raises(ExportError, match="unknown export format 'onnx'"):
         get_format("onnx")
     with pytest.raises(UnsupportedArchitecture, match="did you mean 'llama'"):
-        adapter_for("lama")
+        architecture_for("lama")

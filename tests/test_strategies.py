@@ -40,9 +40,9 @@ class TableScorer:
     def score(self, removed, candidates, known, on_score):
         return {c: known[c] if c in known else self._score(c, removed | units_of([c]), on_score) for c in candidates}
 
-    def score_windows(self, removed, windows, known, on_score):
+    def score_segments(self, removed, segments, known, on_score):
         return {w: known[w] if w in known else self._score(w, removed | units_of(blocks), on_score)
-                for w, blocks in windows.items()}
+                for w, blocks in segments.items()}
 
 
 def fake_metric(name: str, measures: str, cost, remove: str = "lowest") -> Metric:
@@ -70,7 +70,7 @@ def fakes():
         "fake_removal": fake_metric("fake_removal", "removal", pair_cost),
         "fake_block": fake_metric("fake_block", "block", lambda layers: pair_cost(layers)),
         "fake_high": fake_metric("fake_high", "block", lambda layers: -pair_cost(layers), remove="highest"),
-        "fake_window": fake_metric("fake_window", "window", lambda layers: sum(BASE[i] for i in layers) % 4.3),
+        "fake_segment": fake_metric("fake_segment", "segment", lambda layers: sum(BASE[i] for i in layers) % 4.3),
     }
     for name, metric in metrics.items():
         METRICS.add(name, metric)
@@ -141,7 +141,7 @@ def test_wide_beam_equals_exhaustive_search(model, fakes):
 
 
 def test_consecutive_removes_the_best_window_one_step_per_layer(model, fakes):
-    ctx = context(model, "fake_window", Target(blocks=3))
+    ctx = context(model, "fake_segment", Target(blocks=3))
     records = run_search(ctx, "consecutive")
     windows = {f"layers.{s}": sum(BASE[i] for i in range(s, s + 3)) % 4.3 for s in range(LAYERS - 2)}
     start = min(windows, key=lambda w: (windows[w], w))
@@ -196,11 +196,11 @@ def test_first_and_last_layers_are_protected(model, fakes):
 
 
 def test_windows_never_contain_or_cross_a_protected_layer(model, fakes):
-    ctx = context(model, "fake_window", Target(blocks=2), protect=("layers.2.mlp",), protect_last=1)
+    ctx = context(model, "fake_segment", Target(blocks=2), protect=("layers.2.mlp",), protect_last=1)
     run_search(ctx, "consecutive")
     assert set(ctx.recorder.scores[0]) == {"layers.0", "layers.3"}  # windows 0-1 and 3-4 only
-    with pytest.raises(SearchError, match="no window of consecutive"):
-        run_search(context(model, "fake_window", Target(blocks=3), protect=("layers.2",), protect_last=1),
+    with pytest.raises(SearchError, match="no segment of consecutive"):
+        run_search(context(model, "fake_segment", Target(blocks=3), protect=("layers.2",), protect_last=1),
                    "consecutive")
 
 
@@ -238,7 +238,7 @@ def test_consecutive_resumes_without_rescoring(model, fakes):
     def fill(done, partial):
         partial.scores = {0: dict(list(done.scores[0].items())[:2])}
 
-    done, evaluated = resumed_run(model, "fake_window", "consecutive", fill, Target(blocks=3))
+    done, evaluated = resumed_run(model, "fake_segment", "consecutive", fill, Target(blocks=3))
     assert evaluated == [(0, b) for b in list(done.scores[0])[2:]]
 
 
@@ -299,7 +299,7 @@ def spec(**sections):
      "score: score.metric 'similarity' does not support score.granularity 'layer' (it supports: attn, mlp, sublayer)"),
     ({"score": {"metric": "block_influence", "granularity": "attn"}}, "does not support score.granularity 'attn'"),
     ({"score": {"metric": "angular_distance", "granularity": "layer"}},
-     "search: search.strategy 'iterative' cannot use score.metric 'angular_distance', which scores windows of "
+     "search: search.strategy 'iterative' cannot use score.metric 'angular_distance', which scores segments of "
      "consecutive layers"),
     ({"score": {"metric": "angular_distance", "granularity": "layer"}, "search": {"strategy": "one_shot"}},
      "'angular_distance' works with strategies: consecutive"),

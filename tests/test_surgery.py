@@ -6,7 +6,7 @@ import torch
 
 from tasks.residual import ResidualRunner, perplexity
 from tasks.surgery import (
-    adapter_for,
+    architecture_for,
     block_param_counts,
     candidate_blocks,
     load_model,
@@ -15,7 +15,7 @@ from tasks.surgery import (
     save_model,
     total_params,
 )
-from tasks.surgery.adapter import UnsupportedArchitecture
+from tasks.surgery.architecture import UnsupportedArchitecture
 from tests.tiny import tiny_model, tiny_windows
 
 
@@ -119,4 +119,4 @@ def test_whole_layers_only_is_a_standard_checkpoint(tmp_path):
 
 def test_unknown_architecture_names_supported_ones():
     with pytest.raises(UnsupportedArchitecture, match="did you mean 'llama'.*supported: .*llama, mistral"):
-        adapter_for("lama")
+        architecture_for("lama")

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tasks.export.registry import ExportError, read_config
 from safetensors import safe_open
 
-from tasks.surgery import adapter_for, layer_ids, remove_blocks, removed_units
+from tasks.surgery import architecture_for, layer_ids, remove_blocks, removed_units
 from tasks.surgery.adapted import adapter_ranks, install_adapters
 from tasks.surgery.residual_adapters import ADAPTERS_ATTR
 
@@ -111,7 +111,7 @@ def load_as_pruned(path: Path, base_model_type: str, values: dict, kept_ids: lis
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=DTYPES[dtype], output_loading_info=True,
-            attn_implementation=getattr(adapter_for(base_model_type), "attn_implementation", "sdpa"),
+            attn_implementation=getattr(architecture_for(base_model_type), "attn_implementation", "sdpa"),
         )
     finally:
         transformers.logging.set_verbosity(verbosity)

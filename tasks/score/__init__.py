@@ -15,7 +15,7 @@ from tasks.score.base import (
     OnScore,
     ScoringOptions,
     StepScorer,
-    WindowScorer,
+    SegmentScorer,
     register_metric,
 )
 
@@ -27,6 +27,6 @@ __all__ = [
     "OnScore",
     "ScoringOptions",
     "StepScorer",
-    "WindowScorer",
+    "SegmentScorer",
     "register_metric",
 ]

@@ -1,8 +1,8 @@
 """Angular distance between the input of layer l and of layer l + n (Gromov et al., "The Unreasonable
 Ineffectiveness of the Deeper Layers", 2024): arccos(cos(x_l, x_{l+n})) / pi, averaged over samples.
 
-It scores windows of n consecutive layers, not single blocks, so only the `consecutive` strategy uses
-it; the window whose input and output are closest goes. The paper measures the last token of each
+It scores segments of n consecutive layers, not single blocks, so only the `consecutive` strategy uses
+it; the segment whose input and output are closest goes. The paper measures the last token of each
 sequence (`tokens: last`); `tokens: all` averages over every token, steadier with few windows.
 """
 
@@ -22,7 +22,7 @@ from tasks.residual import ResidualRunner
 from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, split_known
 from tasks.score.perplexity import WorkCounter
 from tasks.settings import Settings
-from tasks.score.states import boundary_states, window_span
+from tasks.score.states import boundary_states, segment_bounds
 
 Tokens = Literal["last", "all"]
 
@@ -38,39 +38,39 @@ class AngularDistanceScorer:
         self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
     ) -> dict[str, CandidateScore]:
         raise TypeError(
-            "metric 'angular_distance' scores windows of consecutive layers, not single blocks: "
+            "metric 'angular_distance' scores segments of consecutive layers, not single blocks: "
             "use it with search.strategy 'consecutive'"
         )
 
     @torch.inference_mode()
-    def score_windows(
+    def score_segments(
         self,
         removed: set[str],
-        windows: dict[str, tuple[str, ...]],
+        segments: dict[str, tuple[str, ...]],
         known: dict[str, CandidateScore],
         on_score: OnScore,
     ) -> dict[str, CandidateScore]:
-        results, todo = split_known(windows, known)
+        results, todo = split_known(segments, known)
         if not todo:
             return results
         start = time.perf_counter()
         active = self.runner.active(removed)
-        where = {w: window_span(active, windows[w]) for w in todo}
+        where = {s: segment_bounds(active, segments[s]) for s in todo}
         boundaries = {i for span in where.values() for i in span}
         sums = dict.fromkeys(todo, 0.0)
         samples = sum(b.shape[0] if self.tokens == "last" else b.numel() for b in self.batches)
         for states in boundary_states(self.runner, self.batches, active, boundaries, self.work):
-            for window, (first, end) in where.items():
+            for segment, (first, end) in where.items():
                 inputs, outputs = states[first].float(), states[end].float()
                 if self.tokens == "last":
                     inputs, outputs = inputs[:, -1], outputs[:, -1]
                 cos = F.cosine_similarity(inputs, outputs, dim=-1).double().clamp(-1.0, 1.0)
-                sums[window] += float((torch.arccos(cos) / math.pi).sum())
+                sums[segment] += float((torch.arccos(cos) / math.pi).sum())
         seconds = (time.perf_counter() - start) / len(todo)
         n_tokens = sum(batch.numel() for batch in self.batches)
-        for window in todo:
-            score = CandidateScore(block=window, value=sums[window] / samples, n_tokens=n_tokens, seconds=seconds)
-            results[window] = score
+        for segment in todo:
+            score = CandidateScore(block=segment, value=sums[segment] / samples, n_tokens=n_tokens, seconds=seconds)
+            results[segment] = score
             on_score(score)
         return results
 
@@ -88,7 +88,7 @@ class AngularDistance(Metric):
     settings = AngularDistanceSettings
     remove = "lowest"
     granularities = frozenset({"layer"})
-    measures = "window"
+    measures = "segment"
     tokens: Tokens = "last"
 
     def configure(self, **settings: object) -> "AngularDistance":

@@ -43,23 +43,23 @@ class StepScorer(Protocol):
         """Scores of every candidate (known ones reused, never recomputed), each reported to on_score."""
 
 
-class WindowScorer(Protocol):
-    def score_windows(
+class SegmentScorer(Protocol):
+    def score_segments(
         self,
         removed: set[str],
-        windows: dict[str, tuple[str, ...]],
+        segments: dict[str, tuple[str, ...]],
         known: dict[str, CandidateScore],
         on_score: OnScore,
     ) -> dict[str, CandidateScore]:
-        """Scores of windows of consecutive layers, keyed (and named in each score) by their first layer."""
+        """Scores of segments (runs of consecutive layers), keyed (and named in each score) by their first layer."""
 
 
 # What one score describes, which decides the strategies that can use it:
 # - "removal": the model without `removed` and the candidate (comparable across removal sets, so beam
-#   search and windows of layers can use it; perplexity);
+#   search and segments of layers can use it; perplexity);
 # - "block": the candidate's own importance inside the current model (comparable only within a step);
-# - "window": a run of consecutive layers, scored by `score_windows` (angular distance).
-Measure = Literal["removal", "block", "window"]
+# - "segment": a run of consecutive layers, scored by `score_segments` (angular distance).
+Measure = Literal["removal", "block", "segment"]
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ def spans(active: list[Unit], blocks: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def window_span(active: list[Unit], blocks: tuple[str, ...]) -> tuple[int, int]:
-    """The span of a run of blocks that follow each other in the model (a window of consecutive layers)."""
+def segment_bounds(active: list[Unit], blocks: tuple[str, ...]) -> tuple[int, int]:
+    """The span of a run of blocks that follow each other in the model (a segment of consecutive layers)."""
     parts = list(spans(active, list(blocks)).values())
     if any(a[1] != b[0] for a, b in zip(parts, parts[1:])):
         raise ValueError(f"blocks {', '.join(blocks)} are not consecutive in the model")

@@ -1,10 +1,10 @@
-"""Remove the best window of n consecutive layers at once (Gromov et al. by angular distance; AMD Quark's
-depth-wise pruner by perplexity without the window).
+"""Remove the best segment of n consecutive layers at once (Gromov et al. by angular distance; AMD Quark's
+depth-wise pruner by perplexity without the segment).
 
 n comes from the target: `blocks: n`, or for `params_ratio` the fewest consecutive layers that remove
-that share, and then only windows that reach it compete. Windows never cross a protected layer. Every
-window is scored at step 0 under its first layer's id; the chosen window's layers are then committed
-as one step each, in model order, all with the window's score.
+that share, and then only segments that reach it compete. Segments never cross a protected layer. Every
+segment is scored at step 0 under its first layer's id; the chosen segment's layers are then committed
+as one step each, in model order, all with the segment's score.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from tasks.search.driver import SearchContext, SearchError, StepRecord
 from tasks.search.registry import StrategyNeeds, register_strategy
 
 
-def windows_of(ctx: SearchContext) -> list[tuple[str, ...]]:
-    """The windows of the target's size: runs of consecutive removable layers of the current model."""
+def segments_of(ctx: SearchContext) -> list[tuple[str, ...]]:
+    """The segments of the target's size: runs of consecutive removable layers of the current model."""
     removable = set(ctx.candidates([]))
     layers = [f"layers.{lid}" for lid in ctx.layer_ids]
     for size in range(1, len(layers) + 1):
@@ -30,18 +30,18 @@ def windows_of(ctx: SearchContext) -> list[tuple[str, ...]]:
     return []
 
 
-@register_strategy("consecutive", StrategyNeeds(measures=frozenset({"removal", "window"}),
+@register_strategy("consecutive", StrategyNeeds(measures=frozenset({"removal", "segment"}),
                                                 granularities=frozenset({"layer"})),
-                   expected=lambda first, steps, settings: max(first - steps + 1, 0))  # every window, once
+                   expected=lambda first, steps, settings: max(first - steps + 1, 0))  # every segment, once
 def consecutive(ctx: SearchContext) -> list[StepRecord]:
-    windows = windows_of(ctx)
-    if not windows:
+    segments = segments_of(ctx)
+    if not segments:
         raise SearchError(
-            f"no window of consecutive removable layers meets the target {ctx.target}: protected layers "
+            f"no segment of consecutive removable layers meets the target {ctx.target}: protected layers "
             f"split the model into runs that are too short"
         )
-    scores = ctx.score_windows(0, [], windows)
-    firsts = [w[0] for w in windows]
-    best = next(w for w in windows if w[0] == ctx.ranked(scores, firsts)[0])
+    scores = ctx.score_segments(0, [], segments)
+    firsts = [w[0] for w in segments]
+    best = next(w for w in segments if w[0] == ctx.ranked(scores, firsts)[0])
     value = scores[best[0]].value
     return ctx.commit_plan([(layer, value) for layer in best], [scores])

@@ -4,7 +4,7 @@ Strategies decide which block goes next; the driver owns the rules: protected bl
 target, and a recorder that persists every score and step as soon as it exists (the catalog, in the
 flow) and hands back what an interrupted run had already computed.
 
-What a score row names: a candidate block at a step (iterative, one_shot); the first layer of a window
+What a score row names: a candidate block at a step (iterative, one_shot); the first layer of a segment
 of consecutive layers, all scored at step 0 (consecutive); or, for beam search, the whole removal set
 reached at that depth, its block ids joined by '+' in model order (`set_key`), since the same block
 scores differently under different partial sets.
@@ -211,18 +211,19 @@ class SearchContext:
         )
         return {c: dataclasses.replace(scores[c], block=keys[c]) for c in candidates}
 
-    def score_windows(self, step: int, removed: list[str], windows: list[tuple[str, ...]]) -> dict[str, CandidateScore]:
-        """Scores of windows of consecutive layers, keyed and recorded by their first layer."""
-        by_first = {w[0]: w for w in windows}
+    def score_segments(self, step: int, removed: list[str],
+                       segments: list[tuple[str, ...]]) -> dict[str, CandidateScore]:
+        """Scores of segments (runs of consecutive layers), keyed and recorded by their first layer."""
+        by_first = {s[0]: s for s in segments}
         known = {b: s for b, s in self.recorder.known_scores(step).items() if b in by_first}
         self.reused += len(known)
         record = self._recording(step)
-        if self.metric.measures == "window":
-            return self.scorer.score_windows(units_of(removed), by_first, known, record)  # type: ignore[attr-defined]
-        # A "removal" metric scores the model without the window: the rest of the window joins `removed`.
+        if self.metric.measures == "segment":
+            return self.scorer.score_segments(units_of(removed), by_first, known, record)  # type: ignore[attr-defined]
+        # A "removal" metric scores the model without the segment: the rest of it joins `removed`.
         scores: dict[str, CandidateScore] = {}
-        for first, window in by_first.items():
-            gone = units_of([*removed, *window[1:]])
+        for first, segment in by_first.items():
+            gone = units_of([*removed, *segment[1:]])
             scores.update(self.scorer.score(gone, [first], {first: known[first]} if first in known else {}, record))
         return scores
 

@@ -12,7 +12,7 @@ from tasks.search.registry import NEEDS
 MEASURE_TEXT = {
     "removal": "scores the whole model without a set of blocks",
     "block": "scores each block inside one model",
-    "window": "scores windows of consecutive layers",
+    "segment": "scores segments of consecutive layers",
 }
 
 

@@ -2,14 +2,14 @@
 
 # One module per architecture family; importing it registers its adapter.
 from tasks.surgery import gemma, gpt2, gpt_neox, llama, moe, olmo2, opt, phi3  # noqa: F401
-from tasks.surgery.adapter import (
+from tasks.surgery.architecture import (
     ArchitectureAdapter,
     ForwardContext,
     HalfLayout,
     UnsupportedArchitecture,
-    adapter_for,
-    adapter_of,
-    register_adapter,
+    architecture_for,
+    architecture_of,
+    register_architecture,
     supported_model_types,
 )
 from tasks.surgery.blocks import Block, candidate_blocks, parse_block, units_of
@@ -29,14 +29,14 @@ __all__ = [
     "ForwardContext",
     "HalfLayout",
     "UnsupportedArchitecture",
-    "adapter_for",
-    "adapter_of",
+    "architecture_for",
+    "architecture_of",
     "block_param_counts",
     "candidate_blocks",
     "layer_ids",
     "load_model",
     "parse_block",
-    "register_adapter",
+    "register_architecture",
     "remove_blocks",
     "removed_units",
     "save_model",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.surgery.adapter import adapter_of
+from tasks.surgery.architecture import architecture_of
 from tasks.surgery.edit import layer_ids, removed_units
 from tasks.surgery.residual_adapters import (
     ADAPTERS_ATTR,
@@ -108,7 +108,7 @@ def wire_hooks(model: nn.Module) -> None:
     ranks = adapter_ranks(model)
     handles = []
     if adapters is not None and ranks:
-        family = adapter_of(model)
+        family = architecture_of(model)
         layers = family.decoder_layers(model)
         plan = placement(layer_ids(model), list(ranks))
         for position, units in plan.before.items():

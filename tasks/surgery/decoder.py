@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from tasks.surgery.adapter import ArchitectureAdapter, ForwardContext, UnsupportedArchitecture
+from tasks.surgery.architecture import ArchitectureAdapter, ForwardContext, UnsupportedArchitecture
 from tasks.surgery.kv_cache import cache_kwargs
 
 # Attention type (the values of `config.layer_types`) -> the mask builder the families' own forwards use.

@@ -16,7 +16,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tasks.surgery.adapter import HalfLayout, adapter_for, adapter_of
+from tasks.surgery.architecture import HalfLayout, architecture_for, architecture_of
 from tasks.surgery.blocks import units_of
 from tasks.surgery.removed import RemovedAttention, RemovedMLP, is_removed
 
@@ -25,7 +25,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _record(model: nn.Module) -> dict:
     record = getattr(model.config, "pruneflow", None) or {}
-    n_layers = len(adapter_of(model).decoder_layers(model))
+    n_layers = len(architecture_of(model).decoder_layers(model))
     return {
         "layer_ids": list(record.get("layer_ids", range(n_layers))),
         "removed": list(record.get("removed", [])),
@@ -57,7 +57,7 @@ def total_params(model: nn.Module) -> int:
 
 def block_param_counts(model: nn.Module) -> dict[str, int]:
     """Parameters of every present unit (`layers.N.attn` / `layers.N.mlp`, original ids), norms included."""
-    adapter = adapter_of(model)
+    adapter = architecture_of(model)
     counts: dict[str, int] = {}
     seen: set[int] = set()
     gone = removed_units(model)
@@ -77,7 +77,7 @@ def _stub_unit(layer: nn.Module, part: str, half: HalfLayout, position: int) -> 
 
 def remove_blocks(model: nn.Module, block_ids: list[str]) -> nn.Module:
     """Delete blocks in place: layers that lose both halves leave the layer list; lone halves are stubbed."""
-    adapter = adapter_of(model)
+    adapter = architecture_of(model)
     record = _record(model)
     gone = set(record["removed"]) | units_of(block_ids)
     layers = adapter.decoder_layers(model)
@@ -127,7 +127,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
     config = AutoConfig.from_pretrained(path)
     record = getattr(config, "pruneflow", None) or {}
     stub_layers = {int(u.split(".")[1]) for u in record.get("removed", [])} & set(record.get("layer_ids", []))
-    kwargs = dict(dtype=_DTYPES[dtype], attn_implementation=adapter_for(config.model_type).attn_implementation)
+    kwargs = dict(dtype=_DTYPES[dtype], attn_implementation=architecture_for(config.model_type).attn_implementation)
     if not stub_layers:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         return model.to(device).eval()
@@ -143,7 +143,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") ->
 
 
 def _restub(model: nn.Module) -> None:
-    adapter = adapter_of(model)
+    adapter = architecture_of(model)
     gone = removed_units(model)
     for position, (lid, layer) in enumerate(zip(layer_ids(model), adapter.decoder_layers(model))):
         for part in ("attn", "mlp"):

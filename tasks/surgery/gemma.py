@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.surgery.adapter import ForwardContext, HalfLayout, UnsupportedArchitecture, register_adapter
+from tasks.surgery.architecture import ForwardContext, HalfLayout, UnsupportedArchitecture, register_architecture
 from tasks.surgery.decoder import RotaryDecoderAdapter
 
 
@@ -34,14 +34,14 @@ class _GemmaAdapter(RotaryDecoderAdapter):
         return logits
 
 
-@register_adapter
+@register_architecture
 class Gemma2Adapter(_GemmaAdapter):
     model_types = ("gemma2",)
     # Attention logit soft-capping has no SDPA kernel; transformers refuses sdpa for Gemma 2.
     attn_implementation = "eager"
 
 
-@register_adapter
+@register_architecture
 class Gemma3TextAdapter(_GemmaAdapter):
     model_types = ("gemma3_text",)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.surgery.adapter import ArchitectureAdapter, ForwardContext, HalfLayout, register_adapter
+from tasks.surgery.architecture import ArchitectureAdapter, ForwardContext, HalfLayout, register_architecture
 from tasks.surgery.decoder import build_masks, first_tensor, positions
 
 
-@register_adapter
+@register_architecture
 class GPT2Adapter(ArchitectureAdapter):
     model_types = ("gpt2",)
     attn = HalfLayout("attn", norms=("ln_1",))

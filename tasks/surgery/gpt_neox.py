@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.surgery.adapter import ArchitectureAdapter, ForwardContext, HalfLayout, register_adapter
+from tasks.surgery.architecture import ArchitectureAdapter, ForwardContext, HalfLayout, register_architecture
 from tasks.surgery.decoder import build_masks, first_tensor, positions
 
 
-@register_adapter
+@register_architecture
 class GPTNeoXAdapter(ArchitectureAdapter):
     model_types = ("gpt_neox",)
     attn = HalfLayout("attention", norms=("input_layernorm",))

@@ -7,11 +7,11 @@ through a sliding window when `sliding_window` is set; Qwen2/3 declare `layer_ty
 
 from __future__ import annotations
 
-from tasks.surgery.adapter import register_adapter
+from tasks.surgery.architecture import register_architecture
 from tasks.surgery.decoder import RotaryDecoderAdapter
 
 
-@register_adapter
+@register_architecture
 class LlamaFamilyAdapter(RotaryDecoderAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     export_formats = ("hf", "pruneflow", "remote_code", "nemotron_nas")

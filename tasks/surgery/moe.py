@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from tasks.surgery.adapter import register_adapter
+from tasks.surgery.architecture import register_architecture
 from tasks.surgery.decoder import RotaryDecoderAdapter
 
 
-@register_adapter
+@register_architecture
 class MixtralAdapter(RotaryDecoderAdapter):
     model_types = ("mixtral",)
 
@@ -27,7 +27,7 @@ def qwen2_moe_sparse(config, index: int) -> bool:
     return index not in mlp_only and config.num_experts > 0 and (index + 1) % config.decoder_sparse_step == 0
 
 
-@register_adapter
+@register_architecture
 class Qwen2MoeAdapter(RotaryDecoderAdapter):
     model_types = ("qwen2_moe",)
 

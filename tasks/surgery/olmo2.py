@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.surgery.adapter import ForwardContext, HalfLayout, register_adapter
+from tasks.surgery.architecture import ForwardContext, HalfLayout, register_architecture
 from tasks.surgery.decoder import RotaryDecoderAdapter
 
 
-@register_adapter
+@register_architecture
 class Olmo2Adapter(RotaryDecoderAdapter):
     model_types = ("olmo2",)
     attn = HalfLayout("self_attn", norms=("post_attention_layernorm",))

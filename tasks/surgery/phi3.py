@@ -6,10 +6,10 @@ the same mask: a sliding window when `config.sliding_window` is set (Phi-3-mini-
 
 from __future__ import annotations
 
-from tasks.surgery.adapter import register_adapter
+from tasks.surgery.architecture import register_architecture
 from tasks.surgery.decoder import RotaryDecoderAdapter
 
 
-@register_adapter
+@register_architecture
 class Phi3Adapter(RotaryDecoderAdapter):
     model_types = ("phi3",)

@@ -145,31 +145,31 @@ class ArchitectureAdapter:
 
 
 # Architecture adapters by the `model_type` they serve (one adapter may serve several).
-_ADAPTERS: Registry[ArchitectureAdapter] = Registry("model_type", unknown=UnsupportedArchitecture)
+_ARCHITECTURES: Registry[ArchitectureAdapter] = Registry("model_type", unknown=UnsupportedArchitecture)
 
 
-def register_adapter(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
+def register_architecture(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
     instance = cls()
     for model_type in cls.model_types:
-        _ADAPTERS.add(model_type, instance)
+        _ARCHITECTURES.add(model_type, instance)
     return cls
 
 
 def supported_model_types() -> list[str]:
-    return _ADAPTERS.names()
+    return _ARCHITECTURES.names()
 
 
-def adapter_for(model_type: str) -> ArchitectureAdapter:
-    if model_type not in _ADAPTERS:
+def architecture_for(model_type: str) -> ArchitectureAdapter:
+    if model_type not in _ARCHITECTURES:
         close = difflib.get_close_matches(model_type, supported_model_types(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UnsupportedArchitecture(
             f"model_type '{model_type}' has no pruneflow adapter{hint}; supported: "
             f"{', '.join(supported_model_types())}. "
-            "To add one, write one module under tasks/surgery/ registered with @register_adapter (README)."
+            "To add one, write one module under tasks/surgery/ registered with @register_architecture (README)."
         )
-    return _ADAPTERS[model_type]
+    return _ARCHITECTURES[model_type]
 
 
-def adapter_of(model: nn.Module) -> ArchitectureAdapter:
-    return adapter_for(model.config.model_type)
+def architecture_of(model: nn.Module) -> ArchitectureAdapter:
+    return architecture_for(model.config.model_type)
