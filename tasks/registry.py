@@ -45,10 +45,10 @@ class Registry(Mapping[str, T]):
         """Unregisters `name` (tests that register a toy plugin clean up with it)."""
         del self._items[name], self._origins[name]
 
-    def lookup(self, name: str, hint: str = "") -> T:
-        """The plugin called `name`, or the registry's user error with the closest names and `hint`."""
+    def lookup(self, name: str) -> T:
+        """The plugin called `name`, or the registry's user error naming the closest and every known name."""
         if name not in self._items:
-            raise self.unknown(self.unknown_message(name) + hint)
+            raise self.unknown(self.unknown_message(name))
         return self._items[name]
 
     def __getitem__(self, name: str) -> T:

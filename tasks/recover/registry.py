@@ -46,7 +46,8 @@ class RecoveryCheck:
 
     prune_format: str  # `prune.format`, "auto" included
     positions: int | None  # the model's max_position_embeddings, where it has one
-    # Raises a SourceError unless `source` gives `tokens` tokens of training text; `setting` is what to shorten.
+    # enough_tokens(source, needed, setting) raises a SourceError unless `source` gives `needed` tokens of
+    # training text; its message names `setting` as what to shorten.
     enough_tokens: Callable[[str, int, str], None]
 
 
