@@ -9,7 +9,6 @@ sequence (`tokens: last`); `tokens: all` averages over every token, steadier wit
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.residual import ResidualRunner
-from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, score_all_at_once
 from tasks.score.perplexity import WorkCounter
 from tasks.settings import Settings
 from tasks.score.states import boundary_states, segment_bounds
@@ -50,14 +49,15 @@ class AngularDistanceScorer:
         known: dict[str, CandidateScore],
         on_score: OnScore,
     ) -> dict[str, CandidateScore]:
-        results, todo = split_known(segments, known)
-        if not todo:
-            return results
-        start = time.perf_counter()
+        n_tokens = sum(batch.numel() for batch in self.batches)
+        return score_all_at_once(list(segments), known, on_score, n_tokens,
+                                 lambda todo: self._distances(removed, {s: segments[s] for s in todo}))
+
+    def _distances(self, removed: set[str], segments: dict[str, tuple[str, ...]]) -> dict[str, float]:
         active = self.runner.active(removed)
-        where = {s: segment_bounds(active, segments[s]) for s in todo}
+        where = {s: segment_bounds(active, blocks) for s, blocks in segments.items()}
         boundaries = {i for span in where.values() for i in span}
-        sums = dict.fromkeys(todo, 0.0)
+        sums = dict.fromkeys(segments, 0.0)
         samples = sum(b.shape[0] if self.tokens == "last" else b.numel() for b in self.batches)
         for states in boundary_states(self.runner, self.batches, active, boundaries, self.work):
             for segment, (first, end) in where.items():
@@ -66,13 +66,7 @@ class AngularDistanceScorer:
                     inputs, outputs = inputs[:, -1], outputs[:, -1]
                 cos = F.cosine_similarity(inputs, outputs, dim=-1).double().clamp(-1.0, 1.0)
                 sums[segment] += float((torch.arccos(cos) / math.pi).sum())
-        seconds = (time.perf_counter() - start) / len(todo)
-        n_tokens = sum(batch.numel() for batch in self.batches)
-        for segment in todo:
-            score = CandidateScore(block=segment, value=sums[segment] / samples, n_tokens=n_tokens, seconds=seconds)
-            results[segment] = score
-            on_score(score)
-        return results
+        return {segment: sums[segment] / samples for segment in segments}
 
 
 class AngularDistanceSettings(Settings):

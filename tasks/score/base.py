@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Protocol
 
@@ -30,6 +31,25 @@ def split_known(candidates, known: dict[str, CandidateScore]) -> tuple[dict[str,
     """The candidates' known scores (reused, never recomputed) and, in order, the candidates still to score."""
     results = {c: known[c] for c in candidates if c in known}
     return results, [c for c in candidates if c not in results]
+
+
+def score_all_at_once(
+    names: list[str], known: dict[str, CandidateScore], on_score: OnScore, n_tokens: int,
+    values: Callable[[list[str]], dict[str, float]],
+) -> dict[str, CandidateScore]:
+    """What scorers that value every candidate in one pass share: known scores are reused, the rest get
+    `values(todo)` and an equal share of its time, and each new score is reported as it is made."""
+    results, todo = split_known(names, known)
+    if not todo:
+        return results
+    start = time.perf_counter()
+    computed = values(todo)
+    seconds = (time.perf_counter() - start) / len(todo)
+    for name in todo:
+        score = CandidateScore(block=name, value=computed[name], n_tokens=n_tokens, seconds=seconds)
+        results[name] = score
+        on_score(score)
+    return results
 
 
 class StepScorer(Protocol):

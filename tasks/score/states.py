@@ -8,14 +8,13 @@ Each metric is a per-token statistic of (input, output), averaged over every tok
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, score_all_at_once
 from tasks.score.perplexity import WorkCounter
 from tasks.surgery import units_of
 
@@ -67,30 +66,24 @@ class BlockStateScorer:
         self.metric = metric
         self.work = WorkCounter()
 
-    @torch.inference_mode()
     def score(
         self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
     ) -> dict[str, CandidateScore]:
-        results, todo = split_known(candidates, known)
-        if not todo:
-            return results
-        start = time.perf_counter()
+        tokens = sum(batch.numel() for batch in self.batches)
+        return score_all_at_once(candidates, known, on_score, tokens, lambda todo: self._means(removed, todo, tokens))
+
+    @torch.inference_mode()
+    def _means(self, removed: set[str], todo: list[str], tokens: int) -> dict[str, float]:
         active = self.runner.active(removed)
         where = spans(active, todo)
         boundaries = {i for span in where.values() for i in span}
         sums = dict.fromkeys(todo, 0.0)
-        tokens = sum(batch.numel() for batch in self.batches)
         for states in boundary_states(self.runner, self.batches, active, boundaries, self.work):
             for block, (first, end) in where.items():
                 # float32 at least: the statistics divide by norms that bf16 rounds coarsely.
                 values = self.metric.statistic(states[first].float(), states[end].float())
                 sums[block] += float(values.double().sum())
-        seconds = (time.perf_counter() - start) / len(todo)
-        for block in todo:
-            score = CandidateScore(block=block, value=sums[block] / tokens, n_tokens=tokens, seconds=seconds)
-            results[block] = score
-            on_score(score)
-        return results
+        return {block: sums[block] / tokens for block in todo}
 
 
 class BlockStateMetric(Metric):

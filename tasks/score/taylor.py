@@ -8,13 +8,12 @@ and `search.protect_last`.
 
 from __future__ import annotations
 
-import time
 
 import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, score_all_at_once
 from tasks.score.perplexity import WorkCounter
 from tasks.surgery import units_of
 
@@ -36,21 +35,15 @@ class TaylorScorer:
     def score(
         self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
     ) -> dict[str, CandidateScore]:
-        results, todo = split_known(candidates, known)
-        if not todo:
-            return results
-        start = time.perf_counter()
+        return score_all_at_once(candidates, known, on_score, self.n_predictions,
+                                 lambda todo: self._importance_of(removed, todo))
+
+    def _importance_of(self, removed: set[str], todo: list[str]) -> dict[str, float]:
         active = self.runner.active(removed)
         by_id = {u.id: u for u in active}
         params = {block: [p for u in sorted(units_of([block])) if u in by_id for p in self.unit_parameters(by_id[u])]
                   for block in todo}
-        importance = self._importance(active, params)
-        seconds = (time.perf_counter() - start) / len(todo)
-        for block in todo:
-            score = CandidateScore(block=block, value=importance[block], n_tokens=self.n_predictions, seconds=seconds)
-            results[block] = score
-            on_score(score)
-        return results
+        return self._importance(active, params)
 
     def _importance(self, active: list[Unit], params: dict[str, list[nn.Parameter]]) -> dict[str, float]:
         wanted = {id(p) for ps in params.values() for p in ps}
