@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         write(result)
         return 0
 
-    from tasks.calibrate import save_windows
+    from tasks.windows import save_windows
     from tasks.sources import resolve_model
     from tasks.surgery import candidate_blocks, layer_ids, load_model, units_of
 

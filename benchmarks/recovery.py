@@ -26,12 +26,11 @@ from transformers import AutoTokenizer
 
 from pipelines import load_spec
 from pipelines.spec import BiasRecovery, LoraRecovery, LowRankRecovery
-from tasks.calibrate import leading_stream
 from tasks.recover import RecoveryContext, get_recovery
 from tasks.residual import perplexity
 from tasks.sources import load_texts, resolve_model
 from tasks.surgery import load_model, remove_blocks, total_params
-from tasks.windows import leading_windows, sample_windows, tokenize_stream
+from tasks.windows import leading_stream, leading_windows, sample_windows, tokenize_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,7 +32,7 @@ from benchmarks.naive_search import window_nll as hf_window_nll
 from tasks.residual import ResidualRunner
 from tasks.score.vocab_bound import VocabBound, subset_rows
 from tasks.search import SearchContext, Target, run_search
-from tasks.search.stage import parallel_candidates
+from tasks.search_stage import parallel_candidates
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024

@@ -33,12 +33,12 @@ from flows.stages import (
 )
 from pipelines import PipelineSpec, load_spec
 from tasks.evaluation import Evaluation
-from tasks.recover.stage import Recovered
+from tasks.recover_stage import Recovered
 from tasks.refs import ArtifactRef
 from tasks.score import CandidateScore
 from tasks.search.driver import SearchRules
 from tasks.search.registry import expected_candidates
-from tasks.search.stage import SearchSections
+from tasks.search_stage import SearchSections
 
 
 @dataclass

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoTokenizer
 from flows.keys import identity_hash
 from flows.outputs import check_owner
 from pipelines import PipelineSpec
-from tasks.calibrate import leading_stream
+from tasks.windows import leading_stream
 from tasks.load import load_stage, resolve_device
 from tasks.sources import SourceError, load_texts
 

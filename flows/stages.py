@@ -17,10 +17,10 @@ from tasks.evaluation import EvaluateSpec, Evaluation
 from tasks.execution import ExecutionSpec
 from tasks.load import ModelRef, ModelSpec, load_stage
 from tasks.prune import PruneSpec, prune_stage
-from tasks.recover.stage import Recovered, recover_stage
+from tasks.recover_stage import Recovered, recover_stage
 from tasks.refs import ArtifactRef
 from tasks.search.settings import ScoreSection, SearchSection
-from tasks.search.stage import SearchResult, SearchSections, search_stage
+from tasks.search_stage import SearchResult, SearchSections, search_stage
 from tasks.settings import Settings
 
 _COMMON = dict(persist_result=True, retries=0)

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from tasks.refs import ArtifactRef
 from tasks.settings import Settings
 from tasks.sources import load_texts
-from tasks.windows import leading_windows, sample_windows, tokenize_stream
-
-_DOCS_PER_CHUNK = 64
+from tasks.windows import leading_stream, leading_windows, sample_windows, save_windows, tokenize_stream
 
 
 class CalibrationSpec(Settings):
@@ -30,33 +25,11 @@ class CalibrationSpec(Settings):
     seed: int = Field(0, ge=0, description="Seed that draws the calibration windows.")
 
 
-def save_windows(windows: torch.Tensor, path: Path, kind: str) -> ArtifactRef:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"input_ids": windows.to(torch.int64).contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return ArtifactRef.of(path, kind)
-
-
-def load_windows(ref: ArtifactRef | str) -> torch.Tensor:
-    return load_file(ref.path if isinstance(ref, ArtifactRef) else ref)["input_ids"]
-
-
 def calibrate_stage(model_path: str, spec: CalibrationSpec, out_dir: Path, key: str) -> ArtifactRef:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     stream = tokenize_stream(load_texts(spec.dataset, "calibration"), tokenizer)
     windows = sample_windows(stream, spec.seq_len, spec.samples, spec.seed)
     return save_windows(windows, out_dir / "calibration" / f"calibration-{key[:16]}.safetensors", "calibration")
-
-
-def leading_stream(texts: list[str], tokenizer, max_tokens: int) -> torch.Tensor:
-    """Tokens of the leading documents, enough for max_tokens (a big corpus is not tokenized whole)."""
-    stream = torch.empty(0, dtype=torch.long)
-    for end in range(_DOCS_PER_CHUNK, len(texts) + _DOCS_PER_CHUNK, _DOCS_PER_CHUNK):
-        stream = tokenize_stream(texts[:end], tokenizer)
-        if stream.numel() >= max_tokens:
-            break
-    return stream
 
 
 @dataclass(frozen=True)

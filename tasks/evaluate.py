@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.calibrate import EvalData, load_windows
+from tasks.calibrate import EvalData
+from tasks.windows import load_windows
 from tasks.evaluation import EvaluateSpec, Evaluation
 from tasks.export.registry import format_of
 from tasks.load import ModelSpec, open_model, resolve_device, resolve_dtype

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import os
+from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from tasks.refs import ArtifactRef
 from tasks.sources.errors import SourceError
 
 SEPARATOR = "\n\n"
@@ -78,3 +83,25 @@ def leading_windows(stream: torch.Tensor, seq_len: int, max_tokens: int) -> torc
             "or a shorter seq_len"
         )
     return stream[: count * seq_len].view(count, seq_len).clone()
+
+
+def leading_stream(texts: list[str], tokenizer, max_tokens: int) -> torch.Tensor:
+    """Tokens of the leading documents, enough for max_tokens (a big corpus is not tokenized whole)."""
+    stream = torch.empty(0, dtype=torch.long)
+    for end in range(DOCS_PER_CHUNK, len(texts) + DOCS_PER_CHUNK, DOCS_PER_CHUNK):
+        stream = tokenize_stream(texts[:end], tokenizer)
+        if stream.numel() >= max_tokens:
+            break
+    return stream
+
+
+def save_windows(windows: torch.Tensor, path: Path, kind: str) -> ArtifactRef:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"input_ids": windows.to(torch.int64).contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return ArtifactRef.of(path, kind)
+
+
+def load_windows(ref: ArtifactRef | str) -> torch.Tensor:
+    return load_file(ref.path if isinstance(ref, ArtifactRef) else ref)["input_ids"]

@@ -23,9 +23,9 @@ from catalog import Catalog
 from flows import prune_pipeline
 from flows.cli import main as cli
 from flows.keys import identity_hash, stage_key
-from tasks.search.stage import SearchSections
+from tasks.search_stage import SearchSections
 from pipelines import IDENTITY_SECTIONS, load_spec
-from tasks.calibrate import save_windows
+from tasks.windows import save_windows
 from tasks.distributed.scorer import DistributedScorer
 from tasks.distributed.shards import shard_layout
 from tasks.distributed.worker import ShardJob, score_shard

@@ -67,6 +67,22 @@ def test_no_layer_imports_a_higher_one():
     assert upward_arrows(graph()) == set()
 
 
+# Inside tasks/: the stages (each reads its own spec section and wires libraries together) sit above the
+# libraries they use, which never import a stage.
+STAGES = {"tasks.load", "tasks.calibrate", "tasks.search_stage", "tasks.prune", "tasks.recover_stage",
+          "tasks.evaluate", "tasks.distributed.runner"}
+LIBRARIES = ("tasks.search", "tasks.score", "tasks.surgery", "tasks.recover", "tasks.export", "tasks.sources",
+             "tasks.residual", "tasks.windows", "tasks.registry", "tasks.settings", "tasks.errors")
+
+
+def test_libraries_never_import_a_stage():
+    edges = graph()
+    assert STAGES <= set(edges)  # the names above still exist
+    into_stages = {f"{source} -> {target}" for source, targets in edges.items() for target in targets & STAGES
+                   if source.startswith(LIBRARIES) and source not in STAGES}
+    assert into_stages == set()
+
+
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), each sorted."""
     index, low, stack, on_stack, found = {}, {}, [], set(), []

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from pipelines.spec import PipelineSpec
-from tasks.calibrate import save_windows
+from tasks.windows import save_windows
 from tasks.export import load_checkpoint
 from tasks.recover.least_squares import fit_adapters
-from tasks.recover.stage import recover_stage
+from tasks.recover_stage import recover_stage
 from tasks.recover.training import TrainSettings, train
 from tasks.residual import ResidualRunner, perplexity
 from tasks.surgery import remove_blocks

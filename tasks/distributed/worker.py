@@ -52,7 +52,7 @@ class _WorkerState:
         self.scorers: dict[tuple[int, int], object] = {}
 
     def scorer(self, job: ShardJob):
-        from tasks.calibrate import load_windows
+        from tasks.windows import load_windows
         from tasks.export import load_checkpoint
         from tasks.load import resolve_device, resolve_dtype
         from tasks.refs import sha256_file

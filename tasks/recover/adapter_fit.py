@@ -9,7 +9,6 @@ from pydantic import Field
 from torch import nn
 
 from tasks.export import get_format, load_checkpoint
-from tasks.prune import PruneError
 from tasks.recover.data import calibration_batches
 from tasks.recover.least_squares import Fit, fit_adapters, fit_adapters_in_pruned
 from tasks.recover.registry import RecoveryCheck, RecoveryContext, RecoveryError, RecoveryRun
@@ -45,7 +44,7 @@ class AdapterRecovery(Settings):
 def check_adapters_fit(method: str, env: RecoveryCheck) -> None:
     """Adapters sit where blocks were removed: the checkpoint format must have a place for them."""
     if env.prune_format != "auto" and not get_format(env.prune_format).carries_adapters:
-        raise PruneError(
+        raise RecoveryError(
             f"recover.method '{method}' puts adapters where blocks were removed, which prune.format "
             f"'{env.prune_format}' cannot carry; use prune.format auto, remote_code or pruneflow"
         )

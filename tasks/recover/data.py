@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.calibrate import leading_stream
+from tasks.windows import leading_stream
 from tasks.export import load_tokenizer
 from tasks.recover.registry import RecoveryError
 from tasks.sources import load_texts

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from tasks.calibrate import load_windows
+from tasks.windows import load_windows
 from tasks.execution import ExecutionSpec
 from tasks.load import ModelSpec, open_model, resolve_device, search_target
 from tasks.refs import ArtifactRef

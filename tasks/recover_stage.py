@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tasks.calibrate import load_windows
+from tasks.windows import load_windows
 from tasks.export import checkpoint_format
 from tasks.load import ModelSpec, open_model
 from tasks.prune import write_checkpoint
