@@ -46,6 +46,13 @@ def strategy_settings_classes() -> dict[str, type[Settings]]:
     return dict(STRATEGY_SETTINGS.items())
 
 
+def _misplaced_sections(section: Settings, where: str, kind: str, active: str,
+                        classes: dict[str, type[Settings]]) -> list[str]:
+    """Settings given for a method other than the chosen one (e.g. `search.beam` with strategy iterative)."""
+    return [f"{where}.{name} applies only with {where}.{kind}: {name} (the {kind} is '{active}')"
+            for name in classes if getattr(section, name, None) is not None and name != active]
+
+
 def _drop_unused_settings(data: dict[str, Any], table: dict[str, type[Settings]], active: str,
                           settings: dict[str, Any]) -> dict[str, Any]:
     """A section's canonical form: only the active method's settings, with their defaults filled in.
@@ -85,11 +92,7 @@ class ScoreSection(Settings):
     def _settings_and_granularity_fit_metric(self) -> "ScoreSection":
         from tasks.search.fit import metric_problems
 
-        problems = [
-            f"score.{name} applies only with score.metric: {name} (the metric is '{self.metric}')"
-            for name in metric_settings_classes()
-            if getattr(self, name, None) is not None and name != self.metric
-        ]
+        problems = _misplaced_sections(self, "score", "metric", self.metric, metric_settings_classes())
         problems += metric_problems(self.metric, self.granularity)
         if problems:
             raise ValueError("; ".join(problems))
@@ -175,11 +178,7 @@ class SearchSection(Settings):
 
     @model_validator(mode="after")
     def _settings_fit_strategy(self) -> "SearchSection":
-        problems = [
-            f"search.{name} applies only with search.strategy: {name} (the strategy is '{self.strategy}')"
-            for name in strategy_settings_classes()
-            if getattr(self, name, None) is not None and name != self.strategy
-        ]
+        problems = _misplaced_sections(self, "search", "strategy", self.strategy, strategy_settings_classes())
         if problems:
             raise ValueError("; ".join(problems))
         return self
