@@ -106,6 +106,50 @@ class SearchRules:
                 if not (units_of([c]) & self.protected)]
 
 
+class SearchLog:
+    """What a search has done: every score and step goes to the recorder as soon as it exists (the catalog,
+    in the flow) and to the progress callbacks; an interrupted run's steps and scores come back from it."""
+
+    def __init__(self, recorder: Recorder | None = None,
+                 on_step: Callable[[int, dict[str, CandidateScore], StepRecord], None] | None = None,
+                 on_score: Callable[[int, CandidateScore], None] | None = None):
+        self.recorder = recorder or MemoryRecorder()
+        self.on_step = on_step
+        self.on_score = on_score
+        self.evaluated = 0  # candidates scored by this invocation
+        self.reused = 0  # candidates whose recorded score was reused (resume)
+
+    def known_scores(self, step: int, wanted) -> dict[str, CandidateScore]:
+        """The recorded scores at `step` of the names in `wanted` (counted as reused)."""
+        known = {b: s for b, s in self.recorder.known_scores(step).items() if b in wanted}
+        self.reused += len(known)
+        return known
+
+    def recording(self, step: int) -> Callable[[CandidateScore], None]:
+        def record(score: CandidateScore) -> None:
+            self.evaluated += 1
+            self.recorder.record_score(step, score)
+            if self.on_score:
+                self.on_score(step, score)
+
+        return record
+
+    def record_step(self, record: StepRecord, scores: dict[str, CandidateScore]) -> StepRecord:
+        self.recorder.record_step(record)
+        if self.on_step:
+            self.on_step(record.step, scores, record)
+        return record
+
+    def steps(self) -> list[StepRecord]:
+        """Steps an earlier, interrupted run already committed, in order; they must run from 0 without gaps."""
+        steps = sorted(self.recorder.known_steps(), key=lambda r: r.step)
+        if [r.step for r in steps] != list(range(len(steps))):
+            raise SearchError(f"catalog steps are not contiguous from 0: {[r.step for r in steps]}")
+        for record in steps:
+            parse_block(record.block)
+        return steps
+
+
 class SearchContext:
     def __init__(
         self,
@@ -147,9 +191,8 @@ class SearchContext:
         self.target = target
         self.exact = exact
         self.strategy_settings = dict(strategy_settings or {})
-        self.recorder = recorder or MemoryRecorder()
-        self.on_step = on_step
-        self.on_score = on_score
+        self.log = SearchLog(recorder, on_step, on_score)
+        self.recorder = self.log.recorder
         self.layer_ids = layer_ids(model)
         self.rules = SearchRules.of(self.layer_ids, granularity, protect, protect_first, protect_last)
         self.unit_params = block_param_counts(model)
@@ -162,8 +205,6 @@ class SearchContext:
         # Scorers that evaluate candidates independently say so with a `parallel` attribute.
         if hasattr(self.scorer, "parallel"):
             self.scorer.parallel = max(1, parallel_candidates)
-        self.evaluated = 0  # candidates scored by this invocation
-        self.reused = 0  # candidates whose recorded score was reused (resume)
         self._check_reachable()
 
     # --- rules -------------------------------------------------------------------------------
@@ -190,10 +231,17 @@ class SearchContext:
         return 1.0 if self.metric.remove == "lowest" else -1.0
 
     # --- scoring and recording ---------------------------------------------------------------
+    @property
+    def evaluated(self) -> int:
+        return self.log.evaluated
+
+    @property
+    def reused(self) -> int:
+        return self.log.reused
+
     def score_step(self, step: int, removed: list[str], candidates: list[str]) -> dict[str, CandidateScore]:
-        known = {b: s for b, s in self.recorder.known_scores(step).items() if b in candidates}
-        self.reused += len(known)
-        return self.scorer.score(units_of(removed), candidates, known, self._recording(step))
+        known = self.log.known_scores(step, candidates)
+        return self.scorer.score(units_of(removed), candidates, known, self.log.recording(step))
 
     def score_sets(self, step: int, parent: list[str], candidates: list[str]) -> dict[str, CandidateScore]:
         """Scores of the removal sets parent + [c] (a "removal" metric), recorded under their `set_key`.
@@ -202,10 +250,9 @@ class SearchContext:
         at the same step is reused, not evaluated again.
         """
         keys = {c: set_key([*parent, c]) for c in candidates}
-        recorded = self.recorder.known_scores(step)
+        recorded = self.log.known_scores(step, set(keys.values()))
         known = {c: dataclasses.replace(recorded[k], block=c) for c, k in keys.items() if k in recorded}
-        self.reused += len(known)
-        record = self._recording(step)
+        record = self.log.recording(step)
         scores = self.scorer.score(
             units_of(parent), candidates, known, lambda s: record(dataclasses.replace(s, block=keys[s.block]))
         )
@@ -215,9 +262,8 @@ class SearchContext:
                        segments: list[tuple[str, ...]]) -> dict[str, CandidateScore]:
         """Scores of segments (runs of consecutive layers), keyed and recorded by their first layer."""
         by_first = {s[0]: s for s in segments}
-        known = {b: s for b, s in self.recorder.known_scores(step).items() if b in by_first}
-        self.reused += len(known)
-        record = self._recording(step)
+        known = self.log.known_scores(step, by_first)
+        record = self.log.recording(step)
         if self.metric.measures == "segment":
             return self.scorer.score_segments(units_of(removed), by_first, known, record)  # type: ignore[attr-defined]
         # A "removal" metric scores the model without the segment: the rest of it joins `removed`.
@@ -226,15 +272,6 @@ class SearchContext:
             gone = units_of([*removed, *segment[1:]])
             scores.update(self.scorer.score(gone, [first], {first: known[first]} if first in known else {}, record))
         return scores
-
-    def _recording(self, step: int) -> Callable[[CandidateScore], None]:
-        def record(score: CandidateScore) -> None:
-            self.evaluated += 1
-            self.recorder.record_score(step, score)
-            if self.on_score:
-                self.on_score(step, score)
-
-        return record
 
     def ranked(self, scores: dict[str, CandidateScore], candidates: list[str]) -> list[str]:
         """Candidates with exact scores, the first to remove first; ties broken by model order."""
@@ -251,11 +288,7 @@ class SearchContext:
     def record_step(
         self, step: int, removed: list[str], block: str, value: float, scores: dict[str, CandidateScore]
     ) -> StepRecord:
-        record = StepRecord(step, block, value, self.params_remaining([*removed, block]))
-        self.recorder.record_step(record)
-        if self.on_step:
-            self.on_step(step, scores, record)
-        return record
+        return self.log.record_step(StepRecord(step, block, value, self.params_remaining([*removed, block])), scores)
 
     def commit_plan(
         self, plan: list[tuple[str, float]], scores: list[dict[str, CandidateScore]]
@@ -270,7 +303,7 @@ class SearchContext:
                 f"the catalog's committed steps {done} disagree with the removal order its recorded scores "
                 f"give {planned}; run again with --fresh"
             )
-        records = sorted(self.recorder.known_steps(), key=lambda r: r.step)
+        records = self.log.steps()
         for step in range(len(done), len(plan)):
             block, value = plan[step]
             records.append(self.record_step(step, planned[:step], block, value, scores[min(step, len(scores) - 1)]))
@@ -278,12 +311,7 @@ class SearchContext:
 
     def resumed(self) -> list[str]:
         """Blocks removed by steps an earlier, interrupted run already committed."""
-        steps = sorted(self.recorder.known_steps(), key=lambda r: r.step)
-        if [r.step for r in steps] != list(range(len(steps))):
-            raise SearchError(f"catalog steps are not contiguous from 0: {[r.step for r in steps]}")
-        for record in steps:
-            parse_block(record.block)
-        return [r.block for r in steps]
+        return [r.block for r in self.log.steps()]
 
 
 def check_reachable(
