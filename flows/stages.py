@@ -33,15 +33,14 @@ def load_task(model_spec: ModelSpec, score: ScoreSection, search: SearchSection,
 
 @task(name="calibrate", cache_key_fn=cache_key_fn("calibrate"), **_COMMON)
 def calibrate_task(calibration: CalibrationSpec, model: ModelRef, out_dir: Path) -> ArtifactRef:
-    key = stage_key("calibrate", {"calibration": calibration, "model": model})
+    key = stage_key("calibrate", dict(locals()))  # the task's own cache key: exactly its parameters
     return calibrate_stage(model.path, calibration, out_dir, key)
 
 
 @task(name="eval-data", cache_key_fn=cache_key_fn("eval-data"), **_COMMON)
 def eval_data_task(datasets: tuple[str, ...], seq_len: int, max_tokens: int, model: ModelRef,
                    out_dir: Path) -> list[EvalData]:
-    key = stage_key("eval-data", {"datasets": datasets, "seq_len": seq_len, "max_tokens": max_tokens,
-                                  "model": model})
+    key = stage_key("eval-data", dict(locals()))
     return eval_data_stage(model.path, datasets, seq_len, max_tokens, out_dir, key)
 
 
@@ -61,13 +60,11 @@ def prune_task(model_spec: ModelSpec, prune: PruneSpec, model: ModelRef, blocks:
 @task(name="recover", cache_key_fn=cache_key_fn("recover"), **_COMMON)
 def recover_task(recover: Settings, model_spec: ModelSpec, batch_windows: int, prune_format: str, model: ModelRef,
                  checkpoint: ArtifactRef, calibration: ArtifactRef, out_dir: Path, pipeline: str) -> Recovered:
+    key = stage_key("recover", dict(locals()))  # before anything else is bound in this scope
     from prefect import get_run_logger
 
     from flows.ui import TrainingProgress
 
-    key = stage_key("recover", {"recover": recover, "model_spec": model_spec, "batch_windows": batch_windows,
-                                "prune_format": prune_format, "model": model, "checkpoint": checkpoint,
-                                "calibration": calibration})
     progress = TrainingProgress(pipeline, recover.method)
     return recover_stage(checkpoint.path, model.path, calibration, recover, model_spec, batch_windows, prune_format,
                          out_dir, key, log=get_run_logger().info, on_step=progress.on_step)

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from tasks.export import hf, nemotron_nas, pruneflow_format, remote_code  # noqa: F401  (register the formats)
-from tasks.export.codegen import SHARED, write_code
+from tasks.export.codegen import write_code
 from tasks.export.common import has_lone_halves
 from tasks.surgery.adapted import adapter_ranks
 from tasks.export.registry import (ExportError, ExportFormat, format_names, format_of, get_format, read_config,
@@ -72,9 +72,7 @@ def refresh_code(path: str | Path) -> list[str]:
         with_code = [name for name in format_names() if get_format(name).carries_code]
         raise ExportError(f"{path} is a '{fmt.name}' checkpoint, which carries no modeling code; "
                           f"formats that do: {', '.join(with_code)}")
-    files = fmt.code_files(read_config(path))
-    write_code(path, files)
-    return sorted(set(files) | set(SHARED))
+    return write_code(path, fmt.code_files(read_config(path)))
 
 
 def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:

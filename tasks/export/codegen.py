@@ -61,11 +61,12 @@ def for_family(family: Family) -> list[tuple[str, str]]:
     return [("Llama", family.class_prefix), ("llama", family.module)]
 
 
-def write_code(out_dir: Path, files: dict[str, str]) -> None:
-    """Writes the given files and the shared modules that every modeling template imports."""
+def write_code(out_dir: Path, files: dict[str, str]) -> list[str]:
+    """Writes the given files and the shared modules that every modeling template imports; returns their names."""
     files = {**{name: render(name, []) for name in SHARED}, **files}
     for name, text in files.items():
         # Whole files or none: a reader (or an interrupted refresh) never sees a half-written module.
         partial = out_dir / f".{name}.tmp"
         partial.write_text(text)
         partial.replace(out_dir / name)
+    return sorted(files)
