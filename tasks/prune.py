@@ -12,7 +12,7 @@ from pydantic import Field
 from transformers import GenerationConfig
 
 from tasks.errors import UserError
-from tasks.export import ExportError, export_model, load_tokenizer, resolve_format
+from tasks.export import ExportError, export_model, format_names, load_tokenizer, resolve_format
 from tasks.load import ModelSpec, open_model
 from tasks.refs import ArtifactRef
 from tasks.settings import Settings
@@ -23,7 +23,8 @@ class PruneError(UserError):
     pass
 
 
-PruneFormat = Literal["auto", "hf", "pruneflow", "remote_code", "nemotron_nas"]
+# `auto` or any registered export format (read from the format registry, not listed here).
+PruneFormat = Literal[("auto", *format_names())]  # type: ignore[valid-type]
 
 
 class PruneSpec(Settings):
