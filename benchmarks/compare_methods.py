@@ -28,7 +28,8 @@ from transformers import AutoTokenizer
 from pipelines import load_spec
 from pipelines.spec import PipelineSpec
 from tasks.residual import perplexity
-from tasks.search import MemoryRecorder, SearchContext, SearchError, Target, run_search
+from pipelines.spec import ParamsRatioTarget
+from tasks.search import MemoryRecorder, SearchContext, SearchError, SearchLog, run_search
 from tasks.sources import load_texts, resolve_model
 from tasks.surgery import load_model, remove_blocks, total_params
 from tasks.windows import leading_stream, leading_windows, sample_windows, tokenize_stream
@@ -93,14 +94,8 @@ def data(spec: PipelineSpec, model_path: str, eval_tokens: int, eval_seq_len: in
 
 def run_one(model, windows, held_out, spec: PipelineSpec, budget: float, row: Row, recorder: MemoryRecorder) -> Row:
     try:
-        ctx = SearchContext(
-            model, windows,
-            metric=spec.score.metric, granularity=spec.score.granularity, target=Target(params_ratio=budget),
-            batch_windows=spec.score.batch_windows, exact=spec.search.exact_scores, protect=spec.search.protect,
-            protect_first=spec.search.protect_first, protect_last=spec.search.protect_last,
-            metric_settings=spec.score.metric_settings(), strategy_settings=spec.search.strategy_settings(),
-            recorder=recorder,
-        )
+        search = spec.search.model_copy(update={"target": ParamsRatioTarget(params_ratio=budget)})
+        ctx = SearchContext.of(model, windows, spec.score, search, log=SearchLog(recorder))
     except SearchError as exc:
         row.note = f"not reachable: {exc}"
         return row

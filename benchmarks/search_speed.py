@@ -31,7 +31,10 @@ from benchmarks.naive_search import naive_search
 from benchmarks.naive_search import window_nll as hf_window_nll
 from tasks.residual import ResidualRunner
 from tasks.score.vocab_bound import VocabBound, subset_rows
-from tasks.search import SearchContext, Target, run_search
+from tasks.score import ScoringOptions
+from tasks.search import (MetricChoice, Scoring, SearchContext, SearchGoal, SearchLog, SearchRules, Target,
+                          run_search)
+from tasks.surgery import layer_ids
 from tasks.search_stage import parallel_candidates
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -327,18 +330,9 @@ def run_pruneflow(model, windows, steps, exact, sampler, parallel: int = 1) -> R
 
     start_rss = sampler.reset()
     start = time.perf_counter()
-    ctx = SearchContext(
-        model,
-        windows,
-        metric="perplexity",
-        granularity="sublayer",
-        target=Target(blocks=steps),
-        batch_windows=1,
-        exact=exact,
-        parallel_candidates=parallel,
-        on_step=on_step,
-        on_score=on_score,
-    )
+    choice = MetricChoice("perplexity", options=ScoringOptions(batch_windows=1, exact=exact), parallel=parallel)
+    goal = SearchGoal.of(model, SearchRules.of(layer_ids(model), "sublayer"), Target(blocks=steps))
+    ctx = SearchContext(model, goal, Scoring(model, windows, choice, "sublayer"), SearchLog(on_step=on_step, on_score=on_score))
     kinds = count_unit_kinds(ctx.scorer.runner)
     records = run_search(ctx, "iterative")
     wall = time.perf_counter() - start
@@ -633,7 +627,7 @@ def markdown(report: dict) -> str:
         "Definitions:",
         "",
         ("- *naive*: one Hugging Face forward per window per candidate, skipped halves swapped for zero modules "
-        "(benchmarks/naive_search.py). *pruneflow exact*: `SearchContext(..., exact=True)`, iterative, "
+        "(benchmarks/naive_search.py). *pruneflow exact*: `SearchContext` with exact scoring, iterative, "
         "sublayer, batch_windows=1, `parallel_candidates` as in the table (candidates side by side, one torch "
         "thread each). *early-abort*: the same with `exact=False` (vocabulary-subset bounds, "
         "then the exact head only for candidates that can still win; tasks/score/vocab_bound.py)."),

@@ -36,8 +36,6 @@ from tasks.evaluation import Evaluation
 from tasks.recover_stage import Recovered
 from tasks.refs import ArtifactRef
 from tasks.score import CandidateScore
-from tasks.search.driver import SearchRules
-from tasks.search.registry import expected_candidates
 from tasks.search_stage import SearchSections
 
 
@@ -184,10 +182,9 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     recorder = CatalogRecorder(catalog, run_id, spec.score.metric)
     total_steps = getattr(spec.search.target, "blocks", None)
     search = spec.search
-    first = SearchRules.of(range(model.num_layers), spec.score.granularity, search.protect, search.protect_first,
-                           search.protect_last).candidates([])
-    ui = SearchArtifacts(spec.name, run_id, expected_candidates(spec.search.strategy, len(first), total_steps,
-                                                                spec.search.strategy_section()))
+    rules = search.rules(range(model.num_layers), spec.score.granularity)
+    ui = SearchArtifacts(spec.name, run_id,
+                         rules.planned_candidates(search.strategy, search.goal_target(), search.strategy_section()))
     progress = Fanout(SearchProgress(total_steps, logger), ui)
     sections = SearchSections(model=spec.model, score=spec.score, search=spec.search)
     result = _with(search_task, out_dir, fresh)(

@@ -10,12 +10,12 @@ from torch import nn
 from pydantic import Field
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tasks.search.driver import Target, check_reachable
+from tasks.search.goal import check_reachable
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.sources import resolve_model
 from tasks.export import load_checkpoint
 from tasks.settings import Settings
-from tasks.surgery import architecture_for, total_params
+from tasks.surgery import architecture_for, layer_ids, total_params
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -69,17 +69,11 @@ def skeleton(path: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def search_target(search: SearchSection) -> Target:
-    target = search.target
-    return Target(blocks=getattr(target, "blocks", None), params_ratio=getattr(target, "params_ratio", None))
-
-
 def load_stage(model: ModelSpec, score: ScoreSection, search: SearchSection) -> ModelRef:
     """Resolves `model.source` and checks that the search can reach its target on this architecture."""
     resolved = resolve_model(model.source)
     skeleton_model = skeleton(str(resolved.path))
-    check_reachable(skeleton_model, score.granularity, search_target(search), search.protect,
-                    protect_first=search.protect_first, protect_last=search.protect_last)
+    check_reachable(skeleton_model, search.rules(layer_ids(skeleton_model), score.granularity), search.goal_target())
     return ModelRef(
         path=str(resolved.path),
         fingerprint=resolved.fingerprint,

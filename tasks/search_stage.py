@@ -11,11 +11,11 @@ import torch
 
 from tasks.windows import load_windows
 from tasks.execution import ExecutionSpec
-from tasks.load import ModelSpec, open_model, resolve_device, search_target
+from tasks.load import ModelSpec, open_model, resolve_device
 from tasks.refs import ArtifactRef
 from tasks.residual import predictions
 from tasks.score import CandidateScore, StepScorer
-from tasks.search import Recorder, SearchContext, StepRecord, run_search
+from tasks.search import Recorder, SearchContext, SearchLog, StepRecord, run_search
 from tasks.search.settings import ScoreSection, SearchSection
 
 
@@ -93,26 +93,8 @@ def parallel_candidates(setting: int | str, device: str) -> int:
 def _search(model, windows, sections: SearchSections, parallel: int, recorder: Recorder, on_step, on_score,
             scorer: StepScorer | None) -> SearchResult:
     score, search = sections.score, sections.search
-    ctx = SearchContext(
-        model,
-        windows,
-        metric=score.metric,
-        granularity=score.granularity,
-        target=search_target(search),
-        batch_windows=score.batch_windows,
-        exact=search.exact_scores,
-        protect=search.protect,
-        protect_first=search.protect_first,
-        protect_last=search.protect_last,
-        memory_budget_gb=score.memory_budget_gb,
-        parallel_candidates=parallel,
-        metric_settings=score.metric_settings(),
-        strategy_settings=search.strategy_settings(),
-        recorder=recorder,
-        on_step=on_step,
-        on_score=on_score,
-        scorer=scorer,
-    )
+    ctx = SearchContext.of(model, windows, score, search, log=SearchLog(recorder, on_step, on_score), parallel=parallel,
+                           scorer=scorer)
     records = run_search(ctx, search.strategy)
     work = ctx.scorer.work
     return SearchResult(

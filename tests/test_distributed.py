@@ -31,7 +31,8 @@ from tasks.distributed.shards import shard_layout
 from tasks.distributed.worker import ShardJob, score_shard
 from tasks.residual import predictions
 from tasks.score import CandidateScore
-from tasks.search import SearchContext, Target, run_search
+from tasks.search import Target, run_search
+from tests.searchkit import search_context
 from tests.flowkit import tiny_pipeline
 from tests.tiny import tiny_model, tiny_windows
 
@@ -148,14 +149,14 @@ def test_sharded_search_equals_local(tmp_path, exact):
     model.save_pretrained(tmp_path / "model")
     ref = save_windows(windows, tmp_path / "windows.safetensors", "calibration")
     settings = dict(metric="perplexity", granularity="sublayer", target=Target(blocks=4), batch_windows=2)
-    local = SearchContext(model, windows, exact=True, **settings)
+    local = search_context(model, windows, exact=True, **settings)
     local_records = run_search(local, "iterative")
     local_scores = local.recorder.scores
     template = ShardJob(str(tmp_path / "model"), ref.path, ref.sha256, "float32", "cpu", 1, 2, math.inf,
                         0, 0, 0, (), ())
     for shards in (1, 2, 3):
         scorer = DistributedScorer(InProcessShards(template, shards), predictions(windows), exact)
-        ctx = SearchContext(model, windows, exact=exact, scorer=scorer, **settings)
+        ctx = search_context(model, windows, exact=exact, scorer=scorer, **settings)
         records = run_search(ctx, "iterative")
         assert [r.block for r in records] == [r.block for r in local_records], shards
         assert [r.value for r in records] == [r.value for r in local_records]  # bit for bit

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from tasks.residual import ResidualRunner, perplexity
 from tasks.score.vocab_bound import VocabBound
-from tasks.search import SearchContext, Target, run_search
+from tasks.search import Target, run_search
+from tests.searchkit import search_context
 from tasks.surgery import (
     architecture_for,
     architecture_of,
@@ -186,7 +187,7 @@ def brute_force(model, windows, steps: int) -> list[str]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_search_matches_brute_force(family):
     model, windows = build(family), tiny_windows(samples=2, seq_len=24)
-    ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3))
+    ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3))
     assert [r.block for r in run_search(ctx, "iterative")] == brute_force(model, windows, 3)
 
 

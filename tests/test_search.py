@@ -8,7 +8,8 @@ import torch
 
 from tasks.residual import perplexity
 from tasks.score import CandidateScore
-from tasks.search import MemoryRecorder, SearchContext, SearchError, Target, run_search
+from tasks.search import MemoryRecorder, SearchError, Target, run_search
+from tests.searchkit import search_context
 from tasks.surgery import candidate_blocks, units_of
 from tests.tiny import tiny_model, tiny_windows
 
@@ -28,7 +29,7 @@ def brute_force_order(model, windows, granularity, steps, batch_windows=1):
 def test_iterative_matches_brute_force(family, granularity, steps, exact):
     model, windows = tiny_model(family), tiny_windows(samples=4)
     expected, last_ppl = brute_force_order(model, windows, granularity, steps)
-    ctx = SearchContext(model, windows, metric="perplexity", granularity=granularity,
+    ctx = search_context(model, windows, metric="perplexity", granularity=granularity,
                         target=Target(blocks=steps), exact=exact)
     records = run_search(ctx, "iterative")
     assert [r.block for r in records] == expected
@@ -47,7 +48,7 @@ def test_early_abort_skips_work_and_marks_lower_bounds():
     model, windows = tiny_model("llama", layers=4), tiny_windows(samples=32, seq_len=16)
     runs = {}
     for exact in (True, False):
-        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer",
+        ctx = search_context(model, windows, metric="perplexity", granularity="sublayer",
                             target=Target(blocks=3), exact=exact)
         runs[exact] = (run_search(ctx, "iterative"), ctx)
     assert [r.block for r in runs[True][0]] == [r.block for r in runs[False][0]]
@@ -77,7 +78,7 @@ def test_vocabulary_bounds_choose_what_exact_sums_choose(seed):
     expected, last_ppl = brute_force_order(model, windows, "sublayer", 4)
     runs = {}
     for exact in (True, False):
-        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer",
+        ctx = search_context(model, windows, metric="perplexity", granularity="sublayer",
                             target=Target(blocks=4), exact=exact)
         runs[exact] = ([r.block for r in run_search(ctx, "iterative")], ctx)
     assert runs[True][0] == runs[False][0] == expected
@@ -95,7 +96,7 @@ def test_vocabulary_bounds_choose_what_exact_sums_choose(seed):
 
 def test_prefix_reuse_does_less_work_than_naive():
     model, windows = tiny_model("llama", layers=4), tiny_windows(samples=2)
-    ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=2))
+    ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=2))
     run_search(ctx, "iterative")
     naive_units = sum(n * (n - 1) for n in (8, 7)) * 2  # candidates x remaining units x windows
     assert ctx.scorer.work.unit_windows < naive_units
@@ -103,7 +104,7 @@ def test_prefix_reuse_does_less_work_than_naive():
 
 def test_params_ratio_target_stops_at_first_step_reaching_it():
     model, windows = tiny_model("llama"), tiny_windows()
-    ctx = SearchContext(model, windows, metric="perplexity", granularity="layer", target=Target(params_ratio=0.2))
+    ctx = search_context(model, windows, metric="perplexity", granularity="layer", target=Target(params_ratio=0.2))
     records = run_search(ctx, "iterative")
     removed_ratio = [1 - r.params_remaining / ctx.dense_params for r in records]
     assert removed_ratio[-1] >= 0.2 and all(r < 0.2 for r in removed_ratio[:-1])
@@ -111,7 +112,7 @@ def test_params_ratio_target_stops_at_first_step_reaching_it():
 
 def test_protected_blocks_are_never_candidates():
     model, windows = tiny_model("llama"), tiny_windows()
-    ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=5),
+    ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=5),
                         protect=("layers.0", "layers.3.mlp"))
     removed = [r.block for r in run_search(ctx, "iterative")]
     assert not set(removed) & {"layers.0.attn", "layers.0.mlp", "layers.3.mlp"}
@@ -120,14 +121,14 @@ def test_protected_blocks_are_never_candidates():
 def test_unreachable_targets_are_refused():
     model, windows = tiny_model("llama"), tiny_windows()
     with pytest.raises(SearchError, match="has 4 candidate blocks"):
-        SearchContext(model, windows, metric="perplexity", granularity="layer", target=Target(blocks=5))
+        search_context(model, windows, metric="perplexity", granularity="layer", target=Target(blocks=5))
     with pytest.raises(SearchError, match="removes only"):
-        SearchContext(model, windows, metric="perplexity", granularity="attn", target=Target(params_ratio=0.9))
+        search_context(model, windows, metric="perplexity", granularity="attn", target=Target(params_ratio=0.9))
 
 
 def test_resume_reuses_recorded_scores_and_steps():
     model, windows = tiny_model("llama"), tiny_windows()
-    full = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3))
+    full = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3))
     expected = run_search(full, "iterative")
     # An interrupted run: step 0 committed, step 1 has two scores recorded.
     partial = MemoryRecorder()
@@ -135,7 +136,7 @@ def test_resume_reuses_recorded_scores_and_steps():
     partial.scores = {0: dict(full.recorder.scores[0]),
                       1: dict(list(full.recorder.scores[1].items())[:2])}
     evaluated = []
-    ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3),
+    ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3),
                         recorder=partial, on_score=lambda step, s: evaluated.append((step, s.block)))
     records = run_search(ctx, "iterative")
     assert records == expected
@@ -150,8 +151,8 @@ def test_memory_budget_keeps_fewer_states_and_changes_no_number():
     model, windows = tiny_model("llama", layers=4), tiny_windows(samples=4)
     runs = {}
     for budget in (math.inf, 3 * windows.numel() * 64 * 4):  # room for 3 of the 8 entry states
-        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3))
-        ctx.scorer = PrefixReuseScorer(model, windows, 1, True, budget)
+        ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3))
+        ctx.scoring.scorer = PrefixReuseScorer(model, windows, 1, True, budget)
         runs[budget] = (run_search(ctx, "iterative"), ctx)
     (full, full_ctx), (small, small_ctx) = runs.values()
     assert full == small
@@ -172,7 +173,7 @@ def test_candidates_side_by_side_give_the_same_scores(exact):
     model, windows = peaked_model(0), tiny_windows(samples=8, seq_len=16)
     runs = []
     for parallel in (1, 3, 3):
-        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3),
+        ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3),
                             exact=exact, parallel_candidates=parallel)
         threads = torch.get_num_threads()
         blocks = [r.block for r in run_search(ctx, "iterative")]
@@ -197,7 +198,7 @@ def test_parallel_residual_family_side_by_side():
     model, windows = build("gpt_neox"), tiny_windows(samples=4)
     scores = []
     for parallel in (1, 2):
-        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=2),
+        ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=2),
                             parallel_candidates=parallel)
         run_search(ctx, "iterative")
         scores.append({(step, b): s.value for step, v in ctx.recorder.scores.items() for b, s in v.items()})

@@ -13,6 +13,7 @@ from pipelines import SpecError, load_spec, validate_mapping
 from tasks.residual import perplexity
 from tasks.score import METRICS, CandidateScore, Metric
 from tasks.search import MemoryRecorder, SearchContext, SearchError, Target, run_search, set_key
+from tests.searchkit import search_context
 from tasks.surgery import units_of
 from tests.tiny import tiny_model, tiny_windows
 
@@ -85,7 +86,7 @@ def model():
 
 
 def context(model, metric, target=Target(blocks=2), granularity="layer", **kwargs) -> SearchContext:
-    return SearchContext(model, tiny_windows(samples=2, seq_len=8), metric=metric, granularity=granularity,
+    return search_context(model, tiny_windows(samples=2, seq_len=8), metric=metric, granularity=granularity,
                          target=target, **kwargs)
 
 
@@ -154,7 +155,7 @@ def test_consecutive_removes_the_best_window_one_step_per_layer(model, fakes):
 def test_consecutive_with_a_removal_metric_and_a_params_ratio(model, fakes):
     ctx = context(model, "fake_removal", Target(params_ratio=0.3))
     records = run_search(ctx, "consecutive")
-    per_layer = ctx.params_of(["layers.0"]) / ctx.dense_params
+    per_layer = ctx.goal.params_of(["layers.0"]) / ctx.dense_params
     size = next(n for n in range(1, LAYERS + 1) if n * per_layer >= 0.3)
     assert len(records) == size
     assert set(fakes["fake_removal"].last.calls) == {frozenset(range(s, s + size)) for s in range(LAYERS - size + 1)}
@@ -164,7 +165,7 @@ def test_consecutive_with_a_removal_metric_and_a_params_ratio(model, fakes):
 
 def test_consecutive_by_perplexity_matches_full_forwards():
     model, windows = tiny_model("qwen2", layers=5), tiny_windows(samples=2, seq_len=16)
-    ctx = SearchContext(model, windows, metric="perplexity", granularity="layer", target=Target(blocks=2))
+    ctx = search_context(model, windows, metric="perplexity", granularity="layer", target=Target(blocks=2))
     records = run_search(ctx, "consecutive")
     direct = {s: perplexity(model, windows, 1, skip=sorted(units_of([f"layers.{s}", f"layers.{s + 1}"])))
               for s in range(4)}
@@ -178,7 +179,7 @@ def test_beam_of_width_one_is_the_iterative_search_on_a_real_model():
     model, windows = tiny_model("llama", layers=3), tiny_windows(samples=2, seq_len=16)
     runs = {}
     for strategy, settings in (("iterative", None), ("beam", {"width": 1})):
-        ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3),
+        ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=3),
                             strategy_settings=settings)
         runs[strategy] = [(r.block, r.value) for r in run_search(ctx, strategy)]
     assert [b for b, _ in runs["beam"]] == [b for b, _ in runs["iterative"]]
@@ -392,10 +393,10 @@ def test_std_error_is_stored_and_beam_sets_win_their_steps(tmp_path):
 def test_the_memory_budget_reaches_the_scorer(model):
     windows = tiny_windows(samples=2, seq_len=8)
     one_state = windows.numel() * 64 * 4  # bytes of one entry state of the tiny model
-    ctx = SearchContext(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=1),
+    ctx = search_context(model, windows, metric="perplexity", granularity="sublayer", target=Target(blocks=1),
                         memory_budget_gb=3 * one_state / 2**30)
     assert ctx.scorer.stride > 1
-    assert SearchContext(model, windows, metric="perplexity", granularity="sublayer",
+    assert search_context(model, windows, metric="perplexity", granularity="sublayer",
                          target=Target(blocks=1)).scorer.stride == 1
 
 

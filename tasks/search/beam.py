@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from tasks.score import CandidateScore
-from tasks.search.driver import SearchContext, SearchError, StepRecord, set_key
+from tasks.search.driver import SearchContext, set_key
+from tasks.search.goal import SearchError
+from tasks.search.log import StepRecord
 from tasks.search.registry import StrategyNeeds, register_strategy
 from tasks.settings import Settings
 from tasks.surgery import parse_block

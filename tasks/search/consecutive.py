@@ -9,7 +9,9 @@ as one step each, in model order, all with the segment's score.
 
 from __future__ import annotations
 
-from tasks.search.driver import SearchContext, SearchError, StepRecord
+from tasks.search.driver import SearchContext
+from tasks.search.goal import SearchError
+from tasks.search.log import StepRecord
 from tasks.search.registry import StrategyNeeds, register_strategy
 
 

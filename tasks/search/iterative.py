@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from tasks.search.driver import SearchContext, StepRecord
+from tasks.search.driver import SearchContext
+from tasks.search.log import StepRecord
 from tasks.search.registry import StrategyNeeds, register_strategy
 
 
 @register_strategy("iterative", StrategyNeeds(lower_bounds=True))
 def iterative(ctx: SearchContext) -> list[StepRecord]:
-    removed = ctx.resumed()
-    records = list(sorted(ctx.recorder.known_steps(), key=lambda r: r.step))
+    records = ctx.resumed()
+    removed = [r.block for r in records]
     while not ctx.target_met(removed):
         step = len(removed)
         candidates = ctx.candidates(removed)

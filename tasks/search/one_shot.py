@@ -3,7 +3,8 @@ loaded, then remove blocks from the least important up until the target is met."
 
 from __future__ import annotations
 
-from tasks.search.driver import SearchContext, StepRecord
+from tasks.search.driver import SearchContext
+from tasks.search.log import StepRecord
 from tasks.search.registry import register_strategy
 
 

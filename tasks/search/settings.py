@@ -16,6 +16,9 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.score.base import ScoringOptions
+from tasks.search.goal import SearchRules, Target as StopTarget
+from tasks.search.scoring import MetricChoice
 from tasks.settings import Settings
 
 Granularity = Literal["layer", "attn", "mlp", "sublayer"]
@@ -99,11 +102,18 @@ class ScoreSection(Settings):
         return self
 
     def metric_settings(self) -> dict[str, Any]:
-        """Keyword settings of the chosen metric (its section, defaults filled in), for SearchContext."""
+        """Keyword settings of the chosen metric (its section, defaults filled in), for its scorer."""
         settings_cls = metric_settings_classes().get(self.metric)
         if settings_cls is None:
             return {}
         return (getattr(self, self.metric, None) or settings_cls()).model_dump()
+
+    def options(self, exact: bool) -> ScoringOptions:
+        """How the scorer may spend work and memory (`exact` is the search's `exact_scores`)."""
+        return ScoringOptions(self.batch_windows, exact, self.memory_budget_gb * 2**30)
+
+    def metric_choice(self, exact: bool, parallel: int = 1) -> MetricChoice:
+        return MetricChoice(self.metric, self.metric_settings(), self.options(exact), parallel)
 
     @model_serializer(mode="wrap")
     def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -183,13 +193,22 @@ class SearchSection(Settings):
             raise ValueError("; ".join(problems))
         return self
 
+    def rules(self, layer_ids, granularity: str) -> SearchRules:
+        """The candidates that may go, on a model with these layers: the protections of this section."""
+        return SearchRules.of(layer_ids, granularity, self.protect, self.protect_first, self.protect_last)
+
+    def goal_target(self) -> StopTarget:
+        """The target as the driver reads it."""
+        return StopTarget(blocks=getattr(self.target, "blocks", None),
+                          params_ratio=getattr(self.target, "params_ratio", None))
+
     def strategy_section(self) -> Settings | None:
         """The chosen strategy's settings (its section, defaults filled in), or None if it takes none."""
         settings_cls = strategy_settings_classes().get(self.strategy)
         return None if settings_cls is None else (getattr(self, self.strategy, None) or settings_cls())
 
     def strategy_settings(self) -> dict[str, Any]:
-        """Keyword settings of the chosen strategy, for SearchContext."""
+        """Keyword settings of the chosen strategy, for the strategy function."""
         section = self.strategy_section()
         return {} if section is None else section.model_dump()
 
