@@ -17,7 +17,7 @@ from tasks.calibrate import CalibrationSpec
 from tasks.evaluation import EvaluateSpec
 from tasks.execution import ExecutionSpec
 from tasks.load import Device, DType, ModelSpec
-from tasks.prune import PruneFormat, PruneSpec
+from tasks.prune import prune_section
 from tasks.recover.bias import BiasRecovery
 from tasks.recover.continued_pretraining import ContinuedPretrainingRecovery, WeightedSource
 from tasks.recover.lora import LoraRecovery
@@ -37,6 +37,7 @@ load_plugins()
 ScoreSpec = score_section(__name__)
 SearchSpec = search_section(__name__)
 RecoverSpec = recover_section()
+PruneSpec = prune_section(__name__)
 
 
 class PipelineSpec(Settings):
@@ -115,6 +116,6 @@ __all__ = [
     "AngularDistanceSettings", "BeamSettings", "BiasRecovery", "BlocksTarget", "CalibrationSpec",
     "ContinuedPretrainingRecovery", "DType", "Device", "EvaluateSpec", "ExecutionSpec", "Granularity",
     "IDENTITY_SECTIONS", "LoraRecovery", "LowRankRecovery", "ModelSpec", "NoRecovery", "ParamsRatioTarget",
-    "PipelineSpec", "PruneFormat", "PruneSpec", "RecoverSpec", "ScoreSpec", "SearchSpec", "ShapleySettings",
+    "PipelineSpec", "PruneSpec", "RecoverSpec", "ScoreSpec", "SearchSpec", "ShapleySettings",
     "Target", "WeightedSource", "check_combination",
 ]

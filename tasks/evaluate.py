@@ -1,4 +1,5 @@
-"""Stage `evaluate`: perplexity on every evaluation dataset, parameter count and checkpoint size."""
+"""Stage `evaluate`: every registered evaluator that applies (perplexity on every evaluation dataset,
+parameter count and checkpoint size, serving speed, downstream tasks), on one checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 from tasks.calibrate import EvalData
 from tasks.windows import load_windows
-from tasks.evaluation import EvaluateSpec, Evaluation
+from tasks.evaluation import (EvaluateSpec, Evaluation, EvaluationInput, Evaluator, evaluate_all,
+                             register_evaluator)
 from tasks.export.registry import format_of
 from tasks.load import ModelSpec, open_model, resolve_device, resolve_dtype
 from tasks.refs import tree_bytes
@@ -15,28 +17,71 @@ from tasks.speed import speed_evaluations
 from tasks.surgery import total_params
 
 
+@register_evaluator
+class PerplexityEvaluator(Evaluator):
+    name = "perplexity"
+    order = 10
+
+    def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
+        out = []
+        for item in given.data:
+            windows = load_windows(item.ref)
+            ppl = perplexity(given.model, windows, given.batch_windows)
+            seq_len = windows.shape[1]
+            out.append(Evaluation(given.stage, "perplexity", item.dataset, "perplexity", ppl, predictions(windows),
+                                  seq_len, seq_len))
+        return out
+
+
+@register_evaluator
+class SizeEvaluator(Evaluator):
+    name = "size"
+    order = 20
+
+    def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
+        return [Evaluation(given.stage, "size", "-", "params", float(total_params(given.model))),
+                Evaluation(given.stage, "size", "-", "checkpoint_bytes", float(_weight_bytes(Path(given.model_path))))]
+
+
+@register_evaluator
+class SpeedEvaluator(Evaluator):
+    """Speed the way a user serves the checkpoint; the `pruneflow` format has no runtime outside pruneflow,
+    so it gets no speed rows (the report's speed table then lacks that stage)."""
+
+    name = "speed"
+    order = 30
+
+    def applies(self, given: EvaluationInput) -> bool:
+        return format_of(Path(given.model_path)).servable
+
+    def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
+        return speed_evaluations(given.model_path, given.stage, given.dtype, given.device)
+
+
+@register_evaluator
+class TaskEvaluator(Evaluator):
+    """Zero-shot lm-evaluation-harness tasks (`evaluate.tasks`); lm-eval is an optional extra."""
+
+    name = "task"
+    order = 40
+
+    def applies(self, given: EvaluationInput) -> bool:
+        return bool(given.evaluate.tasks)
+
+    def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
+        from tasks.downstream import downstream_evaluations
+
+        spec = given.evaluate
+        return downstream_evaluations(given.model, given.model_path, given.stage, spec.tasks, spec.task_paths,
+                                      spec.task_limit, given.batch_windows)
+
+
 def evaluate_stage(model_path: str, stage: str, data: list[EvalData], model_spec: ModelSpec, batch_windows: int,
                    evaluate: EvaluateSpec) -> list[Evaluation]:
-    model = open_model(model_path, model_spec)
-    out = []
-    for item in data:
-        windows = load_windows(item.ref)
-        ppl = perplexity(model, windows, batch_windows)
-        seq_len = windows.shape[1]
-        out.append(Evaluation(stage, "perplexity", item.dataset, "perplexity", ppl, predictions(windows), seq_len, seq_len))
-    out.append(Evaluation(stage, "size", "-", "params", float(total_params(model))))
-    out.append(Evaluation(stage, "size", "-", "checkpoint_bytes", float(_weight_bytes(Path(model_path)))))
-    # Speed is measured the way a user serves the checkpoint; the `pruneflow` format has no runtime
-    # outside pruneflow, so it gets no speed rows (the report's speed table then lacks that stage).
-    if format_of(Path(model_path)).servable:
-        device = resolve_device(model_spec.device)
-        out.extend(speed_evaluations(model_path, stage, resolve_dtype(model_spec.dtype, device), device))
-    if evaluate.tasks:
-        from tasks.downstream import downstream_evaluations  # lm-eval is an optional extra
-
-        out.extend(downstream_evaluations(model, model_path, stage, evaluate.tasks, evaluate.task_paths,
-                                          evaluate.task_limit, batch_windows))
-    return out
+    device = resolve_device(model_spec.device)
+    given = EvaluationInput(stage, open_model(model_path, model_spec), model_path, tuple(data),
+                            resolve_dtype(model_spec.dtype, device), device, batch_windows, evaluate)
+    return evaluate_all(given)
 
 
 def _weight_bytes(path: Path) -> int:

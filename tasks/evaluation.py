@@ -1,11 +1,15 @@
-"""What a pipeline evaluates (`evaluate`), and the row every evaluator returns and the catalog stores."""
+"""What a pipeline evaluates (`evaluate`), the evaluators by name, and the row every evaluator returns and
+the catalog stores. A leaf module: evaluators register here from their own modules."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
+from torch import nn
 
+from tasks.registry import Registry
 from tasks.settings import Settings
 
 
@@ -44,3 +48,44 @@ class EvaluateSpec(Settings):
         if any(not item.strip() for item in value):
             raise ValueError("evaluate.datasets entries must be non-empty strings")
         return value
+
+
+@dataclass(frozen=True)
+class EvaluationInput:
+    """What every evaluator of one checkpoint at one stage may read."""
+
+    stage: str  # dense | pruned | recovered
+    model: nn.Module  # pruneflow's in-memory model of the checkpoint
+    model_path: str
+    data: tuple[Any, ...]  # tasks.calibrate.EvalData: tokenized evaluation windows per dataset
+    dtype: str
+    device: str
+    batch_windows: int
+    evaluate: EvaluateSpec
+
+
+class Evaluator:
+    """One kind of evaluation row (`kind` in the catalog): perplexity, size, speed, task."""
+
+    name: ClassVar[str]
+    order: ClassVar[int] = 100  # rows are written in this order, lowest first
+
+    def applies(self, given: EvaluationInput) -> bool:
+        return True
+
+    def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
+        raise NotImplementedError
+
+
+EVALUATORS: Registry[Evaluator] = Registry("evaluator")
+
+
+def register_evaluator(cls: type[Evaluator]) -> type[Evaluator]:
+    EVALUATORS.add(cls.name, cls())
+    return cls
+
+
+def evaluate_all(given: EvaluationInput) -> list[Evaluation]:
+    """The rows of every registered evaluator that applies, in their order."""
+    chosen = sorted((e for e in EVALUATORS.values() if e.applies(given)), key=lambda e: (e.order, e.name))
+    return [row for evaluator in chosen for row in evaluator.evaluate(given)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, create_model
 from transformers import GenerationConfig
 
 from tasks.errors import UserError
@@ -23,19 +23,26 @@ class PruneError(UserError):
     pass
 
 
-# `auto` or any registered export format (read from the format registry, not listed here).
-PruneFormat = Literal[("auto", *format_names())]  # type: ignore[valid-type]
+FORMAT_HELP = (
+    "auto: a standard checkpoint when only whole layers go, else a self-contained one; "
+    "hf: original architecture (whole layers only); remote_code: modeling code in the checkpoint; "
+    "nemotron_nas: DeciLM block_configs that vLLM serves; or any export format a plugin registers."
+)
 
 
 class PruneSpec(Settings):
-    format: PruneFormat = Field(
-        "auto",
-        description=(
-            "auto: a standard checkpoint when only whole layers go, else a self-contained one; "
-            "hf: original architecture (whole layers only); remote_code: modeling code in the checkpoint; "
-            "nemotron_nas: DeciLM block_configs that vLLM serves."
-        ),
-    )
+    """The `prune` section as the stage reads it; `prune_section` makes the spec's class, whose `format`
+    accepts exactly the formats registered when the spec is composed (plugins included)."""
+
+    format: str = Field("auto", description=FORMAT_HELP)
+
+
+def prune_section(module: str) -> type[PruneSpec]:
+    """PruneSpec with `format` restricted to `auto` and the registered export formats, read now, after
+    plugins have loaded (an enum, so the Prefect form offers the names)."""
+    names = Literal[("auto", *format_names())]  # type: ignore[valid-type]
+    return create_model("PruneSpec", __base__=PruneSpec, __module__=module,
+                        format=(names, Field("auto", description=FORMAT_HELP)))
 
 
 def prune_stage(model_path: str, blocks: tuple[str, ...], model: ModelSpec, prune: PruneSpec,

@@ -66,6 +66,10 @@ def test_run_uses_the_plugin_methods_end_to_end(toy_pipeline, tmp_path):
     assert sorted(removed) == sorted(sorted(scores, key=scores.get)[-2:])
     stages = {s for (s,) in db.execute("select distinct stage from evaluations where run_id = ?", [run_id]).fetchall()}
     assert {"dense", "pruned", "recovered"} <= stages
+    kept = dict(db.execute("select stage, value from evaluations where run_id = ? and metric = 'toy_layers_kept'",
+                           [run_id]).fetchall())
+    emptied = {b.rsplit(".", 1)[0] for b in removed if b.replace(".attn", ".mlp") in removed and b.endswith(".attn")}
+    assert kept == {"dense": 4.0, "pruned": 4.0 - len(emptied), "recovered": 4.0 - len(emptied)}
     recovered = db.execute("select path from artifacts where run_id = ? and stage = 'recovered' and kind = 'checkpoint'",
                            [run_id]).fetchone()
     assert recovered is not None and (Path(recovered[0]) / "config.json").is_file()
@@ -77,3 +81,18 @@ def test_plugin_check_refuses_before_anything_is_written(toy_pipeline, tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "recover.min_positions 100000: the model has 256" in done.stderr
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == before
+
+
+def test_an_export_format_from_a_plugin_is_accepted_and_written(toy_pipeline, tmp_path):
+    as_toy = ("--set", "prune.format=toy_hf_note", "--set", "score.granularity=layer")
+    without = _cli("validate", str(toy_pipeline), *as_toy, plugins=False)
+    assert without.returncode == 2 and "prune.format" in without.stderr and "'remote_code'" in without.stderr
+    done = _cli("run", str(toy_pipeline), *as_toy)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = done.stdout.split()[1]
+    db = duckdb.connect(str(tmp_path / "out" / "catalog.duckdb"), read_only=True)
+    removed = [b for (b,) in db.execute("select block from steps where run_id = ? order by step", [run_id]).fetchall()]
+    (pruned,) = db.execute("select path from artifacts where run_id = ? and stage = 'pruned' and kind = 'checkpoint'",
+                           [run_id]).fetchone()
+    note = (Path(pruned) / "TOY_NOTE.txt").read_text()
+    assert len(removed) == 2 and all(b in note for b in removed)

@@ -1,5 +1,6 @@
-"""A plugin as a user would write one, outside pruneflow's own modules: one metric, one strategy and one
-recovery method, each one class or function and one registration (`PRUNEFLOW_PLUGINS=tests.plugins.toy`)."""
+"""A plugin as a user would write one, outside pruneflow's own modules: one metric, one strategy, one
+recovery method, one export format and one evaluator, each one class or function and one registration
+(`PRUNEFLOW_PLUGINS=tests.plugins.toy`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from tasks.evaluation import Evaluation, Evaluator, register_evaluator
+from tasks.export.hf import HfFormat
+from tasks.export.registry import register_format
 from tasks.recover import RecoveryError, RecoveryMethod, RecoveryRun, register_recovery
 from tasks.score import register_metric
 from tasks.score.states import BlockStateMetric
@@ -58,3 +62,34 @@ class ToyScaleHead(RecoveryMethod):
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(settings.scale)
         return RecoveryRun(model=model)
+
+
+@register_format
+class ToyHfWithNote(HfFormat):
+    """The `hf` layout plus a note naming the removed blocks; claims only the checkpoints it wrote."""
+
+    name = "toy_hf_note"
+
+    def write(self, model, out_dir):
+        super().write(model, out_dir)
+        (out_dir / "TOY_NOTE.txt").write_text("removed layers: " + ", ".join(self.removed(out_dir)) + "\n")
+
+    @staticmethod
+    def removed(out_dir) -> list[str]:
+        import json
+
+        record = json.loads((out_dir / "config.json").read_text())["pruneflow"]
+        return record["removed"]
+
+    def claims(self, config):
+        return config.get("pruneflow", {}).get("format") == self.name
+
+
+@register_evaluator
+class ToyLayersKept(Evaluator):
+    """How many decoder layers the evaluated model still runs, as a size row."""
+
+    name = "toy_layers_kept"
+
+    def evaluate(self, given):
+        return [Evaluation(given.stage, "size", "-", "toy_layers_kept", float(len(given.model.model.layers)))]
