@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Protocol
 
 import torch
 from torch import nn
@@ -33,23 +33,35 @@ def split_known(candidates, known: dict[str, CandidateScore]) -> tuple[dict[str,
     return results, [c for c in candidates if c not in results]
 
 
+def score_streamed(
+    names: list[str], known: dict[str, CandidateScore], on_score: OnScore,
+    produce: Callable[[list[str]], Iterable[CandidateScore]],
+) -> dict[str, CandidateScore]:
+    """The opening scorers share: known scores are reused, never recomputed; `produce(todo)` makes the
+    others (nothing runs when there are none), and each is reported as soon as it is made."""
+    results, todo = split_known(names, known)
+    if not todo:
+        return results
+    for score in produce(todo):
+        results[score.block] = score
+        on_score(score)
+    return results
+
+
 def score_all_at_once(
     names: list[str], known: dict[str, CandidateScore], on_score: OnScore, n_tokens: int,
     values: Callable[[list[str]], dict[str, float]],
 ) -> dict[str, CandidateScore]:
-    """What scorers that value every candidate in one pass share: known scores are reused, the rest get
-    `values(todo)` and an equal share of its time, and each new score is reported as it is made."""
-    results, todo = split_known(names, known)
-    if not todo:
-        return results
-    start = time.perf_counter()
-    computed = values(todo)
-    seconds = (time.perf_counter() - start) / len(todo)
-    for name in todo:
-        score = CandidateScore(block=name, value=computed[name], n_tokens=n_tokens, seconds=seconds)
-        results[name] = score
-        on_score(score)
-    return results
+    """Scorers that value every candidate in one pass: each new score gets an equal share of its time."""
+
+    def produce(todo: list[str]) -> Iterator[CandidateScore]:
+        start = time.perf_counter()
+        computed = values(todo)
+        seconds = (time.perf_counter() - start) / len(todo)
+        for name in todo:
+            yield CandidateScore(block=name, value=computed[name], n_tokens=n_tokens, seconds=seconds)
+
+    return score_streamed(names, known, on_score, produce)
 
 
 class StepScorer(Protocol):

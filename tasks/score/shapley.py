@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
-from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, split_known
+from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, score_streamed
 from tasks.score.perplexity import WorkCounter
 from tasks.settings import Settings
 from tasks.surgery import units_of
@@ -71,15 +71,9 @@ class ShapleyScorer:
     def score(
         self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
     ) -> dict[str, CandidateScore]:
-        results, todo = split_known(candidates, known)
-        if not todo:
-            return results
-        active = self.runner.active(removed)
         estimate = self._leave_one_out if self.metric.estimator == "leave_one_out" else self._sampled
-        for score in estimate(active, candidates, todo):
-            results[score.block] = score
-            on_score(score)
-        return results
+        return score_streamed(candidates, known, on_score,
+                              lambda todo: estimate(self.runner.active(removed), candidates, todo))
 
     def _leave_one_out(self, active: list[Unit], candidates: list[str], todo: list[str]) -> Iterator[CandidateScore]:
         dense = self.window_losses(active, set())
