@@ -11,6 +11,7 @@ from flows.outputs import check_owner
 from pipelines import PipelineSpec
 from tasks.windows import leading_stream
 from tasks.load import load_stage, resolve_device
+from tasks.registry import MissingExtra, Plugin
 from tasks.sources import SourceError, load_texts
 
 
@@ -31,6 +32,7 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
         return row.status if row else None
 
     check_owner(Path(spec.output_dir), spec.name, identity_hash(spec), status)
+    check_extras(spec)
     resolve_device(spec.model.device)
     model = load_stage(spec.model, spec.score, spec.search)
     tokenizer = AutoTokenizer.from_pretrained(model.path)
@@ -49,6 +51,30 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
         from tasks.downstream import check_tasks
 
         check_tasks(spec.evaluate.tasks, spec.evaluate.task_paths)
+
+
+def chosen_plugins(spec: PipelineSpec) -> list[tuple[str, Plugin]]:
+    """Every plugin the spec chooses, with the field that chooses it."""
+    import tasks.evaluate  # noqa: F401  (registers the built-in evaluators)
+    from tasks.evaluation import EVALUATORS
+    from tasks.export.registry import get_format
+    from tasks.recover import get_recovery
+    from tasks.score import METRICS
+
+    chosen: list[tuple[str, Plugin]] = [("score.metric", METRICS[spec.score.metric])]
+    if spec.recover.method != "none":
+        chosen.append(("recover.method", get_recovery(spec.recover.method)))
+    if spec.prune.format != "auto":
+        chosen.append(("prune.format", get_format(spec.prune.format)))
+    chosen += [("evaluate", e) for e in EVALUATORS.values() if e.wanted(spec.evaluate)]
+    return chosen
+
+
+def check_extras(spec: PipelineSpec) -> None:
+    """Refuse, before anything is written, a chosen method whose optional extra is not installed."""
+    problems = [p for field, plugin in chosen_plugins(spec) if (p := plugin.missing_extra(field))]
+    if problems:
+        raise MissingExtra("; ".join(problems))
 
 
 def _check_recovery(spec: PipelineSpec, model_path: str, tokenizer) -> None:

@@ -12,6 +12,7 @@ from tasks.evaluation import (EvaluateSpec, Evaluation, EvaluationInput, Evaluat
 from tasks.export.registry import format_of
 from tasks.load import ModelSpec, open_model, resolve_device, resolve_dtype
 from tasks.refs import tree_bytes
+from tasks.registry import Extra
 from tasks.residual import perplexity, predictions
 from tasks.speed import speed_evaluations
 from tasks.surgery import total_params
@@ -64,9 +65,10 @@ class TaskEvaluator(Evaluator):
 
     name = "task"
     order = 40
+    extra = Extra(("lm_eval",), "pip install 'pruneflow[eval]' (or pip install lm-eval)")
 
-    def applies(self, given: EvaluationInput) -> bool:
-        return bool(given.evaluate.tasks)
+    def wanted(self, evaluate: EvaluateSpec) -> bool:
+        return bool(evaluate.tasks)
 
     def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
         from tasks.downstream import downstream_evaluations

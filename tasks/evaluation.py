@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 from torch import nn
 
-from tasks.registry import Registry
+from tasks.registry import Plugin, Registry
 from tasks.settings import Settings
 
 
@@ -64,14 +64,19 @@ class EvaluationInput:
     evaluate: EvaluateSpec
 
 
-class Evaluator:
+class Evaluator(Plugin):
     """One kind of evaluation row (`kind` in the catalog): perplexity, size, speed, task."""
 
     name: ClassVar[str]
     order: ClassVar[int] = 100  # rows are written in this order, lowest first
 
-    def applies(self, given: EvaluationInput) -> bool:
+    def wanted(self, evaluate: EvaluateSpec) -> bool:
+        """Whether the `evaluate` section asks for this evaluator (preflight checks the extras of these)."""
         return True
+
+    def applies(self, given: EvaluationInput) -> bool:
+        """Whether it evaluates this checkpoint (a format without a serving runtime has no speed)."""
+        return self.wanted(given.evaluate)
 
     def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
         raise NotImplementedError

@@ -1,17 +1,51 @@
 """One registry shape for every kind of plugin (metrics, strategies, recovery methods, export formats,
-architecture adapters): a name registered twice is refused, and an unknown name is answered with the
-closest known ones."""
+evaluators, architecture adapters): a name registered twice is refused, and an unknown name is answered
+with the closest known ones. Class-based plugins share one base, `Plugin`: a name, an optional settings
+section and an optional extra that must be installed."""
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 from collections.abc import Mapping
-from typing import Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, TypeVar
 
 from tasks.errors import UserError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Extra:
+    """An optional dependency of a plugin: the modules it imports and how a user installs them."""
+
+    modules: tuple[str, ...]
+    install: str  # e.g. "pip install 'pruneflow[recover]'"
+
+    def missing(self) -> list[str]:
+        return [m for m in self.modules if importlib.util.find_spec(m) is None]
+
+
+class Plugin:
+    """What every class-based plugin declares: its registry name, its settings section (a
+    `tasks.settings.Settings` class, or None for a plugin that takes none) and the extra it needs."""
+
+    name: ClassVar[str]
+    settings: ClassVar[Any] = None
+    extra: ClassVar[Extra | None] = None
+
+    def missing_extra(self, field: str) -> str | None:
+        """Why this plugin cannot run here (its extra is not installed), naming the spec field; or None."""
+        missing = self.extra.missing() if self.extra is not None else []
+        if not missing:
+            return None
+        return f"{field} '{self.name}' needs {', '.join(missing)}, which is not installed: {self.extra.install}"
+
+
+class MissingExtra(UserError):
+    """A chosen plugin needs an optional extra that is not installed."""
 
 
 class UnknownName(UserError):

@@ -96,3 +96,12 @@ def test_an_export_format_from_a_plugin_is_accepted_and_written(toy_pipeline, tm
                            [run_id]).fetchone()
     note = (Path(pruned) / "TOY_NOTE.txt").read_text()
     assert len(removed) == 2 and all(b in note for b in removed)
+
+
+def test_a_missing_optional_extra_is_refused_before_anything_is_written(toy_pipeline, tmp_path):
+    before = sorted(p for p in tmp_path.rglob("*"))
+    done = _cli("run", str(toy_pipeline), "--set", "score.metric=toy_needs_an_extra")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "score.metric 'toy_needs_an_extra' needs pruneflow_toy_absent_module" in done.stderr
+    assert "pip install 'pruneflow-toy[absent]'" in done.stderr
+    assert sorted(p for p in tmp_path.rglob("*")) == before

@@ -9,14 +9,14 @@ from typing import ClassVar
 from torch import nn
 
 from tasks.errors import UserError
-from tasks.registry import Registry
+from tasks.registry import Plugin, Registry
 
 
 class ExportError(UserError):
     pass
 
 
-class ExportFormat:
+class ExportFormat(Plugin):
     """One checkpoint layout. `write` gets the in-memory pruned model (tasks.surgery's representation);
     `load` returns that same representation, whatever the files look like."""
 

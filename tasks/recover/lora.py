@@ -9,6 +9,7 @@ from pydantic import Field
 
 from tasks.recover.data import TrainingStreams
 from tasks.recover.registry import RecoveryError, RecoveryMethod, RecoveryRun, register_recovery
+from tasks.registry import Extra
 from tasks.recover.training import TrainingRecovery, TrainSettings, check_training, train
 
 
@@ -46,9 +47,9 @@ class LoraRecovery(TrainingRecovery):
 class LoraMethod(RecoveryMethod):
     name = "lora"
     settings = LoraRecovery
+    extra = Extra(("peft",), "pip install 'pruneflow[recover]' (or pip install peft)")
 
     def check(self, settings, env):
-        _peft()
         check_training(settings, [settings.dataset], env)
 
     def run(self, model, settings, ctx, fingerprint):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tasks.errors import UserError
-from tasks.registry import Registry
+from tasks.registry import Plugin, Registry
 from tasks.settings import Settings
 
 
@@ -51,7 +51,7 @@ class RecoveryCheck:
     enough_tokens: Callable[[str, int, str], None]
 
 
-class RecoveryMethod:
+class RecoveryMethod(Plugin):
     """One recovery method: its name (`recover.method`), its settings section and what it checks and does."""
 
     name: ClassVar[str]

@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Protoco
 import torch
 from torch import nn
 
-from tasks.registry import Registry
+from tasks.registry import Plugin, Registry
 from tasks.settings import Settings
 
 
@@ -103,7 +103,7 @@ class ScoringOptions:
     memory_budget_bytes: float = math.inf  # the hidden states kept between candidates, at most
 
 
-class Metric:
+class Metric(Plugin):
     name: ClassVar[str]
     # Which end of the scale marks the block to remove first.
     remove: ClassVar[Literal["lowest", "highest"]]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tasks.errors import UserError
-from tasks.registry import Registry
+from tasks.registry import Plugin, Registry
 
 
 class UnsupportedArchitecture(UserError):
@@ -52,7 +52,7 @@ class ForwardContext:
         return self.rotary.get(self.layer_types[position])
 
 
-class ArchitectureAdapter:
+class ArchitectureAdapter(Plugin):
     """Says, for one family, what a block is, how to run it piece by piece, and how to delete it.
 
     The residual view: a decoder layer is h -> h + attn_delta(h) -> h + mlp_delta(h); each half is a unit

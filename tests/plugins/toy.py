@@ -12,6 +12,7 @@ from pydantic import Field
 from tasks.evaluation import Evaluation, Evaluator, register_evaluator
 from tasks.export.hf import HfFormat
 from tasks.export.registry import register_format
+from tasks.registry import Extra
 from tasks.recover import RecoveryError, RecoveryMethod, RecoveryRun, register_recovery
 from tasks.score import register_metric
 from tasks.score.states import BlockStateMetric
@@ -28,6 +29,14 @@ class ToySquaredUpdate(BlockStateMetric):
 
     def statistic(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         return (outputs - inputs).pow(2).mean(dim=-1)
+
+
+@register_metric
+class ToyNeedsAnExtra(ToySquaredUpdate):
+    """The same metric, but it declares an optional extra that is not installed anywhere."""
+
+    name = "toy_needs_an_extra"
+    extra = Extra(("pruneflow_toy_absent_module",), "pip install 'pruneflow-toy[absent]'")
 
 
 @register_strategy("toy_most_important_first")
