@@ -81,8 +81,12 @@ class ScoreRow(_FromDb):
     # False: evaluation stopped early, so `value` is only a lower bound.
     exact: bool
     created_at: datetime
-    # Standard error of `value` when the metric is a sampling estimate (Shapley); None otherwise.
+    # Standard error of `value` when the metric is a sampling estimate (Shapley); for a candidate that
+    # left a race, the standard error of its gap to the leader (log-perplexity per token). None otherwise.
     std_error: float | None = None
+    # Racing: the confidence interval of that gap when the candidate left (gap_low > 0); None otherwise.
+    gap_low: float | None = None
+    gap_high: float | None = None
 
 
 @dataclass(frozen=True)

@@ -119,10 +119,17 @@ def _m3_evaluation_samples(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute("ALTER TABLE evaluations ADD COLUMN n_samples BIGINT")
 
 
+def _m4_score_gaps(conn: duckdb.DuckDBPyConnection) -> None:
+    # Racing: a candidate that left the race keeps the confidence interval of its gap to the leader.
+    conn.execute("ALTER TABLE scores ADD COLUMN gap_low DOUBLE")
+    conn.execute("ALTER TABLE scores ADD COLUMN gap_high DOUBLE")
+
+
 MIGRATIONS: list[Migration] = [
     _m1_initial,
     _m2_score_std_error,
     _m3_evaluation_samples,
+    _m4_score_gaps,
 ]
 
 # Tables that every migrated catalog has; `delete_run` clears a run from each of them.

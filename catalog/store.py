@@ -189,6 +189,7 @@ class Catalog:
         seconds: float,
         exact: bool = True,
         std_error: float | None = None,
+        gap: tuple[float, float] | None = None,
     ) -> None:
         _text("run_id", run_id)
         step = _integer("step", step, minimum=0)
@@ -202,15 +203,17 @@ class Catalog:
             raise CatalogError(f"exact must be True or False, got {exact!r}")
         if std_error is not None:
             std_error = _real("std_error", std_error, minimum=0.0)
+        low, high = (None, None) if gap is None else (_real("gap_low", gap[0]), _real("gap_high", gap[1]))
         with self._transaction("recording score", read_only=False) as conn:
             self._require_run(conn, run_id)
             conn.execute(
-                "INSERT INTO scores (run_id, step, block, metric, value, n_tokens, seconds, exact, std_error) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO scores (run_id, step, block, metric, value, n_tokens, seconds, exact, std_error, "
+                "gap_low, gap_high) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (run_id, step, block, metric) DO UPDATE SET "
                 "value = excluded.value, n_tokens = excluded.n_tokens, "
-                "seconds = excluded.seconds, exact = excluded.exact, std_error = excluded.std_error",
-                [run_id, step, block, metric, value, n_tokens, seconds, exact, std_error],
+                "seconds = excluded.seconds, exact = excluded.exact, std_error = excluded.std_error, "
+                "gap_low = excluded.gap_low, gap_high = excluded.gap_high",
+                [run_id, step, block, metric, value, n_tokens, seconds, exact, std_error, low, high],
             )
 
     def scores(self, run_id: str, step: int | None = None) -> list[ScoreRow]:

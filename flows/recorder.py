@@ -20,7 +20,8 @@ class CatalogRecorder:
 
     def known_scores(self, step: int) -> dict[str, CandidateScore]:
         return {
-            row.block: CandidateScore(row.block, row.value, row.n_tokens, row.seconds, row.exact, row.std_error)
+            row.block: CandidateScore(row.block, row.value, row.n_tokens, row.seconds, row.exact, row.std_error,
+                                      row.gap_low, row.gap_high)
             for row in self.catalog.scores(self.run_id, step)
             if row.metric == self.metric
         }
@@ -29,6 +30,7 @@ class CatalogRecorder:
         self.catalog.add_score(
             self.run_id, step, score.block, self.metric, score.value, score.n_tokens, score.seconds, score.exact,
             std_error=score.std_error,
+            gap=None if score.gap_low is None else (score.gap_low, score.gap_high),
         )
 
     def record_step(self, record: StepRecord) -> None:

@@ -22,6 +22,9 @@ class CandidateScore:
     seconds: float
     exact: bool = True  # False: evaluation stopped early, `value` is a lower bound
     std_error: float | None = None  # sampling estimates (Shapley): the standard error of `value`
+    # Racing: the confidence interval of the gap to the leader in log-perplexity when the candidate left.
+    gap_low: float | None = None
+    gap_high: float | None = None
 
 
 OnScore = Callable[[CandidateScore], None]
@@ -101,6 +104,7 @@ class ScoringOptions:
     batch_windows: int = 1  # calibration windows per forward micro-batch
     exact: bool = True  # False: candidates that cannot win may stop early, scored by a lower bound
     memory_budget_bytes: float = math.inf  # the hidden states kept between candidates, at most
+    racing: Any = None  # tasks.score.racing.RacingOptions: race candidates over the windows (perplexity)
 
 
 class Metric(Plugin):

@@ -134,16 +134,27 @@ class PrefixReuseScorer:
                 counter: str = "unit_windows"):
         """Per micro-batch, in order: (index, input ids, last layer's output) without the units in `drop`
         (none: the current model); the units applied are counted in `counter`, per window."""
+        kept, chain = self._chain(active, drop)
+        for index, batch in enumerate(self.batches):
+            yield index, batch, self._run_chain(entries[kept][index], index, chain, counter)
+
+    def _chain(self, active: list[Unit], drop: set[str]) -> tuple[int, list[Unit]]:
+        """The kept entry state a model without `drop` starts from, and the units it then runs."""
         first = next((i for i, u in enumerate(active) if u.id in drop), len(active) - 1)
         kept = first - first % self.stride
-        chain = active[kept:first] + [u for u in active[first:] if u.id not in drop]
-        for index, batch in enumerate(self.batches):
-            hidden = entries[kept][index]
-            ctx = self._context(index, hidden)
-            for unit in chain:
-                hidden = self.runner.apply(unit, hidden, ctx)
-            self.work.add(**{counter: len(chain) * batch.shape[0]})
-            yield index, batch, hidden
+        return kept, active[kept:first] + [u for u in active[first:] if u.id not in drop]
+
+    def _run_chain(self, hidden: torch.Tensor, index: int, chain: list[Unit], counter: str) -> torch.Tensor:
+        ctx = self._context(index, hidden)
+        for unit in chain:
+            hidden = self.runner.apply(unit, hidden, ctx)
+        self.work.add(**{counter: len(chain) * self.batches[index].shape[0]})
+        return hidden
+
+    def _final(self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str], index: int) -> torch.Tensor:
+        """Micro-batch `index`'s last layer output without the units in `drop`."""
+        kept, chain = self._chain(active, drop)
+        return self._run_chain(entries[kept][index], index, chain, "unit_windows")
 
     def _exact_nll(self, hidden: torch.Tensor, batch: torch.Tensor) -> float:
         self.work.add(head_windows=batch.shape[0])
@@ -331,4 +342,8 @@ class PerplexityMetric(Metric):
     remove = "lowest"
 
     def scorer(self, model: nn.Module, windows: torch.Tensor, options: ScoringOptions) -> PrefixReuseScorer:
+        if options.racing is not None:
+            from tasks.score.racing import RacingScorer  # it builds on this module's scorer
+
+            return RacingScorer(model, windows, options.batch_windows, options.racing, options.memory_budget_bytes)
         return PrefixReuseScorer(model, windows, options.batch_windows, options.exact, options.memory_budget_bytes)

@@ -14,7 +14,7 @@ from tasks.search.registry import NEEDS, STRATEGIES, StrategyNeeds, register_str
 
 def run_search(ctx: SearchContext, strategy: str) -> list[StepRecord]:
     run = STRATEGIES.lookup(strategy)
-    problems = combination_problems(ctx.scoring.metric_name, ctx.granularity, strategy, ctx.scoring.exact)
+    problems = combination_problems(ctx.scoring.metric_name, ctx.granularity, strategy, ctx.scoring.mode)
     if problems:
         raise SearchError("; ".join(problems))
     return run(ctx)

@@ -54,7 +54,8 @@ class SearchContext:
            log: SearchLog | None = None, parallel: int = 1, scorer: StepScorer | None = None) -> "SearchContext":
         """The search that the `score` and `search` sections of a pipeline describe, on `model`."""
         goal = SearchGoal.of(model, search.rules(layer_ids(model), score.granularity), search.goal_target())
-        scoring = Scoring(model, windows, score.metric_choice(search.exact_scores, parallel), score.granularity, scorer)
+        choice = score.metric_choice(search.exact_scores, parallel, search.racing_options())
+        scoring = Scoring(model, windows, choice, score.granularity, scorer)
         return cls(model, goal, scoring, log, search.strategy_settings())
 
     # --- what strategies ask of the parts ------------------------------------------------------

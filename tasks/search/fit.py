@@ -31,8 +31,14 @@ def metric_problems(metric: str, granularity: str) -> list[str]:
     ]
 
 
-def combination_problems(metric: str, granularity: str, strategy: str, exact: bool) -> list[str]:
-    """search.strategy with score.metric, score.granularity and search.exact_scores (all known names)."""
+MODE_TEXT = {
+    "bounded": "search.mode 'bounded' (search.exact_scores: false) stops hopeless candidates early",
+    "racing": "search.mode 'racing' drops candidates once they are behind with confidence",
+}
+
+
+def combination_problems(metric: str, granularity: str, strategy: str, mode: str) -> list[str]:
+    """search.strategy with score.metric, score.granularity and search.mode (all known names)."""
     needs = NEEDS[strategy]
     measure = METRICS[metric].measures
     problems = []
@@ -48,17 +54,17 @@ def combination_problems(metric: str, granularity: str, strategy: str, exact: bo
         problems.append(
             f"search.strategy '{strategy}' needs score.granularity {_names(needs.granularities)}, not '{granularity}'"
         )
-    if not exact:
+    if mode != "exact":
         lower_bound_strategies = [s for s, n in NEEDS.items() if n.lower_bounds]
         if not needs.lower_bounds:
             problems.append(
-                f"search.exact_scores: false needs a strategy that keeps only the best candidate of a step "
+                f"{MODE_TEXT[mode]}, so it needs a strategy that keeps only the best candidate of a step "
                 f"({_names(lower_bound_strategies)}); search.strategy '{strategy}' ranks candidates, "
-                "so their scores must be exact"
+                "so their scores must be exact: use search.mode 'exact'"
             )
-        elif measure != "removal":
+        elif measure != "removal" or (mode == "racing" and metric != "perplexity"):
             problems.append(
-                f"search.exact_scores: false stops evaluating a pruned model early, but score.metric '{metric}' "
-                f"{MEASURE_TEXT[measure]}; set exact_scores: true"
+                f"{MODE_TEXT[mode]}, which needs score.metric 'perplexity', but score.metric '{metric}' "
+                f"{MEASURE_TEXT[measure]}; use search.mode 'exact'"
             )
     return problems

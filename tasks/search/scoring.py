@@ -39,6 +39,7 @@ class Scoring:
             )
         self.metric_name = choice.name
         self.exact = choice.options.exact
+        self.mode = "racing" if choice.options.racing is not None else ("exact" if self.exact else "bounded")
         self.scorer: StepScorer = scorer if scorer is not None else self.metric.scorer(model, windows, choice.options)
         # Scorers that evaluate candidates independently say so with a `parallel` attribute.
         if hasattr(self.scorer, "parallel"):

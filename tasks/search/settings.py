@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from tasks.score.base import ScoringOptions
+from tasks.score.racing import RacingOptions
 from tasks.search.goal import SearchRules, Target as StopTarget
 from tasks.search.scoring import MetricChoice
 from tasks.settings import Settings
@@ -108,16 +109,28 @@ class ScoreSection(Settings):
             return {}
         return (getattr(self, self.metric, None) or settings_cls()).model_dump()
 
-    def options(self, exact: bool) -> ScoringOptions:
-        """How the scorer may spend work and memory (`exact` is the search's `exact_scores`)."""
-        return ScoringOptions(self.batch_windows, exact, self.memory_budget_gb * 2**30)
+    def options(self, exact: bool, racing: RacingOptions | None = None) -> ScoringOptions:
+        """How the scorer may spend work and memory (`exact` and `racing` come from the search's mode)."""
+        return ScoringOptions(self.batch_windows, exact, self.memory_budget_gb * 2**30, racing)
 
-    def metric_choice(self, exact: bool, parallel: int = 1) -> MetricChoice:
-        return MetricChoice(self.metric, self.metric_settings(), self.options(exact), parallel)
+    def metric_choice(self, exact: bool, parallel: int = 1, racing: RacingOptions | None = None) -> MetricChoice:
+        return MetricChoice(self.metric, self.metric_settings(), self.options(exact, racing), parallel)
 
     @model_serializer(mode="wrap")
     def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return _drop_unused_settings(handler(self), metric_settings_classes(), self.metric, self.metric_settings())
+
+
+class RacingSettings(Settings):
+    """`search.racing`: how candidates race over the calibration windows (tasks/score/racing.py)."""
+
+    confidence: float = Field(
+        0.99, gt=0.5, lt=1.0,
+        description="Probability that the exact best candidate stays in the race (and so is chosen).",
+    )
+    min_windows: int = Field(8, ge=3, le=100_000, description="Windows every candidate sees before it can leave.")
+    round_windows: int = Field(4, ge=1, le=100_000, description="Windows added between two looks.")
+    seed: int = Field(0, ge=0, description="Draws the order the windows go in.")
 
 
 class BlocksTarget(Settings):
@@ -163,8 +176,16 @@ class SearchSection(Settings):
     target: Target = Field(description="When to stop removing blocks.")
     exact_scores: bool = Field(
         True,
-        description="Evaluate every candidate fully; false stops hopeless candidates early and stores lower bounds.",
+        description="Evaluate every candidate fully; false stops hopeless candidates early and stores lower bounds "
+                    "(the same as mode: bounded).",
     )
+    mode: Literal["exact", "bounded", "racing"] | None = Field(
+        None,
+        description="How a step scores its candidates: exact (every window), bounded (stop those that cannot win, "
+                    "store lower bounds), racing (drop those behind the leader with confidence; racing.*). "
+                    "Default: exact_scores decides.",
+    )
+    racing: RacingSettings | None = Field(None, description="Settings of search.mode: racing.")
     protect: tuple[str, ...] = Field(
         (), description="Block ids that are never removed, e.g. layers.0 or layers.3.mlp."
     )
@@ -193,6 +214,36 @@ class SearchSection(Settings):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_sets_exact_scores(cls, data: Any) -> Any:
+        """`exact_scores` stays the flag every scorer reads: a mode sets it (exact: true, else false)."""
+        if not isinstance(data, dict) or data.get("mode") is None:
+            return data
+        exact = data["mode"] == "exact"
+        if "exact_scores" in data and data["exact_scores"] is not exact:
+            raise ValueError(f"search.mode '{data['mode']}' contradicts search.exact_scores: "
+                             f"{str(data['exact_scores']).lower()}; give only search.mode")
+        return {**data, "exact_scores": exact}
+
+    @model_validator(mode="after")
+    def _racing_settings_need_racing(self) -> "SearchSection":
+        if self.racing is not None and self.scoring_mode() != "racing":
+            raise ValueError(f"search.racing applies only with search.mode: racing (the mode is '{self.scoring_mode()}')")
+        return self
+
+    def scoring_mode(self) -> str:
+        """exact | bounded | racing: `mode`, or what `exact_scores` says when no mode is given."""
+        if self.mode is not None:
+            return self.mode
+        return "exact" if self.exact_scores else "bounded"
+
+    def racing_options(self) -> RacingOptions | None:
+        if self.scoring_mode() != "racing":
+            return None
+        settings = self.racing or RacingSettings()
+        return RacingOptions(**settings.model_dump())
+
     def rules(self, layer_ids, granularity: str) -> SearchRules:
         """The candidates that may go, on a model with these layers: the protections of this section."""
         return SearchRules.of(layer_ids, granularity, self.protect, self.protect_first, self.protect_last)
@@ -220,6 +271,15 @@ class SearchSection(Settings):
         for key in ("protect_first", "protect_last"):
             if data.get(key) == 0:
                 data.pop(key)
+        # One canonical form per scoring mode: exact and bounded as exact_scores (as before modes existed),
+        # racing as the mode with its settings, defaults filled in.
+        mode = self.scoring_mode()
+        data.pop("mode", None)
+        data.pop("racing", None)
+        data["exact_scores"] = mode == "exact"
+        if mode == "racing":
+            data["mode"] = "racing"
+            data["racing"] = (self.racing or RacingSettings()).model_dump()
         return data
 
 
@@ -247,6 +307,6 @@ def check_combination(score: ScoreSection, search: SearchSection) -> None:
     """Refuse a strategy that cannot use the metric, granularity or exact_scores setting given."""
     from tasks.search.fit import combination_problems
 
-    problems = combination_problems(score.metric, score.granularity, search.strategy, search.exact_scores)
+    problems = combination_problems(score.metric, score.granularity, search.strategy, search.scoring_mode())
     if problems:
         raise ValueError("; ".join(problems))
