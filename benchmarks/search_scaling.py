@@ -1,0 +1,154 @@
+"""How a BlockPruner search step's cost grows with its calibration set: exact, bounded and racing modes.
+
+SmolLM2-135M, sublayer candidates, the iterative strategy, calibration windows of the builtin corpus
+(`pipelines/smollm2-blockpruner.yaml`, with `--sizes` windows of `--seq-len` tokens), the first `--steps`
+steps of each mode, all in one process so that times compare side by side. The cost that does not depend
+on the machine's load is the work counted in model pieces: sub-block applications, exact output heads
+and vocabulary-subset bounds, each per calibration window (a forward of SmolLM2 is 60 sub-blocks and
+one head). Writes `benchmarks/results/search_scaling.{json,md,png}`.
+
+    .venv/bin/python -m benchmarks.search_scaling --sizes 8 16 32 --seq-len 128 --steps 2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from pipelines import load_spec
+from tasks.search import SearchContext, SearchLog, run_search
+from tasks.sources import load_texts, resolve_model
+from tasks.surgery import load_model
+from tasks.windows import sample_windows, tokenize_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("exact", "bounded", "racing")
+
+
+@dataclass
+class Row:
+    mode: str
+    windows: int
+    seq_len: int
+    seconds: float
+    units_per_window: float  # sub-block applications, per calibration window
+    heads_per_window: float  # exact output heads, per calibration window
+    bounds_per_window: float  # vocabulary-subset bounds (about a tenth of a head each), per window
+    blocks: list[str] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    left: int = 0  # candidates that left a race or stopped at a bound
+
+
+def run_mode(model, windows: torch.Tensor, mode: str, steps: int) -> Row:
+    # The pipeline names exact_scores: true, which a mode must agree with.
+    overrides = [f"search.mode={mode}", f"search.exact_scores={str(mode == 'exact').lower()}",
+                 f"search.target.blocks={steps}"]
+    spec = load_spec(ROOT / "pipelines" / "smollm2-blockpruner.yaml", overrides)
+    ctx = SearchContext.of(model, windows, spec.score, spec.search, log=SearchLog())
+    start = time.perf_counter()
+    records = run_search(ctx, "iterative")
+    seconds = time.perf_counter() - start
+    work = ctx.scorer.work
+    n = windows.shape[0]
+    left = sum(1 for step in ctx.recorder.scores.values() for s in step.values() if not s.exact)
+    return Row(mode, n, windows.shape[1], seconds, (work.unit_windows + work.mass_unit_windows) / n,
+               (work.head_windows + work.mass_windows) / n, work.bound_windows / n,
+               [r.block for r in records], [r.value for r in records], left)
+
+
+def exponent(rows: list[Row], mode: str) -> float | None:
+    """The slope of log(seconds) against log(calibration windows): 1 is proportional growth."""
+    points = [(math.log(r.windows), math.log(r.seconds)) for r in rows if r.mode == mode]
+    if len(points) < 2:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+def table(rows: list[Row]) -> str:
+    exact = {r.windows: r for r in rows if r.mode == "exact"}
+    lines = ["| windows x tokens | mode | seconds | x faster than exact | sub-blocks / window | heads / window | "
+             "bounds / window | same blocks as exact | left early | blocks |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        base = exact.get(r.windows)
+        speed = f"{base.seconds / r.seconds:.2f}" if base else "-"
+        same = "-" if base is None else f"{sum(a == b for a, b in zip(r.blocks, base.blocks))}/{len(base.blocks)}"
+        lines.append(f"| {r.windows} x {r.seq_len} | {r.mode} | {r.seconds:.0f} | {speed} | {r.units_per_window:.0f} | "
+                     f"{r.heads_per_window:.1f} | {r.bounds_per_window:.1f} | {same} | {r.left} | {', '.join(r.blocks)} |")
+    lines.append("")
+    for mode in MODES:
+        slope = exponent(rows, mode)
+        if slope is not None:
+            lines.append(f"- {mode}: time grows as windows^{slope:.2f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in MODES:
+        points = sorted((r.windows * r.seq_len, r.seconds) for r in rows if r.mode == mode)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("calibration tokens")
+    ax.set_ylabel("search seconds")
+    ax.set_title("BlockPruner search on SmolLM2-135M: time against calibration size")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32], help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(RESULTS / "search_scaling"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = load_spec(ROOT / "pipelines" / "smollm2-blockpruner.yaml")
+    model_path = str(resolve_model(spec.model.source).path)
+    model = load_model(model_path, dtype="float32").eval()
+    stream = tokenize_stream(load_texts(spec.calibration.dataset, "calibration"), AutoTokenizer.from_pretrained(model_path))
+    rows: list[Row] = []
+    out = Path(args.out)
+    for size in args.sizes:
+        windows = sample_windows(stream, args.seq_len, size, spec.calibration.seed)
+        for mode in args.modes:
+            rows.append(run_mode(model, windows, mode, args.steps))
+            r = rows[-1]
+            print(f"{size:4d} x {args.seq_len} {mode:8s} {r.seconds:8.1f}s  {r.units_per_window:7.0f} units/window  "
+                  f"left {r.left:3d}  {' '.join(r.blocks)}", flush=True)
+            out.with_suffix(".json").write_text(json.dumps([asdict(x) for x in rows], indent=1))
+    out.with_suffix(".md").write_text(
+        "# Search cost against calibration size\n\n"
+        f"SmolLM2-135M, sublayer, iterative, first {args.steps} steps, windows of {args.seq_len} tokens, "
+        f"{args.threads or torch.get_num_threads()} torch thread(s), all modes in one process.\n\n"
+        f"```\n.venv/bin/python -m benchmarks.search_scaling --sizes {' '.join(map(str, args.sizes))} "
+        f"--seq-len {args.seq_len} --steps {args.steps} --threads {args.threads}\n```\n\n" + table(rows) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
