@@ -127,6 +127,8 @@ def test_racing_through_the_command_line(tmp_path):
                              search={"target": {"blocks": 2}, "mode": "racing", "racing": {"min_windows": 4}})
     refused = _cli("validate", str(pipeline), "--set", "search.strategy=one_shot")
     assert refused.returncode == 2 and "search.mode 'racing'" in refused.stderr and "iterative" in refused.stderr
+    per_param = _cli("validate", str(pipeline), "--set", "search.objective=ppl_per_param")
+    assert per_param.returncode == 2 and "search.objective ppl_per_param" in per_param.stderr
     clash = _cli("validate", str(pipeline), "--set", "search.exact_scores=true")
     assert clash.returncode == 2 and "contradicts search.exact_scores" in clash.stderr
     done = _cli("run", str(pipeline))

@@ -203,3 +203,26 @@ def test_parallel_residual_family_side_by_side():
         run_search(ctx, "iterative")
         scores.append({(step, b): s.value for step, v in ctx.recorder.scores.items() for b, s in v.items()})
     assert scores[0] == scores[1]
+
+
+def test_ppl_per_param_objective_picks_the_least_log_ppl_rise_per_parameter():
+    model, windows = tiny_model(layers=4), tiny_windows(samples=4, seq_len=16)
+    plain = search_context(model, windows, target=Target(blocks=2))
+    run_search(plain, "iterative")
+    cost = search_context(model, windows, target=Target(blocks=2), objective="ppl_per_param")
+    records = run_search(cost, "iterative")
+    # Step 0 by hand: every candidate's perplexity against the model as loaded, per parameter it holds.
+    dense = math.log(perplexity(model, windows, 1))
+    step0 = plain.recorder.scores[0]
+    params = cost.goal.unit_params
+    expected = min(step0, key=lambda b: ((math.log(step0[b].value) - dense) / sum(params[u] for u in units_of([b])),
+                                         candidate_blocks(list(range(4)), "sublayer", set()).index(b)))
+    assert records[0].block == expected
+    # The values stored are perplexities either way; only the choice differs.
+    assert records[0].value == step0[expected].value
+    assert {b: s.value for b, s in cost.recorder.scores[0].items()} == {b: s.value for b, s in step0.items()}
+    # Step 1 likewise, against the perplexity step 0 left.
+    step1 = cost.recorder.scores[1]
+    base = math.log(records[0].value)
+    assert records[1].block == min(step1, key=lambda b: (math.log(step1[b].value) - base) / sum(
+        params[u] for u in units_of([b])))

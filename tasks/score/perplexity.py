@@ -202,6 +202,16 @@ class PrefixReuseScorer:
         return parts, math.nan, done, True
 
     @torch.inference_mode()
+    def current_perplexity(self, removed: set[str]) -> float:
+        """Calibration perplexity of the current model (without `removed`), summed as candidates are."""
+        active = self.runner.active(removed)
+        parts, _, _ = self._evaluate(active, self.entry_states(active), set(), math.inf)
+        total = 0.0
+        for value in parts:
+            total += value
+        return math.exp(total / self.n_predictions)
+
+    @torch.inference_mode()
     def batch_sums(
         self, removed: set[str], candidates: list[str], bound: float = math.inf
     ) -> dict[str, tuple[list[float], int, bool, float]]:

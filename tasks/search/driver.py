@@ -14,6 +14,7 @@ joined by '+' in model order (`set_key`), since the same block scores differentl
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import torch
@@ -42,12 +43,15 @@ class SearchContext:
     """One search on one model: its goal, its scoring, its log, and the chosen strategy's settings."""
 
     def __init__(self, model: nn.Module, goal: SearchGoal, scoring: Scoring, log: SearchLog | None = None,
-                 strategy_settings: Mapping[str, Any] | None = None):
+                 strategy_settings: Mapping[str, Any] | None = None, objective: str = "ppl"):
+        """`objective` ppl_per_param makes `pick` choose the least rise in log-perplexity per parameter
+        removed (a perplexity metric in exact mode: the scores are then true perplexities)."""
         self.model = model
         self.goal = goal
         self.scoring = scoring
         self.log = log or SearchLog()
         self.strategy_settings = dict(strategy_settings or {})
+        self.objective = objective
 
     @classmethod
     def of(cls, model: nn.Module, windows: torch.Tensor, score: ScoreSection, search: SearchSection, *,
@@ -56,7 +60,7 @@ class SearchContext:
         goal = SearchGoal.of(model, search.rules(layer_ids(model), score.granularity), search.goal_target())
         choice = score.metric_choice(search.exact_scores, parallel, search.racing_options())
         scoring = Scoring(model, windows, choice, score.granularity, scorer)
-        return cls(model, goal, scoring, log, search.strategy_settings())
+        return cls(model, goal, scoring, log, search.strategy_settings(), search.objective or "ppl")
 
     # --- what strategies ask of the parts ------------------------------------------------------
     @property
@@ -104,9 +108,32 @@ class SearchContext:
     def ranked(self, scores: dict[str, CandidateScore], candidates: list[str]) -> list[str]:
         return self.scoring.ranked(scores, candidates)
 
-    def pick(self, scores: dict[str, CandidateScore], candidates: list[str]) -> CandidateScore:
-        """The block to remove: best exact score, ties broken by model order."""
-        return scores[self.ranked(scores, candidates)[0]]
+    def pick(self, scores: dict[str, CandidateScore], candidates: list[str],
+             removed: list[str] | None = None) -> CandidateScore:
+        """The block to remove once `removed` are gone: best exact score (or, with the ppl_per_param
+        objective, least log-perplexity rise per parameter removed), ties broken by model order."""
+        if self.objective == "ppl":
+            return scores[self.ranked(scores, candidates)[0]]
+        base = math.log(self._current_perplexity(removed or []))
+
+        def cost(c: str) -> tuple[float, int]:
+            return (math.log(scores[c].value) - base) / self.goal.params_of([c]), candidates.index(c)
+
+        return scores[min((c for c in candidates if scores[c].exact), key=cost)]
+
+    def _current_perplexity(self, removed: list[str]) -> float:
+        """The calibration perplexity of the model without `removed`: the last committed step's score, or
+        for the model as loaded, one pass of the scorer."""
+        steps = self.log.steps()
+        if removed:
+            if [r.block for r in steps[: len(removed)]] != list(removed):
+                raise SearchError("the ppl_per_param objective needs the steps that removed the current blocks")
+            return steps[len(removed) - 1].value
+        current = getattr(self.scorer, "current_perplexity", None)
+        if current is None:
+            raise SearchError(f"search.objective ppl_per_param needs score.metric 'perplexity', "
+                              f"not '{self.scoring.metric_name}'")
+        return current(set())
 
     # --- scoring, with what the log already holds ----------------------------------------------
     def score_step(self, step: int, removed: list[str], candidates: list[str]) -> dict[str, CandidateScore]:

@@ -15,7 +15,7 @@ def iterative(ctx: SearchContext) -> list[StepRecord]:
         step = len(removed)
         candidates = ctx.candidates(removed)
         scores = ctx.score_step(step, removed, candidates)
-        chosen = ctx.pick(scores, candidates)
+        chosen = ctx.pick(scores, candidates, removed)
         records.append(ctx.commit(step, removed, chosen, scores))
         removed.append(chosen.block)
     return records

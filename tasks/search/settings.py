@@ -186,6 +186,11 @@ class SearchSection(Settings):
                     "Default: exact_scores decides.",
     )
     racing: RacingSettings | None = Field(None, description="Settings of search.mode: racing.")
+    objective: Literal["ppl", "ppl_per_param"] | None = Field(
+        None,
+        description="What a step minimises: ppl (the candidate's calibration perplexity, the default) or "
+                    "ppl_per_param (the rise in log-perplexity per parameter the candidate removes).",
+    )
     protect: tuple[str, ...] = Field(
         (), description="Block ids that are never removed, e.g. layers.0 or layers.3.mlp."
     )
@@ -276,6 +281,8 @@ class SearchSection(Settings):
         mode = self.scoring_mode()
         data.pop("mode", None)
         data.pop("racing", None)
+        if data.get("objective") in (None, "ppl"):  # the default, left out so older pipelines keep their id
+            data.pop("objective", None)
         data["exact_scores"] = mode == "exact"
         if mode == "racing":
             data["mode"] = "racing"
@@ -308,5 +315,11 @@ def check_combination(score: ScoreSection, search: SearchSection) -> None:
     from tasks.search.fit import combination_problems
 
     problems = combination_problems(score.metric, score.granularity, search.strategy, search.scoring_mode())
+    if search.objective == "ppl_per_param":
+        if score.metric != "perplexity" or search.strategy != "iterative" or search.scoring_mode() != "exact":
+            problems.append(
+                "search.objective ppl_per_param compares exact perplexities of one step per parameter: it needs "
+                f"score.metric 'perplexity', search.strategy 'iterative' and search.mode 'exact' (given "
+                f"'{score.metric}', '{search.strategy}', '{search.scoring_mode()}')")
     if problems:
         raise ValueError("; ".join(problems))
