@@ -37,10 +37,11 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     model = load_stage(spec.model, spec.score, spec.search)
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     cal = spec.calibration
-    _enough_tokens(
-        load_texts(cal.dataset, "calibration"), tokenizer, cal.samples * cal.seq_len,
-        f"calibration.dataset {cal.dataset}", "use a longer dataset or fewer calibration.samples / a shorter seq_len",
-    )
+    for source, count in cal.sources():
+        _enough_tokens(
+            load_texts(source, "calibration"), tokenizer, count * cal.seq_len, f"calibration.dataset {source}",
+            "use a longer dataset or fewer calibration.samples / a shorter seq_len",
+        )
     for dataset in spec.evaluate.datasets:
         _enough_tokens(
             load_texts(dataset, "evaluation"), tokenizer, spec.evaluate.seq_len,

@@ -19,7 +19,8 @@ from tasks.execution import ExecutionSpec
 from tasks.load import Device, DType, ModelSpec
 from tasks.prune import prune_section
 from tasks.recover.bias import BiasRecovery
-from tasks.recover.continued_pretraining import ContinuedPretrainingRecovery, WeightedSource
+from tasks.recover.continued_pretraining import ContinuedPretrainingRecovery
+from tasks.sources.mixture import WeightedSource
 from tasks.recover.lora import LoraRecovery
 from tasks.recover.low_rank import LowRankRecovery
 from tasks.recover.settings import NoRecovery, recover_section

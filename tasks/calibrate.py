@@ -5,31 +5,53 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from pydantic import Field
 from transformers import AutoTokenizer
 
 from tasks.refs import ArtifactRef
 from tasks.settings import Settings
 from tasks.sources import load_texts
+from tasks.sources.mixture import WeightedSource, apportion
 from tasks.windows import leading_stream, leading_windows, sample_windows, save_windows, tokenize_stream
 
 
 class CalibrationSpec(Settings):
-    dataset: str = Field(
+    dataset: str | tuple[WeightedSource, ...] = Field(
         "builtin:wiki-vital-en",
-        description="builtin:wiki-vital-en, a local .txt/.jsonl/.parquet file, or a hub dataset NAME[:CONFIG][@SPLIT].",
+        description="builtin:wiki-vital-en, a local .txt/.jsonl/.parquet file, or a hub dataset NAME[:CONFIG][@SPLIT]; "
+                    "or a mixture: a list of {source, weight}, whose windows are shared in proportion to the weights.",
         min_length=1,
     )
     samples: int = Field(32, ge=1, le=100_000, description="Number of calibration windows.")
     seq_len: int = Field(512, ge=8, le=131_072, description="Tokens per calibration window.")
     seed: int = Field(0, ge=0, description="Seed that draws the calibration windows.")
 
+    def sources(self) -> list[tuple[str, int]]:
+        """Each source with the windows it gives: one source gives them all; a mixture shares them by
+        weight (largest remainders), so every source's share is fixed by the spec alone."""
+        if isinstance(self.dataset, str):
+            return [(self.dataset, self.samples)]
+        shares = apportion(self.samples, [s.weight for s in self.dataset])
+        return [(s.source, n) for s, n in zip(self.dataset, shares)]
+
 
 def calibrate_stage(model_path: str, spec: CalibrationSpec, out_dir: Path, key: str) -> ArtifactRef:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    stream = tokenize_stream(load_texts(spec.dataset, "calibration"), tokenizer)
-    windows = sample_windows(stream, spec.seq_len, spec.samples, spec.seed)
-    return save_windows(windows, out_dir / "calibration" / f"calibration-{key[:16]}.safetensors", "calibration")
+    return save_windows(calibration_windows(spec, tokenizer),
+                        out_dir / "calibration" / f"calibration-{key[:16]}.safetensors", "calibration")
+
+
+def calibration_windows(spec: CalibrationSpec, tokenizer) -> torch.Tensor:
+    """The calibration windows: drawn from each source by the seed, then, for a mixture, put in one seeded
+    order so that micro-batches mix the sources."""
+    parts = [sample_windows(tokenize_stream(load_texts(source, "calibration"), tokenizer), spec.seq_len, count,
+                            spec.seed)
+             for source, count in spec.sources() if count > 0]
+    if len(parts) == 1:
+        return parts[0]
+    windows = torch.cat(parts)
+    return windows[torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(spec.seed))].clone()
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,7 @@ from pydantic import Field
 from tasks.recover.data import TrainingStreams
 from tasks.recover.registry import RecoveryMethod, RecoveryRun, register_recovery
 from tasks.recover.training import TrainingRecovery, TrainSettings, check_training, train
-from tasks.settings import Settings
-
-
-class WeightedSource(Settings):
-    source: str = Field(min_length=1, description="Training text: builtin corpus, local file or hub dataset.")
-    weight: float = Field(1.0, gt=0.0, description="Mixing weight (relative to the other sources').")
+from tasks.sources.mixture import WeightedSource
 
 
 class ContinuedPretrainingRecovery(TrainingRecovery):
