@@ -84,10 +84,12 @@ def _schedule(settings: TrainSettings) -> Callable[[int], float]:
 
 def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], settings: TrainSettings,
           state_dir: Path, fingerprint: str, log: Callable[[str], None] = print,
-          on_step: Callable[[int, int, float], None] | None = None) -> TrainLog:
+          on_step: Callable[[int, int, float], None] | None = None,
+          loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss) -> TrainLog:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
-    `on_step(done, total, loss)` follows every step (the flow shows it as a Prefect progress artifact)."""
+    `on_step(done, total, loss)` follows every step (the flow shows it as a Prefect progress artifact);
+    `loss_of(model, input_ids)` is the objective (default: the language-model loss)."""
     started = time.perf_counter()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -104,7 +106,7 @@ def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], setti
     try:
         for step in range(start, settings.steps):
             torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout draws, reproducible per step
-            loss = lm_loss(model, batch_for_step(step).to(device))
+            loss = loss_of(model, batch_for_step(step).to(device))
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"{settings.label}: loss is {loss.item()} at step {step}; lower the lr")
             loss.backward()
