@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from tasks.recover.data import TrainingStreams
 from tasks.recover.registry import RecoveryCheck, RecoveryError
 from tasks.settings import Settings
 
@@ -37,6 +38,26 @@ class TrainingRecovery(Settings):
     checkpoint_every: int = Field(
         50, ge=1, le=1_000_000, description="Steps between resumable training checkpoints in the output folder."
     )
+
+
+class StepsTraining(TrainingRecovery):
+    """A training method on one text source for a number of optimizer steps (lora, distill)."""
+
+    dataset: str = Field(
+        "builtin:wiki-vital-en",
+        min_length=1,
+        description="Training text (builtin corpora train on their calibration part, never the evaluation split).",
+    )
+    steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
+
+    def batches(self, tokenizer_path: str) -> Callable[[int], torch.Tensor]:
+        """Step -> its windows of `dataset`, drawn from just the text the steps need."""
+        streams = TrainingStreams(tokenizer_path, {self.dataset: 1.0}, self.seq_len,
+                                  self.steps * self.batch_size * self.seq_len)
+        return lambda step: streams.batch(step, self.batch_size, self.seed)
+
+    def schedule(self, label: str) -> TrainSettings:
+        return TrainSettings(self.steps, self.lr, self.warmup_steps, self.seed, self.checkpoint_every, label)
 
 
 def check_training(settings: TrainingRecovery, sources: list[str], env: RecoveryCheck) -> None:
