@@ -7,10 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tasks.recover.data import TrainingStreams
 from tasks.recover.registry import RecoveryError, RecoveryMethod, RecoveryRun, register_recovery
 from tasks.registry import Extra
-from tasks.recover.training import TrainingRecovery, TrainSettings, check_training, train
+from tasks.recover.training import StepsTraining, check_training, train
 
 
 def _peft():
@@ -23,16 +22,10 @@ def _peft():
     return peft
 
 
-class LoraRecovery(TrainingRecovery):
+class LoraRecovery(StepsTraining):
     """LoRA fine-tuning of the pruned model with PEFT, merged into the weights (Shortened LLaMA, scaled down)."""
 
     method: Literal["lora"]
-    dataset: str = Field(
-        "builtin:wiki-vital-en",
-        min_length=1,
-        description="Training text (builtin corpora train on their calibration part, never the evaluation split).",
-    )
-    steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator (scale = alpha / rank).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -62,14 +55,8 @@ class LoraMethod(RecoveryMethod):
             wrapped = peft.get_peft_model(model, config)
         except ValueError as err:
             raise RecoveryError(f"recover.target_modules {list(settings.target_modules)}: {err}") from err
-        streams = TrainingStreams(ctx.tokenizer_path, {settings.dataset: 1.0}, settings.seq_len,
-                                  settings.steps * settings.batch_size * settings.seq_len)
-        log = train(
-            wrapped, lambda step: streams.batch(step, settings.batch_size, settings.seed),
-            TrainSettings(settings.steps, settings.lr, settings.warmup_steps, settings.seed,
-                          settings.checkpoint_every, "lora"),
-            ctx.state_dir, fingerprint, ctx.log, ctx.on_step,
-        )
+        log = train(wrapped, settings.batches(ctx.tokenizer_path), settings.schedule("lora"), ctx.state_dir,
+                    fingerprint, ctx.log, ctx.on_step)
         merged = wrapped.merge_and_unload()
         merged.requires_grad_(False)
         return RecoveryRun(merged, losses=log.losses, trainable_params=log.trainable_params,

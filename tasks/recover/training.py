@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from tasks.recover.data import TrainingStreams
 from tasks.recover.registry import RecoveryCheck, RecoveryError
 from tasks.settings import Settings
 
@@ -37,6 +38,26 @@ class TrainingRecovery(Settings):
     checkpoint_every: int = Field(
         50, ge=1, le=1_000_000, description="Steps between resumable training checkpoints in the output folder."
     )
+
+
+class StepsTraining(TrainingRecovery):
+    """A training method on one text source for a number of optimizer steps (lora, distill)."""
+
+    dataset: str = Field(
+        "builtin:wiki-vital-en",
+        min_length=1,
+        description="Training text (builtin corpora train on their calibration part, never the evaluation split).",
+    )
+    steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
+
+    def batches(self, tokenizer_path: str) -> Callable[[int], torch.Tensor]:
+        """Step -> its windows of `dataset`, drawn from just the text the steps need."""
+        streams = TrainingStreams(tokenizer_path, {self.dataset: 1.0}, self.seq_len,
+                                  self.steps * self.batch_size * self.seq_len)
+        return lambda step: streams.batch(step, self.batch_size, self.seed)
+
+    def schedule(self, label: str) -> TrainSettings:
+        return TrainSettings(self.steps, self.lr, self.warmup_steps, self.seed, self.checkpoint_every, label)
 
 
 def check_training(settings: TrainingRecovery, sources: list[str], env: RecoveryCheck) -> None:
@@ -84,10 +105,12 @@ def _schedule(settings: TrainSettings) -> Callable[[int], float]:
 
 def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], settings: TrainSettings,
           state_dir: Path, fingerprint: str, log: Callable[[str], None] = print,
-          on_step: Callable[[int, int, float], None] | None = None) -> TrainLog:
+          on_step: Callable[[int, int, float], None] | None = None,
+          loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss) -> TrainLog:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
-    `on_step(done, total, loss)` follows every step (the flow shows it as a Prefect progress artifact)."""
+    `on_step(done, total, loss)` follows every step (the flow shows it as a Prefect progress artifact);
+    `loss_of(model, input_ids)` is the objective (default: the language-model loss)."""
     started = time.perf_counter()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -104,7 +127,7 @@ def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], setti
     try:
         for step in range(start, settings.steps):
             torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout draws, reproducible per step
-            loss = lm_loss(model, batch_for_step(step).to(device))
+            loss = loss_of(model, batch_for_step(step).to(device))
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"{settings.label}: loss is {loss.item()} at step {step}; lower the lr")
             loss.backward()
