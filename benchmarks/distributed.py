@@ -60,7 +60,7 @@ def _steps(scorer, candidates_of, steps: int) -> list[dict]:
 
 
 def local_case(model, windows, threads: int, steps: int, candidates_of) -> dict:
-    from tasks.score.perplexity import PrefixReuseScorer
+    from tasks.score.prefix_reuse import PrefixReuseScorer
 
     torch.set_num_threads(threads)
     scorer = PrefixReuseScorer(model, windows, 1, True)

@@ -146,7 +146,7 @@ def test_resume_reuses_recorded_scores_and_steps():
 
 
 def test_memory_budget_keeps_fewer_states_and_changes_no_number():
-    from tasks.score.perplexity import PrefixReuseScorer
+    from tasks.score.prefix_reuse import PrefixReuseScorer
 
     model, windows = tiny_model("llama", layers=4), tiny_windows(samples=4)
     runs = {}

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from tasks.distributed.shards import ShardResult, combine
 from tasks.score.base import CandidateScore, OnScore
-from tasks.score.perplexity import WorkCounter
+from tasks.score.prefix_reuse import WorkCounter
 
 
 class ShardBackend(Protocol):

@@ -56,7 +56,7 @@ class _WorkerState:
         from tasks.export import load_checkpoint
         from tasks.load import resolve_device, resolve_dtype
         from tasks.refs import sha256_file
-        from tasks.score.perplexity import PrefixReuseScorer
+        from tasks.score.prefix_reuse import PrefixReuseScorer
 
         run_key = (job.model_path, job.dtype, job.device, job.calibration_path, job.calibration_sha256,
                    job.batch_windows, job.memory_budget_bytes)

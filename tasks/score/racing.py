@@ -32,7 +32,7 @@ from torch import nn
 
 from tasks.residual import Unit, predictions
 from tasks.score.base import CandidateScore, OnScore, score_streamed
-from tasks.score.perplexity import PrefixReuseScorer
+from tasks.score.prefix_reuse import PrefixReuseScorer
 from tasks.surgery import units_of
 
 

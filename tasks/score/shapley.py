@@ -27,7 +27,7 @@ from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
 from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, score_streamed
-from tasks.score.perplexity import WorkCounter
+from tasks.score.prefix_reuse import WorkCounter
 from tasks.settings import Settings
 from tasks.surgery import units_of
 
