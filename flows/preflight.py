@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer
 
 from flows.keys import identity_hash
 from flows.outputs import check_owner
 from pipelines import PipelineSpec
+from tasks.export import load_tokenizer, model_config
 from tasks.windows import leading_stream
 from tasks.load import load_stage, resolve_device
 from tasks.registry import MissingExtra, Plugin
@@ -35,7 +35,7 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     check_extras(spec)
     resolve_device(spec.model.device)
     model = load_stage(spec.model, spec.score, spec.search)
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    tokenizer = load_tokenizer(model.path, spec.model.trust_remote_code)
     cal = spec.calibration
     _enough_tokens(
         load_texts(cal.dataset, "calibration"), tokenizer, cal.samples * cal.seq_len,
@@ -87,6 +87,6 @@ def _check_recovery(spec: PipelineSpec, model_path: str, tokenizer) -> None:
         _enough_tokens(load_texts(source, "calibration"), tokenizer, needed, f"recover training source {source}",
                        f"use a longer dataset or a shorter {setting}")
 
-    positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    positions = getattr(model_config(Path(model_path), spec.model.trust_remote_code), "max_position_embeddings", None)
     env = RecoveryCheck(prune_format=spec.prune.format, positions=positions, enough_tokens=enough_tokens)
     get_recovery(spec.recover.method).check(spec.recover, env)

@@ -34,14 +34,14 @@ def load_task(model_spec: ModelSpec, score: ScoreSection, search: SearchSection,
 @task(name="calibrate", cache_key_fn=cache_key_fn("calibrate"), **_COMMON)
 def calibrate_task(calibration: CalibrationSpec, model: ModelRef, out_dir: Path) -> ArtifactRef:
     key = stage_key("calibrate", dict(locals()))  # the task's own cache key: exactly its parameters
-    return calibrate_stage(model.path, calibration, out_dir, key)
+    return calibrate_stage(model.path, calibration, out_dir, key, model.trust_remote_code)
 
 
 @task(name="eval-data", cache_key_fn=cache_key_fn("eval-data"), **_COMMON)
 def eval_data_task(datasets: tuple[str, ...], seq_len: int, max_tokens: int, model: ModelRef,
                    out_dir: Path) -> list[EvalData]:
     key = stage_key("eval-data", dict(locals()))
-    return eval_data_stage(model.path, datasets, seq_len, max_tokens, out_dir, key)
+    return eval_data_stage(model.path, datasets, seq_len, max_tokens, out_dir, key, model.trust_remote_code)
 
 
 @task(name="search", cache_key_fn=cache_key_fn("search"), **_COMMON)

@@ -50,10 +50,11 @@ def prune_stage(model_path: str, blocks: tuple[str, ...], model: ModelSpec, prun
     """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json)."""
     pruned = open_model(model_path, model)
     remove_blocks(pruned, list(blocks))
-    return write_checkpoint(pruned, model_path, out_dir / "checkpoint-pruned", prune.format)
+    return write_checkpoint(pruned, model_path, out_dir / "checkpoint-pruned", prune.format, model.trust_remote_code)
 
 
-def write_checkpoint(model, source_path: str, target: Path, requested_format: str) -> ArtifactRef:
+def write_checkpoint(model, source_path: str, target: Path, requested_format: str,
+                     trust_remote_code: bool = False) -> ArtifactRef:
     """Export `model` to `target` with the source's tokenizer and generation config; all or nothing."""
     try:
         fmt = resolve_format(requested_format, model)
@@ -62,7 +63,7 @@ def write_checkpoint(model, source_path: str, target: Path, requested_format: st
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     export_model(model.to("cpu"), tmp, fmt)
-    load_tokenizer(source_path).save_pretrained(tmp)
+    load_tokenizer(source_path, trust_remote_code).save_pretrained(tmp)
     _copy_generation_config(source_path, tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

@@ -63,7 +63,7 @@ class LoraMethod(RecoveryMethod):
         except ValueError as err:
             raise RecoveryError(f"recover.target_modules {list(settings.target_modules)}: {err}") from err
         streams = TrainingStreams(ctx.tokenizer_path, {settings.dataset: 1.0}, settings.seq_len,
-                                  settings.steps * settings.batch_size * settings.seq_len)
+                                  settings.steps * settings.batch_size * settings.seq_len, ctx.trust_remote_code)
         log = train(
             wrapped, lambda step: streams.batch(step, settings.batch_size, settings.seed),
             TrainSettings(settings.steps, settings.lr, settings.warmup_steps, settings.seed,
