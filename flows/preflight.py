@@ -6,11 +6,12 @@ from pathlib import Path
 
 
 from flows.keys import identity_hash
-from flows.outputs import check_owner
+from flows.outputs import check_catalog_file, check_owner, check_writable_folder
 from pipelines import PipelineSpec
 from tasks.export import load_tokenizer, model_config
 from tasks.windows import leading_stream
-from tasks.load import load_stage, resolve_device
+from tasks.export.common import DTYPES
+from tasks.load import load_stage, resolve_device, resolve_dtype
 from tasks.registry import MissingExtra, Plugin
 from tasks.sources import SourceError, load_texts
 
@@ -22,9 +23,19 @@ def _enough_tokens(texts: list[str], tokenizer, needed: int, what: str, hint: st
         raise SourceError(f"{what} gives {have} tokens; need at least {needed}; {hint}")
 
 
+# Tokenizer, config and generation files beside the weights.
+_CHECKPOINT_EXTRA_BYTES = 32_000_000
+
+
+def checkpoint_bytes(params: int, dtype: str, device: str) -> int:
+    """What one checkpoint of the unpruned model takes (a pruned one is smaller; one is written at a time)."""
+    return params * DTYPES[resolve_dtype(dtype, device)].itemsize + _CHECKPOINT_EXTRA_BYTES
+
+
 def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     from catalog import Catalog
 
+    check_catalog_file(spec.catalog_path())
     catalog = Catalog(spec.catalog_path()) if spec.catalog_path().exists() else None
 
     def status(run_id: str) -> str | None:
@@ -33,8 +44,9 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
 
     check_owner(Path(spec.output_dir), spec.name, identity_hash(spec), status)
     check_extras(spec)
-    resolve_device(spec.model.device)
+    device = resolve_device(spec.model.device)
     model = load_stage(spec.model, spec.score, spec.search)
+    check_writable_folder(Path(spec.output_dir), "output_dir", checkpoint_bytes(model.params, spec.model.dtype, device))
     tokenizer = load_tokenizer(model.path, spec.model.trust_remote_code)
     cal = spec.calibration
     _enough_tokens(

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from tasks.search.goal import check_reachable
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.sources import resolve_model
+from tasks.sources.weights import check_weight_files
 from tasks.errors import UserError
 from tasks.export import load_checkpoint, model_config
 from tasks.settings import Settings
@@ -87,6 +88,7 @@ def skeleton(path: str, trust_remote_code: bool = False) -> nn.Module:
 def load_stage(model: ModelSpec, score: ScoreSection, search: SearchSection) -> ModelRef:
     """Resolves `model.source` and checks that the search can reach its target on this architecture."""
     resolved = resolve_model(model.source)
+    check_weight_files(Path(resolved.path))
     skeleton_model = skeleton(str(resolved.path), model.trust_remote_code)
     check_reachable(skeleton_model, search.rules(layer_ids(skeleton_model), score.granularity), search.goal_target())
     return ModelRef(

@@ -103,7 +103,7 @@ def model_config(path: Path, trusted: bool = False, setting: str = "model.source
         model_type = _declared_model_type(path)
         raise UnreadableConfig(
             f"{setting}: {path}/config.json has model_type '{model_type}', which this transformers release does "
-            f"not read ({str(exc).splitlines()[0][:200]}); supported model types: {', '.join(supported_model_types())}"
+            f"not know; supported model types: {', '.join(supported_model_types())}"
         ) from exc
 
 
