@@ -16,6 +16,14 @@ from tasks.registry import MissingExtra, Plugin
 from tasks.sources import SourceError, load_texts
 
 
+def _texts(source: str, part: str, field: str) -> list[str]:
+    """The texts of a source, with a refusal that names the spec field it came from."""
+    try:
+        return load_texts(source, part)
+    except SourceError as exc:
+        raise SourceError(f"{field}: {exc}") from exc
+
+
 def _enough_tokens(texts: list[str], tokenizer, needed: int, what: str, hint: str) -> None:
     # Only as many leading documents as the need requires are tokenized, so this stays cheap.
     have = leading_stream(texts, tokenizer, needed).numel()
@@ -50,12 +58,12 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     tokenizer = load_tokenizer(model.path, spec.model.trust_remote_code)
     cal = spec.calibration
     _enough_tokens(
-        load_texts(cal.dataset, "calibration"), tokenizer, cal.samples * cal.seq_len,
+        _texts(cal.dataset, "calibration", "calibration.dataset"), tokenizer, cal.samples * cal.seq_len,
         f"calibration.dataset {cal.dataset}", "use a longer dataset or fewer calibration.samples / a shorter seq_len",
     )
     for dataset in spec.evaluate.datasets:
         _enough_tokens(
-            load_texts(dataset, "evaluation"), tokenizer, spec.evaluate.seq_len,
+            _texts(dataset, "evaluation", "evaluate.datasets"), tokenizer, spec.evaluate.seq_len,
             f"evaluate.datasets entry {dataset}", "use a longer dataset or a shorter evaluate.seq_len",
         )
     _check_recovery(spec, model.path, tokenizer)
@@ -96,7 +104,7 @@ def _check_recovery(spec: PipelineSpec, model_path: str, tokenizer) -> None:
         return
 
     def enough_tokens(source: str, needed: int, setting: str) -> None:
-        _enough_tokens(load_texts(source, "calibration"), tokenizer, needed, f"recover training source {source}",
+        _enough_tokens(_texts(source, "calibration", "recover"), tokenizer, needed, f"recover training source {source}",
                        f"use a longer dataset or a shorter {setting}")
 
     positions = getattr(model_config(Path(model_path), spec.model.trust_remote_code), "max_position_embeddings", None)
