@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -109,3 +110,22 @@ def check_catalog_file(catalog: Path) -> None:
     if catalog.is_dir():
         raise OutputDirError(f"catalog: {catalog} is a folder; name a DuckDB file, e.g. {catalog / 'catalog.duckdb'}")
     check_writable_folder(catalog.parent, "catalog")
+
+
+# What the writers here and in the stages leave while writing (`name.tmp<pid>`, `.name.tmp<pid>` folders,
+# `.module.py.tmp`); a finished file or folder never ends like this.
+_TEMPORARY = re.compile(r"\.tmp\d*$")
+
+
+def sweep_temporaries(out_dir: Path) -> list[Path]:
+    """Removes what interrupted writes left in the output folder. Only while holding the folder's lock:
+    then no other process is writing there."""
+    if not out_dir.is_dir():
+        return []
+    found = sorted(p for p in out_dir.rglob("*") if _TEMPORARY.search(p.name))
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
