@@ -5,11 +5,9 @@ the reason, leaves no temporary folder, and resumes once space is freed."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import duckdb

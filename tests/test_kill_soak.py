@@ -9,10 +9,8 @@ in turn, in one run.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.flowkit import tiny_pipeline
+from tests.flowkit import run_in_session, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,17 +56,7 @@ SECTIONS = dict(search={"target": {"blocks": 2}}, recover={"method": "bias"})
 def _run(pipeline: Path, point: str) -> int:
     """One invocation in its own session; the whole group is killed after, so Prefect's server child goes too."""
     log = pipeline.parent / f"run-{len(list(pipeline.parent.glob('run-*.log')))}-{point.replace(':', '-')}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _KILLER, str(pipeline), point], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    code = run_in_session([sys.executable, "-c", _KILLER, str(pipeline), point], log).returncode
     assert code in (0, -signal.SIGKILL), log.read_text()[-3000:]
     return code
 
