@@ -8,7 +8,7 @@ from pathlib import Path
 from flows.keys import identity_hash
 from flows.outputs import check_catalog_file, check_owner, check_writable_folder
 from pipelines import PipelineSpec
-from tasks.export import load_tokenizer, model_config
+from tasks.export import TokenizerError, load_tokenizer, model_config
 from tasks.windows import leading_stream
 from tasks.export.common import DTYPES
 from tasks.load import load_stage, resolve_device, resolve_dtype
@@ -55,7 +55,10 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     device = resolve_device(spec.model.device)
     model = load_stage(spec.model, spec.score, spec.search)
     check_writable_folder(Path(spec.output_dir), "output_dir", checkpoint_bytes(model.params, spec.model.dtype, device))
-    tokenizer = load_tokenizer(model.path, spec.model.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(model.path, spec.model.trust_remote_code)
+    except TokenizerError as exc:
+        raise TokenizerError(f"model.source: {exc}") from exc
     cal = spec.calibration
     _enough_tokens(
         _texts(cal.dataset, "calibration", "calibration.dataset"), tokenizer, cal.samples * cal.seq_len,

@@ -68,6 +68,8 @@ def read_pipeline(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base_name = data.pop("extends", None)
     if base_name is None:
         return data
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise SpecError(str(path), [f"extends: expected one file name (a base pipeline beside this one), got {base_name!r}"])
     return deep_merge(read_pipeline(path.parent / str(base_name), (*_seen, path)), data)
 
 

@@ -88,6 +88,17 @@ CASES = [
     ("unreachable-target", _no_setup, ["search.target.blocks=100"], "search.target"),
     ("missing-dataset", _no_setup, ["calibration.dataset=no-such.txt"], "calibration.dataset"),
     ("owner-file-damaged", _make_file(Path("out/tiny/pruneflow-run.json")), [], "output_dir"),
+    ("config-not-json", lambda r: (r / "model" / "config.json").write_text("{oops"), [], "model.source"),
+    ("tokenizer-missing", lambda r: [(r / "model" / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
+     [], "model.source"),
+    ("tokenizer-config-not-json", lambda r: (r / "model" / "tokenizer_config.json").write_text("{oops"), [],
+     "tokenizer_config.json"),
+    ("bin-not-an-archive", lambda r: ((r / "model" / "model.safetensors").rename(r / "model" / "pytorch_model.bin"),),
+     [], "model.source"),
+    ("gguf-without-magic", lambda r: (r / "fake.gguf").write_text("not gguf"), ["model.source=fake.gguf"], "model.source"),
+    ("extends-not-a-name", lambda r: (r / "pipeline.yaml").write_text((r / "pipeline.yaml").read_text() + "extends: [a]\n"),
+     [], "extends"),
+    ("missing-eval-dataset", _no_setup, ["evaluate.datasets=[no-such.txt]"], "evaluate.datasets"),
 ]
 if not torch.cuda.is_available():
     CASES.append(("cuda-without-gpu", _no_setup, ["model.device=cuda"], "model.device"))

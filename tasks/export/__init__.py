@@ -15,7 +15,8 @@ from torch import nn
 
 from tasks.export import hf, nemotron_nas, pruneflow_format, remote_code  # noqa: F401  (register the formats)
 from tasks.export.codegen import write_code
-from tasks.export.trust import TrustError, check_trusted, is_own_format, model_config, package_config
+from tasks.export.trust import (TokenizerError, TrustError, check_trusted, is_own_format, model_config,
+                                package_config)
 from tasks.export.common import has_lone_halves
 from tasks.surgery.adapted import adapter_ranks
 from tasks.export.registry import (ExportError, ExportFormat, format_names, format_of, get_format, read_config,
@@ -63,7 +64,11 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     check_trusted(Path(path), trust_remote_code)
     config = package_config(Path(path)) if is_own_format(Path(path)) else None
     extra = {"config": config} if config is not None else {}
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:  # transformers' way of saying the files are missing or unreadable
+        raise TokenizerError(f"{path} has no tokenizer transformers can read: {str(exc).splitlines()[0]} (a model "
+                             "folder needs its tokenizer files, e.g. tokenizer.json and tokenizer_config.json)") from exc
 
 
 def refresh_code(path: str | Path) -> list[str]:
@@ -99,5 +104,6 @@ __all__ = [
     "refresh_code",
     "register_format",
     "resolve_format",
+    "TokenizerError",
     "TrustError",
 ]

@@ -30,6 +30,10 @@ class UnreadableConfig(UserError):
     pass
 
 
+class TokenizerError(UserError):
+    pass
+
+
 def is_own_format(path: Path) -> bool:
     """Whether pruneflow reads this checkpoint with its own classes (any format but plain `hf`)."""
     return (Path(path) / "config.json").is_file() and format_of(Path(path)).name != "hf"
