@@ -53,6 +53,8 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     check_owner(Path(spec.output_dir), spec.name, identity_hash(spec), status)
     check_extras(spec)
     device = resolve_device(spec.model.device)
+    if spec.execution.device and spec.execution.address is None:  # a local cluster's workers run here
+        resolve_device(spec.execution.device, "execution.device")
     model = load_stage(spec.model, spec.score, spec.search)
     check_writable_folder(Path(spec.output_dir), "output_dir", checkpoint_bytes(model.params, spec.model.dtype, device))
     try:

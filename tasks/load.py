@@ -55,11 +55,11 @@ class ModelRef:
     trust_remote_code: bool = False
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, setting: str = "model.device") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("model.device: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
+        raise DeviceError(f"{setting}: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
     return device
 
 

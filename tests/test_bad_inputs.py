@@ -101,7 +101,9 @@ CASES = [
     ("missing-eval-dataset", _no_setup, ["evaluate.datasets=[no-such.txt]"], "evaluate.datasets"),
 ]
 if not torch.cuda.is_available():
-    CASES.append(("cuda-without-gpu", _no_setup, ["model.device=cuda"], "model.device"))
+    CASES += [("cuda-without-gpu", _no_setup, ["model.device=cuda"], "model.device"),
+              ("dask-workers-on-cuda-without-gpu", _no_setup,
+               ["execution.runner=dask", "execution.workers=1", "execution.device=cuda"], "execution.device")]
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
