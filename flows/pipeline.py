@@ -21,7 +21,7 @@ from flows.preflight import preflight
 from flows.plots import perplexity_curve, score_heatmap
 from flows.progress import Fanout, SearchProgress
 from flows.ui import SearchArtifacts, publish_summary
-from flows.recorder import CatalogRecorder
+from flows.recorder import CatalogRecorder, WallClock
 from flows.report import markdown_report
 from flows.stages import (
     calibrate_task,
@@ -168,7 +168,8 @@ def _record_run(spec, model, calibration, eval_data, run_id, catalog, fresh, log
     """Everything after the run is started: search, prune, recover, evaluate, reports; completes the run."""
     out_dir = Path(spec.output_dir)
     _record_artifact(catalog, run_id, "calibrate", calibration)
-    outcome = _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fresh, logger)
+    outcome = _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fresh, logger,
+                                WallClock(catalog, run_id, wall))
     outcome.wall_seconds = wall()
     outcome.invocation_seconds = time.perf_counter() - started
     summary = asdict(outcome)
@@ -206,7 +207,8 @@ def _wall(previous, started: float, worked: bool) -> float:
     return earlier + time.perf_counter() - started
 
 
-def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fresh, logger) -> RunOutcome:
+def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fresh, logger,
+                      clock: WallClock) -> RunOutcome:
     out_dir = Path(spec.output_dir)
     recorder = CatalogRecorder(catalog, run_id, spec.score.metric)
     total_steps = getattr(spec.search.target, "blocks", None)
@@ -214,7 +216,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     rules = search.rules(range(model.num_layers), spec.score.granularity)
     ui = SearchArtifacts(spec.name, run_id,
                          rules.planned_candidates(search.strategy, search.goal_target(), search.strategy_section()))
-    progress = Fanout(SearchProgress(total_steps, logger), ui)
+    progress = Fanout(SearchProgress(total_steps, logger), ui, clock)
     sections = SearchSections(model=spec.model, score=spec.score, search=spec.search)
     result = _with(search_task, out_dir, fresh)(
         sections, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress, spec.execution
@@ -223,16 +225,20 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     folder = run_dir(out_dir, run_id)
     checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
+    clock.tick()
     recovered = None
     if spec.recover.method != "none":
         recovered = _with(recover_task, out_dir, fresh)(spec.recover, spec.model, spec.score.batch_windows,
                                                         spec.prune.format, model, checkpoint, calibration, folder,
                                                         spec.name)
         _record_artifact(catalog, run_id, "recovered", recovered.checkpoint)
+        clock.tick()
 
     def evaluate(sha: str, path: str, stage: str) -> list[Evaluation]:
-        return _with(evaluate_task, out_dir, fresh)(spec.model, spec.score.batch_windows, spec.evaluate, sha, path,
+        rows = _with(evaluate_task, out_dir, fresh)(spec.model, spec.score.batch_windows, spec.evaluate, sha, path,
                                                     stage, eval_data)
+        clock.tick()
+        return rows
 
     evaluations = [*evaluate(model.fingerprint, model.path, "dense"),
                    *evaluate(checkpoint.sha256, checkpoint.path, "pruned")]

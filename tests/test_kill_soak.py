@@ -104,8 +104,14 @@ def _soak(tmp_path: Path, kill_points: list[str]) -> None:
     left = sorted(p.name for p in (killed_root / "out").rglob(".checkpoint-*.tmp*"))
     if any(p.startswith("checkpoint") for p in kill_points):
         assert left, "a kill inside a checkpoint write leaves its temporary folder (swept by the next start)"
+    (killed_wall,) = _rows(killed_root / "out" / "catalog.duckdb", "select wall_seconds from runs")[0]
+    assert killed_wall > 0  # the killed invocations wrote their time as they went
     assert _run(killed, "none") == 0
     assert _run(clean, "none") == 0
+    (resumed_wall,) = _rows(killed_root / "out" / "catalog.duckdb", "select wall_seconds from runs")[0]
+    (report,) = (killed_root / "out" / "tiny").glob("run-*/report.json")
+    last = json.loads(report.read_text())["invocation_seconds"]
+    assert resumed_wall == pytest.approx(killed_wall + last, abs=1.0)  # every invocation's share adds up
     assert not list((killed_root / "out").rglob("*.tmp*")), "a temporary survived the successful rerun"
     resumed, reference = _record(killed_root), _record(clean_root)
     assert resumed["status"] == [("completed",)]

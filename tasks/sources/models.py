@@ -153,10 +153,11 @@ def _convert_into(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    # A GGUF carries no code; the flag only makes sure nothing beside it in the folder is ever run or asked about.
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
     )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     # The dequantized weights are plain fp32, but save_pretrained refuses while a GGUF
     # quantization config is still attached.
     if getattr(model, "hf_quantizer", None) is not None:
