@@ -169,6 +169,14 @@ class Catalog:
                 [status, wall_seconds, summary_json, run_id],
             )
 
+    def record_wall(self, run_id: str, wall_seconds: float) -> None:
+        """Store a running run's time so far, so an invocation that is killed still leaves its share."""
+        _text("run_id", run_id)
+        wall_seconds = _real("wall_seconds", wall_seconds, minimum=0.0)
+        with self._transaction("recording wall time", read_only=False) as conn:
+            self._require_run(conn, run_id)
+            conn.execute("UPDATE runs SET wall_seconds = ? WHERE run_id = ?", [wall_seconds, run_id])
+
     def delete_run(self, run_id: str) -> None:
         """Remove every row of one run from every table (nothing if the run is unknown)."""
         _text("run_id", run_id)

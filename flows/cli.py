@@ -6,11 +6,12 @@ Bad input exits 2 with one message per problem; nothing else is printed as a tra
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-from tasks.errors import UserError
+from tasks.errors import UserError, is_disk_full
 
 
 def _quiet_prefect_defaults() -> None:
@@ -46,9 +47,26 @@ def format_outcome(summary: dict) -> str:
     return "\n".join(lines)
 
 
+class _UserErrorsOnce(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; a user error is printed once, by `main`, as
+    its message. Only the console handler is filtered: the Prefect API (and the UI) still get the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, UserError) or is_disk_full(error))
+
+
+def _quiet_user_errors_on_the_console() -> None:
+    for handler in logging.getLogger().handlers:  # Prefect's console handler sits on the root logger
+        if isinstance(handler, logging.StreamHandler):
+            handler.addFilter(_UserErrorsOnce())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows import prune_pipeline
     from pipelines import load_spec
+
+    _quiet_user_errors_on_the_console()
 
     spec = load_spec(args.pipeline, args.set)
     summary = prune_pipeline(spec, fresh=args.fresh)
@@ -137,10 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_prefect_defaults()
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
     except UserError as exc:
         print(f"pruneflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+# What a shell reports for a process ended by SIGPIPE (128 + 13), as `pruneflow show | head` expects.
+EXIT_BROKEN_PIPE = 141
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed it (`| head`): stop quietly. stdout now points at /dev/null, so the
+    interpreter's final flush of what is still buffered does not fail a second time."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +37,8 @@ def _owner(out_dir: Path) -> dict | None:
 
 def check_owner(out_dir: Path, pipeline: str, identity: str, run_status: Callable[[str], str | None]) -> None:
     """Refuse a folder of another pipeline, or one whose current run is unfinished under another spec."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(f"output_dir: {out_dir} is a file, not a folder; choose a folder path")
     owner = _owner(out_dir)
     if owner is None:
         if out_dir.exists() and any(not p.name.startswith(".") for p in out_dir.iterdir()):
@@ -73,3 +78,54 @@ def write_json(path: Path, data: dict) -> Path:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable_folder(folder: Path, setting: str, need_bytes: int = 0) -> None:
+    """`folder` is, or can be made, a writable directory with `need_bytes` free; probed with an unnamed
+    temporary file, so nothing appears in it."""
+    base = _existing_ancestor(folder)
+    if not base.is_dir():
+        raise OutputDirError(f"{setting}: {base} is a file, not a folder; choose a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise OutputDirError(f"{setting}: cannot write in {base} ({exc.strerror}); choose a writable folder") from exc
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        raise OutputDirError(
+            f"{setting}: {base} has {free / 1e6:,.0f} MB free, and a checkpoint of this model needs about "
+            f"{need_bytes / 1e6:,.0f} MB; free some space or choose another folder"
+        )
+
+
+def check_catalog_file(catalog: Path) -> None:
+    if catalog.is_dir():
+        raise OutputDirError(f"catalog: {catalog} is a folder; name a DuckDB file, e.g. {catalog / 'catalog.duckdb'}")
+    check_writable_folder(catalog.parent, "catalog")
+
+
+# What the writers here and in the stages leave while writing (`name.tmp<pid>`, `.name.tmp<pid>` folders,
+# `.module.py.tmp`); a finished file or folder never ends like this.
+_TEMPORARY = re.compile(r"\.tmp\d*$")
+
+
+def sweep_temporaries(out_dir: Path) -> list[Path]:
+    """Removes what interrupted writes left in the output folder. Only while holding the folder's lock:
+    then no other process is writing there."""
+    if not out_dir.is_dir():
+        return []
+    found = sorted(p for p in out_dir.rglob("*") if _TEMPORARY.search(p.name))
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found

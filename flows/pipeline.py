@@ -15,12 +15,13 @@ from prefect.runtime import flow_run
 
 from catalog import Catalog
 from flows.keys import derive_run_id, identity_hash
-from flows.outputs import check_owner, claim, run_dir, write_json
+from flows.locks import exclusive, folder_lock, run_lock
+from flows.outputs import check_owner, claim, run_dir, sweep_temporaries, write_json
 from flows.preflight import preflight
 from flows.plots import perplexity_curve, score_heatmap
 from flows.progress import Fanout, SearchProgress
 from flows.ui import SearchArtifacts, publish_summary
-from flows.recorder import CatalogRecorder
+from flows.recorder import CatalogRecorder, WallClock
 from flows.report import markdown_report
 from flows.stages import (
     calibrate_task,
@@ -30,8 +31,10 @@ from flows.stages import (
     prune_task,
     recover_task,
     search_task,
+    stage_executions,
 )
 from pipelines import PipelineSpec, load_spec
+from tasks.errors import DiskFull, is_disk_full
 from tasks.evaluation import Evaluation
 from tasks.recover_stage import Recovered
 from tasks.refs import ArtifactRef
@@ -121,29 +124,53 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     identity = identity_hash(spec)
     catalog = Catalog(spec.catalog_path())
     check_owner(out_dir, spec.name, identity, _status_in(catalog, fresh))
+    with exclusive(folder_lock(out_dir), f"output_dir {out_dir}"):
+        swept = sweep_temporaries(out_dir)
+        if swept:
+            logger.info(f"removed {len(swept)} temporary file(s) an interrupted run left: {', '.join(p.name for p in swept)}")
+        executions = stage_executions()
+        model = _with(load_task, out_dir, fresh)(spec.model, spec.score, spec.search, source_stamp(spec.model.source))
+        calibration = _with(calibrate_task, out_dir, fresh)(spec.calibration, model, out_dir)
+        eval_data = _with(eval_data_task, out_dir, fresh)(spec.evaluate.datasets, spec.evaluate.seq_len,
+                                                         spec.evaluate.max_tokens, model, out_dir)
+        run_id = derive_run_id(spec, model.fingerprint, calibration.sha256)
+        with exclusive(run_lock(spec.catalog_path(), run_id), f"run {run_id}"):
+            claim(out_dir, spec.name, identity, run_id)
+            if fresh:
+                catalog.delete_run(run_id)
+            previous = catalog.get_run(run_id)
+            catalog.start_run(
+                run_id=run_id, pipeline=spec.name, spec_hash=identity, spec_json=spec.model_dump_json(),
+                model_fingerprint=model.fingerprint, data_fingerprint=calibration.sha256,
+                model_source=spec.model.source, output_dir=str(out_dir.resolve()),
+            )
+            logger.info(f"run {run_id} ({'resumed' if previous else 'new'}) of pipeline {spec.name}")
+            try:
+                return _record_run(spec, model, calibration, eval_data, run_id, catalog, fresh, logger, started,
+                                   lambda: _wall(previous, started, stage_executions() > executions))
+            except BaseException as exc:
+                catalog.finish_run(run_id, "failed", wall_seconds=_wall(previous, started, True),
+                                   summary={"failure": _failure_reason(exc)})
+                if is_disk_full(exc) and not isinstance(exc, DiskFull):
+                    raise DiskFull(f"no space left on the device while writing run {run_id} (output_dir "
+                                   f"{out_dir}, catalog {spec.catalog_path()}); free some space and run again: "
+                                   "the run resumes") from exc
+                raise
 
-    model = _with(load_task, out_dir, fresh)(spec.model, spec.score, spec.search, source_stamp(spec.model.source))
-    calibration = _with(calibrate_task, out_dir, fresh)(spec.calibration, model, out_dir)
-    eval_data = _with(eval_data_task, out_dir, fresh)(spec.evaluate.datasets, spec.evaluate.seq_len,
-                                                     spec.evaluate.max_tokens, model, out_dir)
-    run_id = derive_run_id(spec, model.fingerprint, calibration.sha256)
-    claim(out_dir, spec.name, identity, run_id)
-    if fresh:
-        catalog.delete_run(run_id)
-    previous = catalog.get_run(run_id)
-    catalog.start_run(
-        run_id=run_id, pipeline=spec.name, spec_hash=identity, spec_json=spec.model_dump_json(),
-        model_fingerprint=model.fingerprint, data_fingerprint=calibration.sha256,
-        model_source=spec.model.source, output_dir=str(out_dir.resolve()),
-    )
-    logger.info(f"run {run_id} ({'resumed' if previous else 'new'}) of pipeline {spec.name}")
+
+def _failure_reason(exc: BaseException) -> str:
+    """What `runs` and `show` can say about a failed run: the error's type and first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:500] if text else 'interrupted'}"
+
+
+def _record_run(spec, model, calibration, eval_data, run_id, catalog, fresh, logger, started: float, wall) -> dict:
+    """Everything after the run is started: search, prune, recover, evaluate, reports; completes the run."""
+    out_dir = Path(spec.output_dir)
     _record_artifact(catalog, run_id, "calibrate", calibration)
-    try:
-        outcome = _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fresh, logger)
-    except BaseException:
-        catalog.finish_run(run_id, "failed", wall_seconds=_wall(previous, started))
-        raise
-    outcome.wall_seconds = _wall(previous, started)
+    outcome = _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fresh, logger,
+                                WallClock(catalog, run_id, wall))
+    outcome.wall_seconds = wall()
     outcome.invocation_seconds = time.perf_counter() - started
     summary = asdict(outcome)
     folder = run_dir(out_dir, run_id)
@@ -171,13 +198,17 @@ def _status_in(catalog: Catalog, fresh: bool):
     return status
 
 
-def _wall(previous, started: float) -> float:
-    """Active time spent on this run over all its invocations (a resumed run adds to what it had)."""
+def _wall(previous, started: float, worked: bool) -> float:
+    """Active time spent on this run over all its invocations: a resumed run adds to what it had; an
+    invocation of a completed run that found every stage cached did no work on it and adds nothing."""
     earlier = (previous.wall_seconds or 0.0) if previous is not None else 0.0
+    if previous is not None and previous.status == "completed" and not worked:
+        return earlier
     return earlier + time.perf_counter() - started
 
 
-def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fresh, logger) -> RunOutcome:
+def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fresh, logger,
+                      clock: WallClock) -> RunOutcome:
     out_dir = Path(spec.output_dir)
     recorder = CatalogRecorder(catalog, run_id, spec.score.metric)
     total_steps = getattr(spec.search.target, "blocks", None)
@@ -185,7 +216,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     rules = search.rules(range(model.num_layers), spec.score.granularity)
     ui = SearchArtifacts(spec.name, run_id,
                          rules.planned_candidates(search.strategy, search.goal_target(), search.strategy_section()))
-    progress = Fanout(SearchProgress(total_steps, logger), ui)
+    progress = Fanout(SearchProgress(total_steps, logger), ui, clock)
     sections = SearchSections(model=spec.model, score=spec.score, search=spec.search)
     result = _with(search_task, out_dir, fresh)(
         sections, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress, spec.execution
@@ -194,16 +225,20 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     folder = run_dir(out_dir, run_id)
     checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
+    clock.tick()
     recovered = None
     if spec.recover.method != "none":
         recovered = _with(recover_task, out_dir, fresh)(spec.recover, spec.model, spec.score.batch_windows,
                                                         spec.prune.format, model, checkpoint, calibration, folder,
                                                         spec.name)
         _record_artifact(catalog, run_id, "recovered", recovered.checkpoint)
+        clock.tick()
 
     def evaluate(sha: str, path: str, stage: str) -> list[Evaluation]:
-        return _with(evaluate_task, out_dir, fresh)(spec.model, spec.score.batch_windows, spec.evaluate, sha, path,
+        rows = _with(evaluate_task, out_dir, fresh)(spec.model, spec.score.batch_windows, spec.evaluate, sha, path,
                                                     stage, eval_data)
+        clock.tick()
+        return rows
 
     evaluations = [*evaluate(model.fingerprint, model.path, "dense"),
                    *evaluate(checkpoint.sha256, checkpoint.path, "pruned")]

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer
 
 from flows.keys import identity_hash
-from flows.outputs import check_owner
+from flows.outputs import check_catalog_file, check_owner, check_writable_folder
 from pipelines import PipelineSpec
+from tasks.export import TokenizerError, load_tokenizer, model_config
 from tasks.windows import leading_stream
-from tasks.load import load_stage, resolve_device
+from tasks.export.common import DTYPES
+from tasks.load import load_stage, resolve_device, resolve_dtype
 from tasks.registry import MissingExtra, Plugin
 from tasks.sources import SourceError, load_texts
+
+
+def _texts(source: str, part: str, field: str) -> list[str]:
+    """The texts of a source, with a refusal that names the spec field it came from."""
+    try:
+        return load_texts(source, part)
+    except SourceError as exc:
+        raise SourceError(f"{field}: {exc}") from exc
 
 
 def _enough_tokens(texts: list[str], tokenizer, needed: int, what: str, hint: str) -> None:
@@ -22,9 +31,19 @@ def _enough_tokens(texts: list[str], tokenizer, needed: int, what: str, hint: st
         raise SourceError(f"{what} gives {have} tokens; need at least {needed}; {hint}")
 
 
+# Tokenizer, config and generation files beside the weights.
+_CHECKPOINT_EXTRA_BYTES = 32_000_000
+
+
+def checkpoint_bytes(params: int, dtype: str, device: str) -> int:
+    """What one checkpoint of the unpruned model takes (a pruned one is smaller; one is written at a time)."""
+    return params * DTYPES[resolve_dtype(dtype, device)].itemsize + _CHECKPOINT_EXTRA_BYTES
+
+
 def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     from catalog import Catalog
 
+    check_catalog_file(spec.catalog_path())
     catalog = Catalog(spec.catalog_path()) if spec.catalog_path().exists() else None
 
     def status(run_id: str) -> str | None:
@@ -33,18 +52,24 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
 
     check_owner(Path(spec.output_dir), spec.name, identity_hash(spec), status)
     check_extras(spec)
-    resolve_device(spec.model.device)
+    device = resolve_device(spec.model.device)
+    if spec.execution.device and spec.execution.address is None:  # a local cluster's workers run here
+        resolve_device(spec.execution.device, "execution.device")
     model = load_stage(spec.model, spec.score, spec.search)
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    check_writable_folder(Path(spec.output_dir), "output_dir", checkpoint_bytes(model.params, spec.model.dtype, device))
+    try:
+        tokenizer = load_tokenizer(model.path, spec.model.trust_remote_code)
+    except TokenizerError as exc:
+        raise TokenizerError(f"model.source: {exc}") from exc
     cal = spec.calibration
     for source, count in cal.sources():
         _enough_tokens(
-            load_texts(source, "calibration"), tokenizer, count * cal.seq_len, f"calibration.dataset {source}",
-            "use a longer dataset or fewer calibration.samples / a shorter seq_len",
+            _texts(source, "calibration", "calibration.dataset"), tokenizer, count * cal.seq_len,
+            f"calibration.dataset {source}", "use a longer dataset or fewer calibration.samples / a shorter seq_len",
         )
     for dataset in spec.evaluate.datasets:
         _enough_tokens(
-            load_texts(dataset, "evaluation"), tokenizer, spec.evaluate.seq_len,
+            _texts(dataset, "evaluation", "evaluate.datasets"), tokenizer, spec.evaluate.seq_len,
             f"evaluate.datasets entry {dataset}", "use a longer dataset or a shorter evaluate.seq_len",
         )
     _check_recovery(spec, model.path, tokenizer)
@@ -85,9 +110,9 @@ def _check_recovery(spec: PipelineSpec, model_path: str, tokenizer) -> None:
         return
 
     def enough_tokens(source: str, needed: int, setting: str) -> None:
-        _enough_tokens(load_texts(source, "calibration"), tokenizer, needed, f"recover training source {source}",
+        _enough_tokens(_texts(source, "calibration", "recover"), tokenizer, needed, f"recover training source {source}",
                        f"use a longer dataset or a shorter {setting}")
 
-    positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    positions = getattr(model_config(Path(model_path), spec.model.trust_remote_code), "max_position_embeddings", None)
     env = RecoveryCheck(prune_format=spec.prune.format, positions=positions, enough_tokens=enough_tokens)
     get_recovery(spec.recover.method).check(spec.recover, env)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from catalog import Catalog
 from tasks.score import CandidateScore
 from tasks.search import StepRecord
@@ -35,3 +37,22 @@ class CatalogRecorder:
 
     def record_step(self, record: StepRecord) -> None:
         self.catalog.add_step(self.run_id, record.step, record.block, record.value, record.params_remaining)
+
+
+class WallClock:
+    """Writes a running run's wall time so far after every search step and stage, so a killed invocation
+    loses only the time since the last write; a search listener like the progress bars."""
+
+    def __init__(self, catalog: Catalog, run_id: str, wall: Callable[[], float]):
+        self.catalog = catalog
+        self.run_id = run_id
+        self.wall = wall
+
+    def tick(self) -> None:
+        self.catalog.record_wall(self.run_id, self.wall())
+
+    def on_score(self, step: int, score: CandidateScore) -> None:
+        pass
+
+    def on_step(self, step: int, scores: dict[str, CandidateScore], record: StepRecord) -> None:
+        self.tick()

@@ -24,29 +24,45 @@ from tasks.search_stage import SearchResult, SearchSections, search_stage
 from tasks.settings import Settings
 
 _COMMON = dict(persist_result=True, retries=0)
+# Task bodies run only when their result is not cached: counting them tells the flow whether an
+# invocation did any work (a cached re-run of a completed run adds nothing to its wall time).
+_executions = [0]
+
+
+def _executed() -> None:
+    _executions[0] += 1
+
+
+def stage_executions() -> int:
+    """How many stage bodies this process has run so far."""
+    return _executions[0]
 
 
 @task(name="load", cache_key_fn=cache_key_fn("load"), **_COMMON)
 def load_task(model_spec: ModelSpec, score: ScoreSection, search: SearchSection, source_stamp: str) -> ModelRef:
+    _executed()
     return load_stage(model_spec, score, search)
 
 
 @task(name="calibrate", cache_key_fn=cache_key_fn("calibrate"), **_COMMON)
 def calibrate_task(calibration: CalibrationSpec, model: ModelRef, out_dir: Path) -> ArtifactRef:
+    _executed()
     key = stage_key("calibrate", dict(locals()))  # the task's own cache key: exactly its parameters
-    return calibrate_stage(model.path, calibration, out_dir, key)
+    return calibrate_stage(model.path, calibration, out_dir, key, model.trust_remote_code)
 
 
 @task(name="eval-data", cache_key_fn=cache_key_fn("eval-data"), **_COMMON)
 def eval_data_task(datasets: tuple[str, ...], seq_len: int, max_tokens: int, model: ModelRef,
                    out_dir: Path) -> list[EvalData]:
+    _executed()
     key = stage_key("eval-data", dict(locals()))
-    return eval_data_stage(model.path, datasets, seq_len, max_tokens, out_dir, key)
+    return eval_data_stage(model.path, datasets, seq_len, max_tokens, out_dir, key, model.trust_remote_code)
 
 
 @task(name="search", cache_key_fn=cache_key_fn("search"), **_COMMON)
 def search_task(sections: SearchSections, model: ModelRef, calibration: ArtifactRef, run_id: str,
                 catalog_path: str, recorder, progress, execution: ExecutionSpec) -> SearchResult:
+    _executed()
     return search_stage(model.path, calibration, sections, recorder, execution,
                         on_step=progress.on_step, on_score=progress.on_score)
 
@@ -54,12 +70,14 @@ def search_task(sections: SearchSections, model: ModelRef, calibration: Artifact
 @task(name="prune", cache_key_fn=cache_key_fn("prune"), **_COMMON)
 def prune_task(model_spec: ModelSpec, prune: PruneSpec, model: ModelRef, blocks: tuple[str, ...],
                out_dir: Path) -> ArtifactRef:
+    _executed()
     return prune_stage(model.path, blocks, model_spec, prune, out_dir)
 
 
 @task(name="recover", cache_key_fn=cache_key_fn("recover"), **_COMMON)
 def recover_task(recover: Settings, model_spec: ModelSpec, batch_windows: int, prune_format: str, model: ModelRef,
                  checkpoint: ArtifactRef, calibration: ArtifactRef, out_dir: Path, pipeline: str) -> Recovered:
+    _executed()
     key = stage_key("recover", dict(locals()))  # before anything else is bound in this scope
     from prefect import get_run_logger
 
@@ -73,4 +91,5 @@ def recover_task(recover: Settings, model_spec: ModelSpec, batch_windows: int, p
 @task(name="evaluate", cache_key_fn=cache_key_fn("evaluate"), **_COMMON)
 def evaluate_task(model_spec: ModelSpec, batch_windows: int, evaluate: EvaluateSpec, checkpoint_sha: str,
                   checkpoint_path: str, stage: str, data: list[EvalData]) -> list[Evaluation]:
+    _executed()
     return evaluate_stage(checkpoint_path, stage, data, model_spec, batch_windows, evaluate)

@@ -28,6 +28,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError(str(path), [f"not valid YAML: {exc}"]) from exc
+    except RecursionError as exc:  # the YAML parser recurses once per nesting level
+        raise SpecError(str(path), [_too_deep("<root>")]) from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), [f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from exc
     if not isinstance(data, dict):
         raise SpecError(str(path), ["a pipeline must be a YAML mapping of sections (name, model, search, ...)"])
     return data
@@ -64,6 +68,8 @@ def read_pipeline(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base_name = data.pop("extends", None)
     if base_name is None:
         return data
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise SpecError(str(path), [f"extends: expected one file name (a base pipeline beside this one), got {base_name!r}"])
     return deep_merge(read_pipeline(path.parent / str(base_name), (*_seen, path)), data)
 
 
@@ -90,6 +96,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
             except yaml.YAMLError as exc:
                 errors.append(f"--set {key}: value is not valid YAML: {exc}")
+            except RecursionError:
+                errors.append(_too_deep(f"--set {key}"))
     if errors:
         raise SpecError("--set", errors)
     return data
@@ -108,7 +116,32 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
     return lines
 
 
+# No pipeline section nests anywhere near this deep; far deeper input would exhaust the validator's stack.
+MAX_DEPTH = 16
+
+
+def _too_deep(where: str) -> str:
+    return f"{where}: nested more than {MAX_DEPTH} levels deep; a pipeline's sections nest a few levels at most"
+
+
+def _deepest(data: Any) -> tuple[int, str]:
+    """Depth of the most nested value and its dotted path (iterative: the input may be arbitrarily deep)."""
+    best, stack = (0, "<root>"), [(data, 0, "")]
+    while stack:
+        node, depth, where = stack.pop()
+        if depth > best[0]:
+            best = (depth, where or "<root>")
+        if depth > MAX_DEPTH:
+            continue
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack += [(v, depth + 1, f"{where}.{k}" if where else str(k)) for k, v in children]
+    return best
+
+
 def validate_mapping(data: dict[str, Any], source: str = "<spec>") -> PipelineSpec:
+    depth, where = _deepest(data)
+    if depth > MAX_DEPTH:
+        raise SpecError(source, [_too_deep(where)])
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from transformers import AutoTokenizer
 
+from tasks.export import load_tokenizer
 from tasks.refs import ArtifactRef
 from tasks.settings import Settings
 from tasks.sources import load_texts
@@ -36,8 +36,9 @@ class CalibrationSpec(Settings):
         return [(s.source, n) for s, n in zip(self.dataset, shares)]
 
 
-def calibrate_stage(model_path: str, spec: CalibrationSpec, out_dir: Path, key: str) -> ArtifactRef:
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+def calibrate_stage(model_path: str, spec: CalibrationSpec, out_dir: Path, key: str,
+                    trust_remote_code: bool = False) -> ArtifactRef:
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
     return save_windows(calibration_windows(spec, tokenizer),
                         out_dir / "calibration" / f"calibration-{key[:16]}.safetensors", "calibration")
 
@@ -61,9 +62,9 @@ class EvalData:
 
 
 def eval_data_stage(model_path: str, datasets: tuple[str, ...], seq_len: int, max_tokens: int, out_dir: Path,
-                    key: str) -> list[EvalData]:
+                    key: str, trust_remote_code: bool = False) -> list[EvalData]:
     """`evaluate.datasets` as evaluation windows: their leading `max_tokens` tokens in `seq_len` windows."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
     out = []
     for index, dataset in enumerate(datasets):
         stream = leading_stream(load_texts(dataset, "evaluation"), tokenizer, max_tokens)

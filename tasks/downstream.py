@@ -70,13 +70,14 @@ def _check_known(tasks: Sequence[str], known: set[str]) -> None:
 
 
 def downstream_evaluations(model: nn.Module, tokenizer_path: str, stage: str, tasks: Sequence[str],
-                           task_paths: Sequence[str], limit: int | None, batch_size: int) -> list[Evaluation]:
+                           task_paths: Sequence[str], limit: int | None, batch_size: int,
+                           trust_remote_code: bool = False) -> list[Evaluation]:
     lm_eval, _ = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(tasks, task_paths)
     _check_known(tasks, set(manager.all_tasks))
-    lm = HFLM(pretrained=model, tokenizer=load_tokenizer(tokenizer_path), batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=load_tokenizer(tokenizer_path, trust_remote_code), batch_size=batch_size)
     out = []
     for name in tasks:
         results = _run_task(lm_eval, lm, manager, name, limit)

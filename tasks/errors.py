@@ -10,3 +10,23 @@ from __future__ import annotations
 
 class UserError(ValueError):
     pass
+
+
+class DiskFull(UserError):
+    """A write ran out of space: the user's to fix (free space, or another folder), then the run resumes."""
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it came from, is the operating system's "no space left on device"
+    (safetensors and DuckDB wrap it in their own exception types, with the OS message kept)."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or "StorageFull" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

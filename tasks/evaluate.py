@@ -56,7 +56,8 @@ class SpeedEvaluator(Evaluator):
         return format_of(Path(given.model_path)).servable
 
     def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
-        return speed_evaluations(given.model_path, given.stage, given.dtype, given.device)
+        return speed_evaluations(given.model_path, given.stage, given.dtype, given.device,
+                                 trust_remote_code=given.trust_remote_code)
 
 
 @register_evaluator
@@ -75,14 +76,15 @@ class TaskEvaluator(Evaluator):
 
         spec = given.evaluate
         return downstream_evaluations(given.model, given.model_path, given.stage, spec.tasks, spec.task_paths,
-                                      spec.task_limit, given.batch_windows)
+                                      spec.task_limit, given.batch_windows, given.trust_remote_code)
 
 
 def evaluate_stage(model_path: str, stage: str, data: list[EvalData], model_spec: ModelSpec, batch_windows: int,
                    evaluate: EvaluateSpec) -> list[Evaluation]:
     device = resolve_device(model_spec.device)
     given = EvaluationInput(stage, open_model(model_path, model_spec), model_path, tuple(data),
-                            resolve_dtype(model_spec.dtype, device), device, batch_windows, evaluate)
+                            resolve_dtype(model_spec.dtype, device), device, batch_windows, evaluate,
+                            model_spec.trust_remote_code)
     return evaluate_all(given)
 
 

@@ -62,6 +62,7 @@ class EvaluationInput:
     device: str
     batch_windows: int
     evaluate: EvaluateSpec
+    trust_remote_code: bool = False  # the spec's model.trust_remote_code: whether the folder's own code may run
 
 
 class Evaluator(Plugin):

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 from pydantic import Field
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from tasks.search.goal import check_reachable
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.sources import resolve_model
-from tasks.export import load_checkpoint
+from tasks.sources.weights import check_weight_files
+from tasks.errors import UserError
+from tasks.export import load_checkpoint, model_config
 from tasks.settings import Settings
 from tasks.surgery import architecture_for, layer_ids, total_params
 
@@ -31,6 +34,13 @@ class ModelSpec(Settings):
     )
     dtype: DType = Field("float32", description="Weights and compute dtype; auto: bfloat16 on a CUDA device that supports it, else float32.")
     device: Device = Field("auto", description="auto picks cuda when available, else cpu.")
+    trust_remote_code: bool = Field(
+        False,
+        description=(
+            "Run Python shipped in the model folder (a config or tokenizer auto_map) when it needs its own code. "
+            "Off by default: such a folder is refused. pruneflow's own checkpoints never need it."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -41,13 +51,15 @@ class ModelRef:
     model_type: str
     num_layers: int
     params: int
+    # The spec's model.trust_remote_code, for the stages that read the folder's tokenizer.
+    trust_remote_code: bool = False
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, setting: str = "model.device") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise DeviceError(f"{setting}: 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
     return device
 
 
@@ -61,9 +73,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
-def skeleton(path: str) -> nn.Module:
+class DeviceError(UserError):
+    pass
+
+
+def skeleton(path: str, trust_remote_code: bool = False) -> nn.Module:
     """The architecture without weights (meta device): enough to enumerate and count blocks."""
-    config = AutoConfig.from_pretrained(path)
+    config = model_config(Path(path), trust_remote_code)
     architecture_for(config.model_type)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -72,7 +88,8 @@ def skeleton(path: str) -> nn.Module:
 def load_stage(model: ModelSpec, score: ScoreSection, search: SearchSection) -> ModelRef:
     """Resolves `model.source` and checks that the search can reach its target on this architecture."""
     resolved = resolve_model(model.source)
-    skeleton_model = skeleton(str(resolved.path))
+    check_weight_files(Path(resolved.path))
+    skeleton_model = skeleton(str(resolved.path), model.trust_remote_code)
     check_reachable(skeleton_model, search.rules(layer_ids(skeleton_model), score.granularity), search.goal_target())
     return ModelRef(
         path=str(resolved.path),
@@ -81,6 +98,7 @@ def load_stage(model: ModelSpec, score: ScoreSection, search: SearchSection) -> 
         model_type=skeleton_model.config.model_type,
         num_layers=skeleton_model.config.num_hidden_layers,
         params=total_params(skeleton_model),
+        trust_remote_code=model.trust_remote_code,
     )
 
 

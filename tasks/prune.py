@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, create_model
 from transformers import GenerationConfig
 
-from tasks.errors import UserError
+from tasks.errors import DiskFull, UserError, is_disk_full
 from tasks.export import ExportError, export_model, format_names, load_tokenizer, resolve_format
 from tasks.load import ModelSpec, open_model
 from tasks.refs import ArtifactRef
@@ -50,10 +50,11 @@ def prune_stage(model_path: str, blocks: tuple[str, ...], model: ModelSpec, prun
     """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json)."""
     pruned = open_model(model_path, model)
     remove_blocks(pruned, list(blocks))
-    return write_checkpoint(pruned, model_path, out_dir / "checkpoint-pruned", prune.format)
+    return write_checkpoint(pruned, model_path, out_dir / "checkpoint-pruned", prune.format, model.trust_remote_code)
 
 
-def write_checkpoint(model, source_path: str, target: Path, requested_format: str) -> ArtifactRef:
+def write_checkpoint(model, source_path: str, target: Path, requested_format: str,
+                     trust_remote_code: bool = False) -> ArtifactRef:
     """Export `model` to `target` with the source's tokenizer and generation config; all or nothing."""
     try:
         fmt = resolve_format(requested_format, model)
@@ -61,9 +62,16 @@ def write_checkpoint(model, source_path: str, target: Path, requested_format: st
         raise PruneError(str(err)) from err
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    export_model(model.to("cpu"), tmp, fmt)
-    load_tokenizer(source_path).save_pretrained(tmp)
-    _copy_generation_config(source_path, tmp)
+    try:
+        export_model(model.to("cpu"), tmp, fmt)
+        load_tokenizer(source_path, trust_remote_code).save_pretrained(tmp)
+        _copy_generation_config(source_path, tmp)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise DiskFull(f"output_dir: no space left on the device of {target.parent} while writing {target.name}; "
+                           "free some space (or set another output_dir) and run again: the run resumes") from exc
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return ArtifactRef.of(target, "checkpoint")

@@ -40,10 +40,11 @@ def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, r
     ctx = RecoveryContext(
         dense_path=dense_path, calibration=load_windows(calibration), tokenizer_path=pruned_path,
         state_dir=out_dir / "recover-state" / key[:16], batch_windows=batch_windows, log=log,
-        on_step=on_step,
+        on_step=on_step, trust_remote_code=model_spec.trust_remote_code,
     )
     run = method.run(model, recover, ctx, key)
-    ref = write_checkpoint(run.model, pruned_path, out_dir / CHECKPOINT, prune_format)
+    ref = write_checkpoint(run.model, pruned_path, out_dir / CHECKPOINT, prune_format,
+                           model_spec.trust_remote_code)
     return Recovered(
         method=recover.method, checkpoint=ref, format=checkpoint_format(ref.path),
         seconds=time.perf_counter() - started, losses=tuple(run.losses), fit=dict(run.fit),

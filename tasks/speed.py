@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from tasks.evaluation import Evaluation
 from tasks.export.registry import format_of
 from tasks.export.common import DTYPES
+from tasks.export.trust import TRUST_SETTING, TrustError, check_trusted, ships_own_code
 from tasks.surgery.kv_cache import cache_kwargs, output_cache
 
 @dataclass(frozen=True)
@@ -35,10 +36,21 @@ class SpeedSettings:
         return cls(prefill_tokens=128, prefill_batches=(1,), decode_prompt=16, decode_tokens=32, repeats=2)
 
 
-def load_for_serving(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
-    remote = format_of(Path(path)).carries_code
+def load_for_serving(path: str | Path, dtype: str = "float32", device: str = "cpu",
+                     trust_remote_code: bool = False) -> nn.Module:
+    """`trust_remote_code` (the spec's) covers code a folder brings; a checkpoint whose code is exactly what
+    this release writes runs it without that, since that code is the package's own."""
+    path = Path(path)
+    own = format_of(path).carries_code and ships_own_code(path)
+    if format_of(path).carries_code and not own and not trust_remote_code:
+        raise TrustError(
+            f"{path}: its modeling code is not this pruneflow release's, so timing it would run code from the "
+            f"folder; rewrite it with `pruneflow refresh-code {path}`, or set {TRUST_SETTING}: true"
+        )
+    if not own:
+        check_trusted(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=remote, attn_implementation="sdpa"
+        path, dtype=DTYPES[dtype], trust_remote_code=own or trust_remote_code, attn_implementation="sdpa"
     )
     return model.to(device).eval()
 
@@ -133,12 +145,12 @@ def kv_bytes_per_token(model: nn.Module, tokens: int = 16) -> float:
 
 
 def speed_evaluations(model_path: str | Path, stage: str, dtype: str = "float32", device: str = "cpu",
-                      settings: SpeedSettings | None = None) -> list[Evaluation]:
+                      settings: SpeedSettings | None = None, trust_remote_code: bool = False) -> list[Evaluation]:
     """Rows of kind `speed` for the catalog: prefill and decode tokens/s, KV-cache bytes per token.
 
     `dataset` names the workload (batch x tokens), so rows of other settings never collide."""
     settings = settings or SpeedSettings.quick()
-    model = load_for_serving(model_path, dtype, device)
+    model = load_for_serving(model_path, dtype, device, trust_remote_code)
     rows = []
     for batch in settings.prefill_batches:
         value = prefill_tokens_per_s(model, batch, settings.prefill_tokens, settings.repeats)

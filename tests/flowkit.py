@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -64,3 +67,21 @@ class StageCalls:
         calls, forwards = self.calls, self.forwards
         self.calls, self.forwards = [], 0
         return calls, forwards
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_in_session(args, log_path: Path) -> subprocess.CompletedProcess:
+    """Run in a new session; then kill the whole group, so Prefect's server child of a killed run goes too."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(args, code, "", log_path.read_text())

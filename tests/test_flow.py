@@ -42,6 +42,8 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
     again = prune_pipeline(path)
     assert stages.take() == ([], 0)
     assert again["blocks"] == first["blocks"] and again["perplexity"] == first["perplexity"]
+    # ... and it did no work on the run, so the run's wall time stays what the first invocation measured.
+    assert again["wall_seconds"] == first["wall_seconds"] == catalog.get_run(run_id).wall_seconds
 
     # Only evaluation settings changed: only evaluation data and evaluation run; same run.
     changed_eval = prune_pipeline(path, ["evaluate.max_tokens=128"])

@@ -1,7 +1,6 @@
 """A real run process killed with SIGKILL mid-search resumes without redoing or duplicating work."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import textwrap
 import duckdb
 import pytest
 
-from tests.flowkit import tiny_pipeline
+from tests.flowkit import run_in_session, tiny_pipeline
 
 # Runs the pipeline in a fresh process that SIGKILLs itself right after its N-th committed score.
 _KILLER = textwrap.dedent(
@@ -37,24 +36,9 @@ _KILLER = textwrap.dedent(
 )
 
 
-def _run_in_session(args, log_path) -> subprocess.CompletedProcess:
-    """Run in a new session; then kill the whole group, so Prefect's server child of a killed run goes too."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return subprocess.CompletedProcess(args, code, "", log_path.read_text())
-
-
 def _run(path, kill_after: int) -> subprocess.CompletedProcess:
     log = path.parent / f"run-{kill_after}-{len(list(path.parent.glob('run-*.log')))}.log"
-    return _run_in_session([sys.executable, "-c", _KILLER, str(path), str(kill_after)], log)
+    return run_in_session([sys.executable, "-c", _KILLER, str(path), str(kill_after)], log)
 
 
 def _rows(catalog, sql):
@@ -108,7 +92,7 @@ def test_sigkill_mid_search_then_resume_equals_uninterrupted(tmp_path, kill_afte
 def test_fresh_starts_over(tmp_path):
     path = tiny_pipeline(tmp_path)
     assert _run(path, 5).returncode == -signal.SIGKILL
-    done = _run_in_session([sys.executable, "-m", "flows.cli", "run", str(path), "--fresh"], tmp_path / "fresh.log")
+    done = run_in_session([sys.executable, "-m", "flows.cli", "run", str(path), "--fresh"], tmp_path / "fresh.log")
     assert done.returncode == 0, done.stderr[-3000:]
     (report,) = (tmp_path / "out" / "tiny").glob("run-*/report.json")
     assert json.loads(report.read_text())["search"] == {**json.loads(report.read_text())["search"],

@@ -15,6 +15,8 @@ from torch import nn
 
 from tasks.export import hf, nemotron_nas, pruneflow_format, remote_code  # noqa: F401  (register the formats)
 from tasks.export.codegen import write_code
+from tasks.export.trust import (TokenizerError, TrustError, check_trusted, is_own_format, model_config,
+                                package_config)
 from tasks.export.common import has_lone_halves
 from tasks.surgery.adapted import adapter_ranks
 from tasks.export.registry import (ExportError, ExportFormat, format_names, format_of, get_format, read_config,
@@ -53,13 +55,20 @@ def checkpoint_format(path: str | Path) -> str:
     return format_of(Path(path)).name
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer of any model folder. A checkpoint in a format carrying pruneflow's own modeling code is
-    read with trust_remote_code (otherwise transformers stops to ask on the terminal); other folders never."""
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of any model folder, running code from the folder only when `trust_remote_code` (the
+    spec's `model.trust_remote_code`) allows it. pruneflow's own checkpoints get their base architecture's
+    config from the package, so transformers never reads their `auto_map`."""
     from transformers import AutoTokenizer
 
-    own_code = (Path(path) / "config.json").is_file() and format_of(Path(path)).carries_code
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=own_code)
+    check_trusted(Path(path), trust_remote_code)
+    config = package_config(Path(path)) if is_own_format(Path(path)) else None
+    extra = {"config": config} if config is not None else {}
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:  # transformers' way of saying the files are missing or unreadable
+        raise TokenizerError(f"{path} has no tokenizer transformers can read: {str(exc).splitlines()[0]} (a model "
+                             "folder needs its tokenizer files, e.g. tokenizer.json and tokenizer_config.json)") from exc
 
 
 def refresh_code(path: str | Path) -> list[str]:
@@ -90,7 +99,11 @@ __all__ = [
     "get_format",
     "load_checkpoint",
     "load_tokenizer",
+    "model_config",
+    "package_config",
     "refresh_code",
     "register_format",
     "resolve_format",
+    "TokenizerError",
+    "TrustError",
 ]

@@ -110,7 +110,7 @@ def load_as_pruned(path: Path, base_model_type: str, values: dict, kept_ids: lis
     transformers.logging.set_verbosity_error()  # the removed halves are reported missing; checked below
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=DTYPES[dtype], output_loading_info=True,
+            path, config=config, dtype=DTYPES[dtype], output_loading_info=True, trust_remote_code=False,
             attn_implementation=getattr(architecture_for(base_model_type), "attn_implementation", "sdpa"),
         )
     finally:

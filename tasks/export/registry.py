@@ -70,7 +70,13 @@ def read_config(path: Path) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ExportError(f"{path} is not a checkpoint folder: it has no config.json")
-    return json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{config_file} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ExportError(f"{config_file} is not a JSON object")
+    return config
 
 
 def format_of(path: Path) -> ExportFormat:

@@ -48,7 +48,8 @@ class ContinuedPretrainingMethod(RecoveryMethod):
 
     def run(self, model, settings, ctx, fingerprint):
         steps = math.ceil(settings.tokens / (settings.batch_size * settings.seq_len))
-        streams = TrainingStreams(ctx.tokenizer_path, settings.mixture(), settings.seq_len, settings.tokens)
+        streams = TrainingStreams(ctx.tokenizer_path, settings.mixture(), settings.seq_len, settings.tokens,
+                                  ctx.trust_remote_code)
         model.requires_grad_(True)
         log = train(
             model, lambda step: streams.batch(step, settings.batch_size, settings.seed),

@@ -15,8 +15,9 @@ from tasks.sources import load_texts
 
 
 class TrainingStreams:
-    def __init__(self, tokenizer_path: str, weights: dict[str, float], seq_len: int, tokens_needed: int):
-        tokenizer = load_tokenizer(tokenizer_path)
+    def __init__(self, tokenizer_path: str, weights: dict[str, float], seq_len: int, tokens_needed: int,
+                 trust_remote_code: bool = False):
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
         self.sources = sorted(weights)
         self.weights = torch.tensor([weights[s] for s in self.sources], dtype=torch.float64)
         self.seq_len = seq_len

@@ -94,8 +94,9 @@ class DistillMethod(RecoveryMethod):
     def run(self, model, settings, ctx, fingerprint):
         teacher = load_teacher(ctx.dense_path, model)
         model.requires_grad_(True)
-        log = train(model, settings.batches(ctx.tokenizer_path), settings.schedule("distill"), ctx.state_dir,
-                    fingerprint, ctx.log, ctx.on_step, loss_of=Distiller(teacher, settings.temperature, settings.alpha))
+        log = train(model, settings.batches(ctx.tokenizer_path, ctx.trust_remote_code), settings.schedule("distill"),
+                    ctx.state_dir, fingerprint, ctx.log, ctx.on_step,
+                    loss_of=Distiller(teacher, settings.temperature, settings.alpha))
         model.requires_grad_(False)
         del teacher
         return RecoveryRun(model, losses=log.losses, trainable_params=log.trainable_params,

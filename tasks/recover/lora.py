@@ -55,8 +55,8 @@ class LoraMethod(RecoveryMethod):
             wrapped = peft.get_peft_model(model, config)
         except ValueError as err:
             raise RecoveryError(f"recover.target_modules {list(settings.target_modules)}: {err}") from err
-        log = train(wrapped, settings.batches(ctx.tokenizer_path), settings.schedule("lora"), ctx.state_dir,
-                    fingerprint, ctx.log, ctx.on_step)
+        log = train(wrapped, settings.batches(ctx.tokenizer_path, ctx.trust_remote_code), settings.schedule("lora"),
+                    ctx.state_dir, fingerprint, ctx.log, ctx.on_step)
         merged = wrapped.merge_and_unload()
         merged.requires_grad_(False)
         return RecoveryRun(merged, losses=log.losses, trainable_params=log.trainable_params,

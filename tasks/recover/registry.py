@@ -29,6 +29,7 @@ class RecoveryContext:
     batch_windows: int
     log: Callable[[str], None] = print
     on_step: Callable[[int, int, float], None] | None = None  # training progress: (done, total, loss)
+    trust_remote_code: bool = False  # the spec's model.trust_remote_code, for the tokenizer's folder
 
 
 @dataclass

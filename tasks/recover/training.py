@@ -50,10 +50,10 @@ class StepsTraining(TrainingRecovery):
     )
     steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
 
-    def batches(self, tokenizer_path: str) -> Callable[[int], torch.Tensor]:
+    def batches(self, tokenizer_path: str, trust_remote_code: bool = False) -> Callable[[int], torch.Tensor]:
         """Step -> its windows of `dataset`, drawn from just the text the steps need."""
         streams = TrainingStreams(tokenizer_path, {self.dataset: 1.0}, self.seq_len,
-                                  self.steps * self.batch_size * self.seq_len)
+                                  self.steps * self.batch_size * self.seq_len, trust_remote_code)
         return lambda step: streams.batch(step, self.batch_size, self.seed)
 
     def schedule(self, label: str) -> TrainSettings:

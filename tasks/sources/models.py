@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ ACCEPTED = "a local Hugging Face directory, a hub id, a .gguf file, or builtin:s
 # Files that decide what the model computes; tokenizer and generation files do not.
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _fingerprint_memo: dict[tuple, str] = {}
@@ -61,15 +63,30 @@ def resolve_model(source: str) -> ResolvedModel:
 
 def _resolve_local(path: Path, source: str) -> ResolvedModel:
     if path.is_file() and path.suffix == ".gguf":
+        with path.open("rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                raise SourceError(f"model.source: {source} does not start with the GGUF magic bytes, so it is not "
+                                  f"a GGUF file; accepted: {ACCEPTED}")
         converted = convert_gguf(path)
         return ResolvedModel(converted, _read_sidecar(converted), source)
     if path.is_dir() and (path / "config.json").is_file():
+        _check_config_json(path / "config.json", source)
         return ResolvedModel(path.resolve(), model_fingerprint(path), source)
     if path.is_dir():
         raise SourceError(
             f"model.source: directory {source} has no config.json; accepted: {ACCEPTED}"
         )
     raise SourceError(f"model.source: unsupported file {source}; accepted: {ACCEPTED}")
+
+
+def _check_config_json(config: Path, source: str) -> None:
+    try:
+        data = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"model.source: {source}/config.json is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise SourceError(f"model.source: {source}/config.json is not a model configuration (a JSON object with "
+                          "a model_type)")
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -136,10 +153,11 @@ def _convert_into(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    # A GGUF carries no code; the flag only makes sure nothing beside it in the folder is ever run or asked about.
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
     )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
     # The dequantized weights are plain fp32, but save_pretrained refuses while a GGUF
     # quantization config is still attached.
     if getattr(model, "hf_quantizer", None) is not None:

@@ -124,10 +124,11 @@ def save_model(model: nn.Module, tokenizer, out_dir: Path) -> None:
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
     """Load any checkpoint pruneflow reads or writes, re-creating the stand-ins of removed halves."""
-    config = AutoConfig.from_pretrained(path)
+    # Never the folder's own code: its architecture is one of the adapters' standard transformers classes.
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     record = getattr(config, "pruneflow", None) or {}
     stub_layers = {int(u.split(".")[1]) for u in record.get("removed", [])} & set(record.get("layer_ids", []))
-    kwargs = dict(dtype=_DTYPES[dtype], attn_implementation=architecture_for(config.model_type).attn_implementation)
+    kwargs = dict(dtype=_DTYPES[dtype], trust_remote_code=False, attn_implementation=architecture_for(config.model_type).attn_implementation)
     if not stub_layers:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         return model.to(device).eval()
