@@ -26,28 +26,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_outcome(summary: dict) -> str:
-    lines = [
-        f"run        {summary['run_id']}",
-        f"pipeline   {summary['pipeline']}",
-        f"removed    {len(summary['blocks'])} blocks: {', '.join(summary['blocks'])}",
-        f"params     {summary['params_dense']:,} -> {summary['params_pruned']:,} "
-        f"({100 * summary['params_removed_ratio']:.2f}% removed)",
-    ]
-    for dataset, values in summary["perplexity"].items():
-        stages = "  ".join(f"{stage} {value:.3f}" for stage, value in values.items())
-        lines.append(f"perplexity {dataset}: {stages}")
-    lines += [
-        f"recover    {summary['recover']}",
-        f"checkpoint {summary['checkpoint']}",
-        f"catalog    {summary['catalog']}",
-        f"wall time  {summary['wall_seconds']:.1f} s for the run, {summary['invocation_seconds']:.1f} s this time",
-    ]
-    return "\n".join(lines)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from flows import prune_pipeline
+    from flows.report import format_outcome
     from pipelines import load_spec
 
     spec = load_spec(args.pipeline, args.set)

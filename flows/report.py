@@ -109,3 +109,24 @@ def markdown_report(summary: dict, steps: Sequence[StepRow], evals: Sequence[Eva
             lines.append(f"![{kind}]({os.path.relpath(path, folder)})")
         lines.append("")
     return "\n".join(lines)
+
+
+def format_outcome(summary: dict) -> str:
+    """What `pruneflow run` prints at the end, and the flow logs (a worker's log then shows it too)."""
+    lines = [
+        f"run        {summary['run_id']}",
+        f"pipeline   {summary['pipeline']}",
+        f"removed    {len(summary['blocks'])} blocks: {', '.join(summary['blocks'])}",
+        f"params     {summary['params_dense']:,} -> {summary['params_pruned']:,} "
+        f"({100 * summary['params_removed_ratio']:.2f}% removed)",
+    ]
+    for dataset, values in summary["perplexity"].items():
+        stages = "  ".join(f"{stage} {value:.3f}" for stage, value in values.items())
+        lines.append(f"perplexity {dataset}: {stages}")
+    lines += [
+        f"recover    {summary['recover']}",
+        f"checkpoint {summary['checkpoint']}",
+        f"catalog    {summary['catalog']}",
+        f"wall time  {summary['wall_seconds']:.1f} s for the run, {summary['invocation_seconds']:.1f} s this time",
+    ]
+    return "\n".join(lines)
