@@ -26,8 +26,8 @@ from catalog import Catalog  # noqa: E402
 from tasks.score import CandidateScore  # noqa: E402
 
 SCALE_KEY = "pruneflow-scale"
-# Tukey's far-out fence: cells beyond q3 + 3 IQR are outliers and take the scale's last colour.
-FENCE_IQR = 3.0
+# Tukey's fence: cells beyond q3 + 1.5 IQR are outliers and take the scale's last colour.
+FENCE_IQR = 1.5
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def score_heatmap(steps: list[dict[str, CandidateScore]], removed: list[list[str
                      label="removed at this step" if all(len(g) <= 1 for g in removed) else "removed (order)"),
               Patch(color="#d9d9d9", label="removed at an earlier step")]
     if scale.clipped:
-        legend.append(Patch(color=cmap(1.0), label=f"beyond the scale: {', '.join(_short(b) for b in scale.clipped)}"))
+        names = ", ".join(_short(b) for b in scale.clipped[:4]) + (", ..." if len(scale.clipped) > 4 else "")
+        legend.append(Patch(color=cmap(1.0), label=f"beyond the scale: {names}"))
     ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=3, fontsize=9, frameon=False)
     ax.set_title("every candidate at every search step (0 = the step's best; lower goes first)", fontsize=11)
     return _save(fig, path, {SCALE_KEY: json.dumps(asdict(scale))})
