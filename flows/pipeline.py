@@ -138,7 +138,12 @@ def _run_name() -> str:
 
 @flow(name="prune-pipeline", persist_result=False, log_prints=True, flow_run_name=_run_name)
 def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
-    """Run (or resume) one pruning pipeline and return its summary."""
+    """Run (or resume) one pruning pipeline and return its summary.
+
+    Args:
+        spec: The pipeline, as its YAML file says; every field is validated before the run starts.
+        fresh: Discard this run's catalog rows and cached stage results, and start over.
+    """
     started = time.perf_counter()
     logger = get_run_logger()
     _tag_flow_run(spec)

@@ -49,6 +49,22 @@ def test_flow_parameter_form_is_fully_typed():
             assert node.get("properties"), f"{path} is an untyped mapping"
             assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
     assert seen > 20
+    # What Prefect's form draws as a JSON editor or a frozen field is never there; every field says what it is.
+    for path, node in _walk(spec):
+        assert "oneOf" not in node and "const" not in node, f"{path}: {node}"
+    for name, definition in definitions.items():
+        for key, node in (definition.get("properties") or {}).items():
+            assert node.get("description"), f"{name}.{key} has no description"
+    fields: dict = {}
+    for path, node in _walk(spec):
+        fields.setdefault(path, node)  # a union's branches come after it under the same path
+    from tasks.score import METRICS
+    from tasks.search.registry import STRATEGIES
+
+    assert set(fields["spec.score.metric"]["enum"]) == {name for name, _ in METRICS.items()} >= {"perplexity", "taylor"}
+    assert set(fields["spec.search.strategy"]["enum"]) == {name for name, _ in STRATEGIES.items()} >= {"iterative"}
+    assert fields["spec.search.target"]["anyOf"] and fields["spec.recover"]["anyOf"]
+    assert schema["properties"]["fresh"]["description"]
     leaves = {p: n for p, n in _walk(spec) if n.get("type") in ("integer", "number", "string", "boolean")}
     assert "description" in leaves["spec.calibration.samples"] and leaves["spec.calibration.samples"]["minimum"] == 1
 

@@ -25,7 +25,7 @@ def _peft():
 class LoraRecovery(TrainingRecovery):
     """LoRA fine-tuning of the pruned model with PEFT, merged into the weights (Shortened LLaMA, scaled down)."""
 
-    method: Literal["lora"]
+    method: Literal["lora"] = Field(description="Recovery method (pick another form to change it).")
     dataset: str = Field(
         "builtin:wiki-vital-en",
         min_length=1,
