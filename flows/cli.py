@@ -54,7 +54,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from catalog import CatalogError
-    from catalog.report import format_show
+    from catalog.report import format_show, show_json
 
     catalog = _catalog(args.catalog)
     matches = [s.run_id for s in catalog.run_summaries() if s.run_id.startswith(args.run_id)]
@@ -64,9 +64,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     run_id = matches[0]
     run = catalog.get_run(run_id)
     artifacts = catalog.artifacts(run_id)
-    print(format_show(run, catalog.steps(run_id), catalog.scores(run_id), catalog.evaluations(run_id), artifacts))
+    rows = (run, catalog.steps(run_id), catalog.scores(run_id), catalog.evaluations(run_id), artifacts)
+    if args.json:
+        print(show_json(*rows))
+        return 0
+    print(format_show(*rows, verbose=args.verbose))
     report = next((Path(a.path) for a in artifacts if a.kind == "report-md"), None)
-    if report is not None and report.is_file():
+    if args.verbose and report is not None and report.is_file():
         print(f"\n{'=' * 20} report {report} {'=' * 20}\n")
         print(report.read_text())
     return 0
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(fn=cmd_runs)
     show = sub.add_parser("show", help="show one run: spec, steps, scores, evaluations, artifacts")
     show.add_argument("run_id")
+    show.add_argument("--verbose", action="store_true",
+                      help="also fingerprints, the whole spec, the stored summary, artifacts and report.md")
+    show.add_argument("--json", action="store_true", help="everything the catalog holds on the run, as JSON")
     show.set_defaults(fn=cmd_show)
     refresh = sub.add_parser("refresh-code", help="rewrite a pruned checkpoint's modeling code with this release's")
     refresh.add_argument("checkpoint")

@@ -1,6 +1,8 @@
 """The Prefect flow on a tiny model: catalog rows, stage-by-stage caching, bad input."""
 
 import json
+import subprocess
+import sys
 
 import duckdb
 import pytest
@@ -70,7 +72,19 @@ def test_cli_runs_and_show(tmp_path, capsys):
     assert run_id[:12] in listing and "completed" in listing
     assert cli(["show", run_id[:8], "--catalog", catalog]) == 0
     shown = capsys.readouterr().out
-    assert "layers." in shown and "perplexity" in shown
+    # What matters first: removed blocks, perplexities and the checkpoint, before any table; no raw spec.
+    head = [line.split()[0] for line in shown.split("\n\n")[0].splitlines()]
+    assert head[:4] == ["run", "pipeline", "model", "removed"] and "checkpoint" in head and "perplexity" in head
+    assert '"calibration"' not in shown and "model fingerprint" not in shown
+    assert cli(["show", run_id[:8], "--catalog", catalog, "--verbose"]) == 0
+    assert '"calibration"' in capsys.readouterr().out
+
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "show", run_id[:8], "--catalog", catalog, "--json"],
+                           capture_output=True, text=True, check=True).stdout
+    document = json.loads(shown)
+    assert document["run"]["run_id"] == run_id and document["spec"]["name"] == "tiny"
+    assert [s["block"] for s in document["steps"]] == out.split("blocks: ")[1].split("\n")[0].split(", ")
+    assert len(document["scores"]) == 8 + 7 + 6
 
 
 def _files(root):
