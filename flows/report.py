@@ -51,8 +51,8 @@ def _evaluation_tables(evals: Sequence[EvaluationRow]) -> list[str]:
                      for s in stages]
             rows.append([dataset, *cells, str(first.n_tokens), str(first.seq_len), str(first.stride)])
         lines += _table(["dataset", *stages, "predicted tokens", "window", "stride"], rows) + [""]
-    for kind, title in (("task", "Downstream tasks (lm-evaluation-harness, zero-shot)"), ("size", "Size"),
-                        ("speed", "Speed")):
+    lines += _speed_lines(evals, stages)
+    for kind, title in (("task", "Downstream tasks (lm-evaluation-harness, zero-shot)"), ("size", "Size")):
         keys, values = _by_stage(evals, kind)
         if not keys:
             continue
@@ -66,6 +66,55 @@ def _evaluation_tables(evals: Sequence[EvaluationRow]) -> list[str]:
         headers = ["metric", *stages] + (["examples"] if kind == "task" else [])
         lines += [f"## {title}", ""] + _table(headers, rows) + [""]
     return lines
+
+
+_SPREAD = "_spread"
+
+
+def _speed_lines(evals: Sequence[EvaluationRow], stages: list[str]) -> list[str]:
+    """Speed as medians with their spread, each stage's ratio to dense, and the ideal ratio (dense params /
+    the stage's params: per-token compute scales with them). A ratio the spreads cannot tell from 1 is
+    reported as noise, not as a gain or a loss."""
+    keys, values = _by_stage(evals, "speed")
+    keys = [k for k in keys if not k[1].endswith(_SPREAD)]
+    if not keys:
+        return []
+    params = {e.stage: e.value for e in evals if e.kind == "size" and e.metric == "params"}
+    others = [s for s in stages if s != "dense"]
+    rows = []
+    for dataset, metric in keys:
+        def spread(stage: str) -> float | None:
+            row = values.get((dataset, metric + _SPREAD, stage))
+            return None if row is None else row.value
+
+        def cell(stage: str) -> str:
+            row = values.get((dataset, metric, stage))
+            if row is None:
+                return "-"
+            noise = spread(stage)
+            return _value(metric, row.value) + ("" if noise is None else f" ±{100 * noise:.0f}%")
+
+        dense = values.get((dataset, metric, "dense"))
+        ratios = []
+        for stage in others:
+            row = values.get((dataset, metric, stage))
+            if dense is None or row is None:
+                ratios.append("-")
+                continue
+            ratio = row.value / dense.value
+            noise = max(spread("dense") or 0.0, spread(stage) or 0.0)
+            ratios.append(f"{ratio:.2f}x" if abs(ratio - 1) > noise else f"within noise (±{100 * noise:.0f}%)")
+        tokens_per_s = metric.endswith("tokens_per_s")
+        ideal = [f"{params['dense'] / params[s]:.2f}x" if tokens_per_s and s in params and "dense" in params else "-"
+                 for s in others]
+        label = metric if dataset == "-" else f"{dataset} {metric}"
+        rows.append([label, *(cell(s) for s in stages), *ratios, *ideal])
+    headers = ["metric", *stages, *(f"{s} / dense" for s in others), *(f"ideal {s} / dense" for s in others)]
+    repeats = next((e.n_samples for e in evals if e.kind == "speed" and e.n_samples), None)
+    note = (f"Median of {repeats} timed runs after a warm-up; ± is their spread, (max - min) / median. "
+            if repeats else "")
+    return ["## Speed", "", note + "Ideal: dense params / the stage's params, what per-token compute would give.",
+            ""] + _table(headers, rows) + [""]
 
 
 def _recovery_lines(recovery: dict | None) -> list[str]:

@@ -38,7 +38,13 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
     assert first["params_pruned"] == catalog.steps(run_id)[-1].params_remaining
     speed = {(e.stage, e.metric) for e in catalog.evaluations(run_id) if e.kind == "speed"}
     for stage in ("dense", "pruned"):
-        assert {(stage, m) for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes_per_token")} <= speed
+        assert {(stage, m) for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes_per_token",
+                                     "prefill_tokens_per_s_spread", "decode_tokens_per_s_spread")} <= speed
+    assert {e.n_samples for e in catalog.evaluations(run_id) if e.metric.endswith("tokens_per_s")} == {5}
+    report = (tmp_path / "out" / "tiny" / f"run-{run_id}" / "report.md").read_text()
+    speed_rows = [line for line in report.splitlines() if "tokens_per_s" in line]
+    assert speed_rows and all(line.count("±") == 2 and line.rstrip(" |").endswith("x") for line in speed_rows)
+    assert not (tmp_path / "out" / "tiny" / f"run-{run_id}" / "recover-state").exists()
 
     # The same pipeline again: every stage from cache, not one model forward.
     again = prune_pipeline(path)
