@@ -199,7 +199,8 @@ def format_show(
     """The headline, the steps and the evaluations; `verbose` adds identities, the whole spec, the stored
     summary (raw series included) and every artifact."""
     sections = [_aligned(_headline(run, steps, evaluations, artifacts)), "\n".join(_step_lines(steps, scores))]
-    shown = evaluations if verbose else [e for e in evaluations if e.kind != "perplexity"]
+    # Speed needs its spread and ratios beside it to mean anything: report.md has that table.
+    shown = evaluations if verbose else [e for e in evaluations if e.kind not in ("perplexity", "speed")]
     eval_rows = [
         [e.stage, e.kind, e.dataset, e.metric, format_number(e.value),
          _MISSING if e.n_tokens is None else f"{e.n_tokens:,}",
@@ -207,7 +208,7 @@ def format_show(
          _MISSING if e.stride is None else str(e.stride)]
         for e in shown
     ]
-    title = "evaluations" if verbose else "other evaluations (perplexity above)"
+    title = "evaluations" if verbose else "other evaluations (perplexity above; speed with its spread in the report)"
     sections.append(
         f"{title} ({len(shown)})\n"
         + (format_table(["stage", "kind", "dataset", "metric", "value", "tokens", "seq len",

@@ -186,7 +186,8 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report_md, "report-md"))
     catalog.finish_run(run_id, "completed", wall_seconds=outcome.wall_seconds, summary=summary)
-    logger.info("summary of the run\n" + format_outcome(summary))
+    if flow_run.get_deployment_id():  # a worker's log; `pruneflow run` prints it on stdout instead
+        logger.info("summary of the run\n" + format_outcome(summary))
     return summary
 
 

@@ -31,14 +31,14 @@ class Meter:
     def __init__(self, label: str, total: int | None, artifact: ProgressArtifact | None = None):
         self.label = label
         self.bar = tqdm(total=total, desc=label, file=sys.stderr, leave=False, dynamic_ncols=True,
-                        bar_format="{desc}: {bar:20} {postfix}")
+                        bar_format="{bar:16} {desc}")
         self.artifact = artifact
 
     def show(self, done: int, total: int | None, text: str, percent: float | None = None) -> None:
         """`percent` is what the artifact shows (default: this bar's); the search shows the whole run's."""
         self.bar.total = total
         self.bar.n = done
-        self.bar.set_postfix_str(text, refresh=True)
+        self.bar.set_description_str(f"{self.label}: {text}", refresh=True)
         if self.artifact is not None:
             if percent is None:
                 percent = 100.0 * done / total if total else 0.0

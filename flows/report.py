@@ -71,6 +71,13 @@ def _evaluation_tables(evals: Sequence[EvaluationRow]) -> list[str]:
 _SPREAD = "_spread"
 
 
+def _apart(a: float, spread_a: float, b: float, spread_b: float) -> bool:
+    """Whether two medians' ranges (median x (1 ± spread / 2)) do not overlap."""
+    low_a, high_a = a * (1 - spread_a / 2), a * (1 + spread_a / 2)
+    low_b, high_b = b * (1 - spread_b / 2), b * (1 + spread_b / 2)
+    return high_a < low_b or high_b < low_a
+
+
 def _speed_lines(evals: Sequence[EvaluationRow], stages: list[str]) -> list[str]:
     """Speed as medians with their spread, each stage's ratio to dense, and the ideal ratio (dense params /
     the stage's params: per-token compute scales with them). A ratio the spreads cannot tell from 1 is
@@ -101,9 +108,8 @@ def _speed_lines(evals: Sequence[EvaluationRow], stages: list[str]) -> list[str]
             if dense is None or row is None:
                 ratios.append("-")
                 continue
-            ratio = row.value / dense.value
-            noise = max(spread("dense") or 0.0, spread(stage) or 0.0)
-            ratios.append(f"{ratio:.2f}x" if abs(ratio - 1) > noise else f"within noise (±{100 * noise:.0f}%)")
+            apart = _apart(dense.value, spread("dense") or 0.0, row.value, spread(stage) or 0.0)
+            ratios.append(f"{row.value / dense.value:.2f}x" if apart else "within noise")
         tokens_per_s = metric.endswith("tokens_per_s")
         ideal = [f"{params['dense'] / params[s]:.2f}x" if tokens_per_s and s in params and "dense" in params else "-"
                  for s in others]
@@ -113,7 +119,9 @@ def _speed_lines(evals: Sequence[EvaluationRow], stages: list[str]) -> list[str]
     repeats = next((e.n_samples for e in evals if e.kind == "speed" and e.n_samples), None)
     note = (f"Median of {repeats} timed runs after a warm-up; ± is their spread, (max - min) / median. "
             if repeats else "")
-    return ["## Speed", "", note + "Ideal: dense params / the stage's params, what per-token compute would give.",
+    note += ("A ratio is given only when the two ranges, median x (1 ± spread / 2), do not overlap. "
+             "Ideal: dense params / the stage's params, what per-token compute would give.")
+    return ["## Speed", "", note,
             ""] + _table(headers, rows) + [""]
 
 
