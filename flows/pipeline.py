@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, tags
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from catalog import Catalog
 from flows.keys import derive_run_id, identity_hash
@@ -186,7 +186,7 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report_md, "report-md"))
     catalog.finish_run(run_id, "completed", wall_seconds=outcome.wall_seconds, summary=summary)
-    if flow_run.get_deployment_id():  # a worker's log; `pruneflow run` prints it on stdout instead
+    if deployment.get_id():  # a worker's log; `pruneflow run` prints it on stdout instead
         logger.info("summary of the run\n" + format_outcome(summary))
     return summary
 
