@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import asdict
 from datetime import datetime
 from typing import Sequence
 
@@ -157,47 +158,75 @@ def _step_lines(steps: Sequence[StepRow], scores: Sequence[ScoreRow]) -> list[st
     return lines
 
 
+def _headline(run: RunRow, steps: Sequence[StepRow], evaluations: Sequence[EvaluationRow],
+              artifacts: Sequence[ArtifactRow]) -> list[tuple[str, str]]:
+    """What a user looks for first: what was removed, what it cost, where the result is."""
+    fields = [("run", f"{run.run_id}  ({run.status})"), ("pipeline", run.pipeline), ("model", run.model_source)]
+    removed = ", ".join(s.block for s in steps) or "(nothing yet)"
+    fields.append(("removed", f"{_count(len(steps), 'block')}: {removed}"))
+    params = {e.stage: e.value for e in evaluations if e.kind == "size" and e.metric == "params"}
+    if "dense" in params and "pruned" in params:
+        fields.append(("params", f"{int(params['dense']):,} -> {int(params['pruned']):,} "
+                                 f"({format_percent(1 - params['pruned'] / params['dense'])} removed)"))
+    ppl: dict[str, list[str]] = defaultdict(list)
+    for e in evaluations:
+        if e.kind == "perplexity":
+            ppl[e.dataset].append(f"{e.stage} {format_number(e.value)}")
+    fields += [("perplexity", f"{dataset}: {'  '.join(values)}") for dataset, values in ppl.items()]
+    checkpoints = {a.stage: a.path for a in artifacts if a.kind == "checkpoint"}
+    final = checkpoints.get("recovered") or checkpoints.get("pruned")
+    fields.append(("checkpoint", final or "(not written yet)"))
+    report = next((a.path for a in artifacts if a.kind == "report-md"), None)
+    if report:
+        fields.append(("report", report))
+    fields.append(("wall time", format_duration(run.wall_seconds)))
+    return fields
+
+
+def _aligned(fields: Sequence[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in fields)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in fields)
+
+
 def format_show(
     run: RunRow,
     steps: Sequence[StepRow],
     scores: Sequence[ScoreRow],
     evaluations: Sequence[EvaluationRow],
     artifacts: Sequence[ArtifactRow],
+    verbose: bool = False,
 ) -> str:
-    fields = [
-        ("run", run.run_id),
-        ("pipeline", run.pipeline),
-        ("status", run.status),
-        ("model", run.model_source),
-        ("model fingerprint", run.model_fingerprint),
-        ("data fingerprint", run.data_fingerprint),
-        ("spec hash", run.spec_hash),
-        ("output dir", run.output_dir),
-        ("created", format_time(run.created_at)),
-        ("finished", format_time(run.finished_at)),
-        ("wall time", format_duration(run.wall_seconds)),
-    ]
-    label_width = max(len(label) for label, _ in fields)
-    header = "\n".join(f"{label.ljust(label_width)}  {value}" for label, value in fields)
-    sections = [header, "spec\n" + _pretty_json(run.spec_json)]
-    if run.summary_json is not None:
-        sections.append("summary\n" + _pretty_json(run.summary_json))
-    sections.append("\n".join(_step_lines(steps, scores)))
-
+    """The headline, the steps and the evaluations; `verbose` adds identities, the whole spec, the stored
+    summary (raw series included) and every artifact."""
+    sections = [_aligned(_headline(run, steps, evaluations, artifacts)), "\n".join(_step_lines(steps, scores))]
+    # Speed needs its spread and ratios beside it to mean anything: report.md has that table.
+    shown = evaluations if verbose else [e for e in evaluations if e.kind not in ("perplexity", "speed")]
     eval_rows = [
         [e.stage, e.kind, e.dataset, e.metric, format_number(e.value),
          _MISSING if e.n_tokens is None else f"{e.n_tokens:,}",
          _MISSING if e.seq_len is None else str(e.seq_len),
          _MISSING if e.stride is None else str(e.stride)]
-        for e in evaluations
+        for e in shown
     ]
+    title = "evaluations" if verbose else "other evaluations (perplexity above; speed with its spread in the report)"
     sections.append(
-        f"evaluations ({len(evaluations)})\n"
+        f"{title} ({len(shown)})\n"
         + (format_table(["stage", "kind", "dataset", "metric", "value", "tokens", "seq len",
                          "stride"], eval_rows, right=(4, 5, 6, 7))
            if eval_rows else "(none)")
     )
-
+    if not verbose:
+        sections.append("(--verbose: fingerprints, the whole spec, the stored summary and every artifact; "
+                        "--json: all of it as JSON)")
+        return "\n\n".join(sections)
+    sections.append(_aligned([
+        ("model fingerprint", run.model_fingerprint), ("data fingerprint", run.data_fingerprint),
+        ("spec hash", run.spec_hash), ("output dir", run.output_dir), ("created", format_time(run.created_at)),
+        ("finished", format_time(run.finished_at)),
+    ]))
+    sections.append("spec\n" + _pretty_json(run.spec_json))
+    if run.summary_json is not None:
+        sections.append("summary\n" + _pretty_json(run.summary_json))
     artifact_rows = [
         [a.stage, a.kind, format_bytes(a.bytes), a.sha256[:12], a.path] for a in artifacts
     ]
@@ -207,3 +236,20 @@ def format_show(
            if artifact_rows else "(none)")
     )
     return "\n\n".join(sections)
+
+
+def show_json(
+    run: RunRow,
+    steps: Sequence[StepRow],
+    scores: Sequence[ScoreRow],
+    evaluations: Sequence[EvaluationRow],
+    artifacts: Sequence[ArtifactRow],
+) -> str:
+    """Everything the catalog holds on one run, as one JSON document (`pruneflow show RUN --json`)."""
+    def rows(items) -> list[dict]:
+        return [asdict(item) for item in items]
+
+    run_data = {k: v for k, v in asdict(run).items() if k not in ("spec_json", "summary_json")}
+    return json.dumps({"run": run_data, "spec": run.spec, "summary": run.summary, "steps": rows(steps),
+                       "scores": rows(scores), "evaluations": rows(evaluations), "artifacts": rows(artifacts)},
+                      indent=2, default=str)  # datetimes as ISO-like text

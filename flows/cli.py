@@ -27,26 +27,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_outcome(summary: dict) -> str:
-    lines = [
-        f"run        {summary['run_id']}",
-        f"pipeline   {summary['pipeline']}",
-        f"removed    {len(summary['blocks'])} blocks: {', '.join(summary['blocks'])}",
-        f"params     {summary['params_dense']:,} -> {summary['params_pruned']:,} "
-        f"({100 * summary['params_removed_ratio']:.2f}% removed)",
-    ]
-    for dataset, values in summary["perplexity"].items():
-        stages = "  ".join(f"{stage} {value:.3f}" for stage, value in values.items())
-        lines.append(f"perplexity {dataset}: {stages}")
-    lines += [
-        f"recover    {summary['recover']}",
-        f"checkpoint {summary['checkpoint']}",
-        f"catalog    {summary['catalog']}",
-        f"wall time  {summary['wall_seconds']:.1f} s for the run, {summary['invocation_seconds']:.1f} s this time",
-    ]
-    return "\n".join(lines)
-
-
 class _UserErrorsOnce(logging.Filter):
     """Prefect logs a failed run's exception with its traceback; a user error is printed once, by `main`, as
     its message. Only the console handler is filtered: the Prefect API (and the UI) still get the record."""
@@ -64,6 +44,7 @@ def _quiet_user_errors_on_the_console() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows import prune_pipeline
+    from flows.report import format_outcome
     from pipelines import load_spec
 
     _quiet_user_errors_on_the_console()
@@ -91,7 +72,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from catalog import CatalogError
-    from catalog.report import format_show
+    from catalog.report import format_show, show_json
 
     catalog = _catalog(args.catalog)
     matches = [s.run_id for s in catalog.run_summaries() if s.run_id.startswith(args.run_id)]
@@ -101,9 +82,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     run_id = matches[0]
     run = catalog.get_run(run_id)
     artifacts = catalog.artifacts(run_id)
-    print(format_show(run, catalog.steps(run_id), catalog.scores(run_id), catalog.evaluations(run_id), artifacts))
+    rows = (run, catalog.steps(run_id), catalog.scores(run_id), catalog.evaluations(run_id), artifacts)
+    if args.json:
+        print(show_json(*rows))
+        return 0
+    print(format_show(*rows, verbose=args.verbose))
     report = next((Path(a.path) for a in artifacts if a.kind == "report-md"), None)
-    if report is not None and report.is_file():
+    if args.verbose and report is not None and report.is_file():
         print(f"\n{'=' * 20} report {report} {'=' * 20}\n")
         print(report.read_text())
     return 0
@@ -142,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(fn=cmd_runs)
     show = sub.add_parser("show", help="show one run: spec, steps, scores, evaluations, artifacts")
     show.add_argument("run_id")
+    show.add_argument("--verbose", action="store_true",
+                      help="also fingerprints, the whole spec, the stored summary, artifacts and report.md")
+    show.add_argument("--json", action="store_true", help="everything the catalog holds on the run, as JSON")
     show.set_defaults(fn=cmd_show)
     refresh = sub.add_parser("refresh-code", help="rewrite a pruned checkpoint's modeling code with this release's")
     refresh.add_argument("checkpoint")

@@ -11,18 +11,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, tags
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from catalog import Catalog
 from flows.keys import derive_run_id, identity_hash
 from flows.locks import exclusive, folder_lock, run_lock
 from flows.outputs import check_owner, claim, run_dir, sweep_temporaries, write_json
 from flows.preflight import preflight
-from flows.plots import perplexity_curve, score_heatmap
+from flows.plots import perplexity_curve, score_heatmap, scores_by_step
 from flows.progress import Fanout, SearchProgress
-from flows.ui import SearchArtifacts, publish_summary
+from flows.ui import StepTables, artifact_key, publish_summary
 from flows.recorder import CatalogRecorder, WallClock
-from flows.report import markdown_report
+from flows.report import format_outcome, markdown_report
 from flows.stages import (
     calibrate_task,
     eval_data_task,
@@ -32,13 +32,15 @@ from flows.stages import (
     recover_task,
     search_task,
     stage_executions,
+    trajectory_task,
 )
 from pipelines import PipelineSpec, load_spec
 from tasks.errors import DiskFull, is_disk_full
 from tasks.evaluation import Evaluation
 from tasks.recover_stage import Recovered
 from tasks.refs import ArtifactRef
-from tasks.score import CandidateScore
+from tasks.score import METRICS
+from tasks.search.registry import expected_candidates
 from tasks.search_stage import SearchSections
 
 
@@ -100,9 +102,30 @@ def target_text(spec: PipelineSpec) -> str:
     return f"{100 * target.params_ratio:g}% params"
 
 
+DEPLOYMENT_TAGS = ("pruneflow",)
+# Tags computed from a run's parameters: a deployment must not carry them, or a run whose parameters were
+# changed in the UI would show the deployment's values.
+_PARAMETER_TAGS = ("pipeline:", "model:", "target:", "granularity:", "strategy:", "metric:")
+
+
 def run_tags(spec: PipelineSpec) -> list[str]:
-    return ["pruneflow", f"pipeline:{spec.name}", f"model:{spec.model.source}",
-            f"target:{target_text(spec).replace(' ', '-')}", f"granularity:{spec.score.granularity}"]
+    return [*DEPLOYMENT_TAGS, f"pipeline:{spec.name}", f"model:{spec.model.source}",
+            f"target:{target_text(spec).replace(' ', '-')}", f"granularity:{spec.score.granularity}",
+            f"strategy:{spec.search.strategy}", f"metric:{spec.score.metric}"]
+
+
+def _tag_flow_run(spec: PipelineSpec) -> None:
+    """Give the running flow run the tags of the spec it was given (deployment runs are created with the
+    deployment's tags, which know nothing of parameters changed in the UI)."""
+    from prefect.client.orchestration import get_client
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    kept = [t for t in flow_run.get_tags() if not t.startswith(_PARAMETER_TAGS)]
+    wanted = list(dict.fromkeys([*kept, *run_tags(spec)]))
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run_id, tags=wanted)
 
 
 def _run_name() -> str:
@@ -117,9 +140,15 @@ def _run_name() -> str:
 
 @flow(name="prune-pipeline", persist_result=False, log_prints=True, flow_run_name=_run_name)
 def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
-    """Run (or resume) one pruning pipeline and return its summary."""
+    """Run (or resume) one pruning pipeline and return its summary.
+
+    Args:
+        spec: The pipeline, as its YAML file says; every field is validated before the run starts.
+        fresh: Discard this run's catalog rows and cached stage results, and start over.
+    """
     started = time.perf_counter()
     logger = get_run_logger()
+    _tag_flow_run(spec)
     out_dir = Path(spec.output_dir)
     identity = identity_hash(spec)
     catalog = Catalog(spec.catalog_path())
@@ -183,6 +212,8 @@ def _record_run(spec, model, calibration, eval_data, run_id, catalog, fresh, log
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report_md, "report-md"))
     catalog.finish_run(run_id, "completed", wall_seconds=outcome.wall_seconds, summary=summary)
+    if deployment.get_id():  # a worker's log; `pruneflow run` prints it on stdout instead
+        logger.info("summary of the run\n" + format_outcome(summary))
     return summary
 
 
@@ -211,17 +242,11 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
                       clock: WallClock) -> RunOutcome:
     out_dir = Path(spec.output_dir)
     recorder = CatalogRecorder(catalog, run_id, spec.score.metric)
-    total_steps = getattr(spec.search.target, "blocks", None)
-    search = spec.search
-    rules = search.rules(range(model.num_layers), spec.score.granularity)
-    ui = SearchArtifacts(spec.name, run_id,
-                         rules.planned_candidates(search.strategy, search.goal_target(), search.strategy_section()))
-    progress = Fanout(SearchProgress(total_steps, logger), ui, clock)
+    progress = Fanout(_search_progress(spec, model.num_layers, catalog, run_id, logger), StepTables(spec.name), clock)
     sections = SearchSections(model=spec.model, score=spec.score, search=spec.search)
     result = _with(search_task, out_dir, fresh)(
         sections, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress, spec.execution
     )
-    ui.finish()
     folder = run_dir(out_dir, run_id)
     checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
@@ -236,7 +261,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
 
     def evaluate(sha: str, path: str, stage: str) -> list[Evaluation]:
         rows = _with(evaluate_task, out_dir, fresh)(spec.model, spec.score.batch_windows, spec.evaluate, sha, path,
-                                                    stage, eval_data)
+                                                    stage, eval_data, spec.name)
         clock.tick()
         return rows
 
@@ -260,10 +285,31 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
         search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
                 "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
     )
-    outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl).items()}
+    trajectory = _with(trajectory_task, out_dir, fresh)(spec.model, spec.score.batch_windows, model, calibration,
+                                                        tuple(result.blocks))
+    outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl, trajectory).items()}
     for kind, path in outcome.pictures.items():
         _record_artifact(catalog, run_id, "evaluate", ArtifactRef.of(Path(path), kind))
     return outcome
+
+
+def _search_progress(spec: PipelineSpec, num_layers: int, catalog: Catalog, run_id: str, logger) -> SearchProgress:
+    """Totals from the strategy's registered count (`expected=`) over the search's own candidate rules."""
+    search = spec.search
+    first = len(search.rules(range(num_layers), spec.score.granularity).candidates([]))
+    steps = getattr(search.target, "blocks", None)
+    settings = search.strategy_section()
+
+    def per_step(step: int) -> int:
+        before = expected_candidates(search.strategy, first, step, settings) if step else 0
+        return expected_candidates(search.strategy, first, step + 1, settings) - before
+
+    known: dict[int, int] = {}
+    for row in catalog.scores(run_id):
+        known[row.step] = known.get(row.step, 0) + 1
+    return SearchProgress(per_step, expected_candidates(search.strategy, first, steps, settings), steps,
+                          METRICS.lookup(spec.score.metric).remove == "lowest",
+                          key=artifact_key(spec.name, "search-progress"), known=known, logger=logger)
 
 
 def _recover_note(recovered: Recovered | None) -> str:
@@ -283,17 +329,15 @@ def _recovery_summary(recovered: Recovered | None) -> dict | None:
     }
 
 
-def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict) -> dict[str, Path]:
+def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory: tuple[float, ...]) -> dict[str, Path]:
     folder = run_dir(Path(spec.output_dir), run_id)
-    by_step: dict[int, dict[str, CandidateScore]] = {}
-    for row in catalog.scores(run_id):
-        by_step.setdefault(row.step, {})[row.block] = CandidateScore(row.block, row.value, row.n_tokens, row.seconds, row.exact)
-    steps = [by_step[s] for s in sorted(by_step)]
-    removed_ratio = [1 - p / result.dense_params for p in result.params_remaining]
+    steps, removed = scores_by_step(catalog, run_id)
+    removed_ratio = [0.0, *(1 - p / result.dense_params for p in result.params_remaining)]
     evals = {d: v for d, v in ppl.items() if "dense" in v and "pruned" in v}
+    lowest_first = METRICS.lookup(spec.score.metric).remove == "lowest"
     return {
-        "plot-scores": score_heatmap(steps, list(result.blocks), folder / "scores_per_block.png", spec.score.metric),
-        "plot-perplexity": perplexity_curve(removed_ratio, list(result.values), evals, folder / "perplexity_vs_params.png"),
+        "plot-scores": score_heatmap(steps, removed, folder / "scores_per_block.png", spec.score.metric, lowest_first),
+        "plot-perplexity": perplexity_curve(removed_ratio, list(trajectory), evals, folder / "perplexity_vs_params.png"),
     }
 
 

@@ -1,57 +1,160 @@
-"""The two pictures of a run: score per block over search steps, and perplexity against params removed."""
+"""The two pictures of a run: every candidate's score at every search step, and perplexity against the
+parameters removed, from the dense model through every step.
+
+Scores are shown relative to each step's best candidate, on a colour scale that ends at a robust upper
+fence, so one outlier (often the first MLP) does not flatten every other candidate into one colour. The
+scale a picture uses is written into the PNG (text chunk `pruneflow-scale`), so it can be checked.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
+from catalog import Catalog  # noqa: E402
 from tasks.score import CandidateScore  # noqa: E402
 
+SCALE_KEY = "pruneflow-scale"
+# Tukey's fence: cells beyond q3 + 1.5 IQR are outliers and take the scale's last colour.
+FENCE_IQR = 1.5
 
-def score_heatmap(steps: list[dict[str, CandidateScore]], removed: list[str], path: Path, metric: str) -> Path:
-    """Rows are search steps, columns the candidate blocks in model order; removed blocks are blank."""
+
+@dataclass(frozen=True)
+class HeatScale:
+    """The colour scale of the score picture: 0 is each step's best candidate, `vmax` where colours end."""
+
+    measure: str
+    vmax: float
+    largest: float
+    clipped: tuple[str, ...]  # blocks with a cell beyond vmax
+
+
+def relative(score: CandidateScore, best: float, log_scale: bool, lowest_first: bool) -> float:
+    """How far a candidate is from the step's best: log-ratio for perplexities, plain difference otherwise."""
+    if log_scale and score.value > 0 and best > 0:
+        gap = math.log(score.value) - math.log(best)
+    else:
+        gap = score.value - best
+    return gap if lowest_first else -gap
+
+
+def heat_scale(cells: dict[str, list[float]], measure: str) -> HeatScale:
+    """`cells` holds each block's distances from its steps' best."""
+    values = sorted(v for row in cells.values() for v in row if math.isfinite(v))
+    largest = values[-1] if values else 0.0
+    if len(values) >= 4:
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        vmax = min(largest, q3 + FENCE_IQR * (q3 - q1))
+    else:
+        vmax = largest
+    vmax = vmax if vmax > 0 else max(largest, 1e-9)
+    clipped = tuple(b for b, row in cells.items() if any(v > vmax for v in row))
+    return HeatScale(measure, vmax, largest, clipped)
+
+
+def score_heatmap(steps: list[dict[str, CandidateScore]], removed: list[list[str]], path: Path, metric: str,
+                  lowest_first: bool = True) -> Path:
+    """Rows are the distinct search steps, columns the candidate blocks in model order. `removed[i]` holds
+    the blocks removed from step i's ranking (several for strategies that rank once)."""
     blocks = sorted({b for step in steps for b in step}, key=_model_order)
-    grid = [[_cell(step.get(b)) for b in blocks] for step in steps]
-    width = max(6.0, min(18.0, 0.18 * len(blocks) + 2))
-    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.35 * max(1, len(steps))))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis_r", interpolation="nearest")
-    ax.set_xticks(range(len(blocks)), [b.removeprefix("layers.") for b in blocks], rotation=90, fontsize=6)
-    ax.set_yticks(range(len(steps)), [f"{i}: -{removed[i].removeprefix('layers.')}" if i < len(removed) else str(i)
-                                      for i in range(len(steps))], fontsize=7)
-    ax.set_xlabel("candidate block")
-    ax.set_ylabel("step: removed")
-    fig.colorbar(image, ax=ax, label=f"log {metric}" if metric == "perplexity" else metric)
-    ax.set_title("score of every candidate at every search step (lower = removed first)", fontsize=9)
-    return _save(fig, path)
+    log_scale = metric == "perplexity"
+    measure = f"log({metric} / step's best)" if log_scale else f"{metric}, distance from step's best"
+    bests = [_best(step, lowest_first) for step in steps]
+    grid = [[relative(step[b], best, log_scale, lowest_first) if b in step else math.nan for b in blocks]
+            for step, best in zip(steps, bests)]
+    scale = heat_scale({b: [row[j] for row in grid] for j, b in enumerate(blocks)}, measure)
+
+    width = max(8.0, min(16.0, 0.24 * len(blocks) + 3))
+    fig, ax = plt.subplots(figsize=(width, max(4.2, 2.2 + 0.5 * len(steps))))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")  # bad: no longer there, removed earlier
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, norm=Normalize(0.0, scale.vmax), interpolation="nearest")
+    for i, gone in enumerate(removed):
+        for order, block in enumerate(gone):
+            if block in blocks:
+                ax.text(blocks.index(block), i, "×" if len(gone) == 1 else str(order + 1), ha="center",
+                        va="center", color="red", fontsize=11, fontweight="bold")
+    ax.set_xticks(range(len(blocks)), [_short(b) for b in blocks], rotation=90, fontsize=8)
+    ax.set_yticks(range(len(steps)), [_row_label(i, gone) for i, gone in enumerate(removed)], fontsize=9)
+    ax.set_xlabel("candidate block (layer.half)", fontsize=10)
+    colorbar = fig.colorbar(image, ax=ax, extend="max" if scale.clipped else "neither", pad=0.01)
+    colorbar.set_label(measure, fontsize=9)
+    legend = [Line2D([], [], marker="x", color="red", linestyle="none", markersize=9,
+                     label="removed at this step" if all(len(g) <= 1 for g in removed) else "removed (order)"),
+              Patch(color="#d9d9d9", label="removed at an earlier step")]
+    if scale.clipped:
+        names = ", ".join(_short(b) for b in scale.clipped[:4]) + (", ..." if len(scale.clipped) > 4 else "")
+        legend.append(Patch(color=cmap(1.0), label=f"beyond the scale: {names}"))
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=3, fontsize=9, frameon=False)
+    ax.set_title("every candidate at every search step (0 = the step's best; lower goes first)", fontsize=11)
+    return _save(fig, path, {SCALE_KEY: json.dumps(asdict(scale))})
 
 
-def perplexity_curve(params_removed: list[float], values: list[float], evals: dict[str, dict[str, float]],
+def scores_by_step(catalog: Catalog, run_id: str) -> tuple[list[dict[str, CandidateScore]], list[list[str]]]:
+    """The run's distinct scored steps and, for each, the blocks removed from its ranking: a step without
+    scores of its own (one_shot, consecutive) was chosen from the last scored step before it."""
+    by_step: dict[int, dict[str, CandidateScore]] = {}
+    for row in catalog.scores(run_id):
+        by_step.setdefault(row.step, {})[row.block] = CandidateScore(row.block, row.value, row.n_tokens,
+                                                                     row.seconds, row.exact)
+    scored = sorted(by_step)
+    removed: dict[int, list[str]] = {s: [] for s in scored}
+    for step in catalog.steps(run_id):
+        source = max((s for s in scored if s <= step.step), default=None)
+        if source is not None:
+            removed[source].append(step.block)
+    return [by_step[s] for s in scored], [removed[s] for s in scored]
+
+
+def perplexity_curve(params_removed: list[float], calibration: list[float], evals: dict[str, dict[str, float]],
                      path: Path) -> Path:
-    """Calibration perplexity after each step; evaluation perplexity of the dense, pruned (and recovered) models."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([100 * r for r in params_removed], values, marker="o", label="calibration (search)")
+    """`params_removed[k]` and `calibration[k]` after k removals (k = 0: the dense model); evaluation
+    perplexity of the dense, pruned and (when there is one) recovered models."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    xs = [100 * r for r in params_removed]
+    ax.plot(xs, calibration, marker="o", label="calibration windows, after each step")
+    for k, (x, y) in enumerate(zip(xs, calibration)):
+        ax.annotate("dense" if k == 0 else str(k - 1), (x, y), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
     for dataset, stages in evals.items():
-        line, = ax.plot([0.0, 100 * params_removed[-1]], [stages["dense"], stages["pruned"]], marker="s",
-                        linestyle="--", label=f"evaluation: {Path(dataset).name}")
+        line, = ax.plot([xs[0], xs[-1]], [stages["dense"], stages["pruned"]], marker="s", linestyle="--",
+                        label=f"evaluation {Path(dataset).name}: dense, pruned")
         if "recovered" in stages:
-            ax.plot([100 * params_removed[-1]], [stages["recovered"]], marker="*", markersize=11, linestyle="none",
-                    color=line.get_color(), label=f"recovered: {Path(dataset).name}")
-    ax.set_xlabel("parameters removed (%)")
-    ax.set_ylabel("perplexity")
+            ax.plot([xs[-1]], [stages["recovered"]], marker="*", markersize=13, linestyle="none",
+                    color=line.get_color(), label=f"evaluation {Path(dataset).name}: recovered")
+    ax.set_xlabel("parameters removed (%)", fontsize=10)
+    ax.set_ylabel("perplexity", fontsize=10)
+    ax.set_title("perplexity from the dense model through every search step (numbers: step)", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     return _save(fig, path)
 
 
-def _cell(score: CandidateScore | None) -> float:
-    if score is None:
-        return math.nan
-    return math.log(score.value) if score.value > 0 else score.value
+def _best(step: dict[str, CandidateScore], lowest_first: bool) -> float:
+    exact = [s.value for s in step.values() if s.exact] or [s.value for s in step.values()]
+    return min(exact) if lowest_first else max(exact)
+
+
+def _short(block: str) -> str:
+    return "+".join(b.removeprefix("layers.") for b in block.split("+"))
+
+
+def _row_label(step: int, gone: list[str]) -> str:
+    if not gone:
+        return f"step {step}"
+    if len(gone) == 1:
+        return f"step {step}: removed {_short(gone[0])}"
+    return f"step {step}: ranked once, {len(gone)} removed"
 
 
 def _model_order(block: str) -> tuple[int, int]:
@@ -60,9 +163,9 @@ def _model_order(block: str) -> tuple[int, int]:
     return int(parts[1]), {"attn": 0, "mlp": 1}.get(parts[2] if len(parts) > 2 else "", -1)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, metadata: dict[str, str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100, metadata=metadata)
     plt.close(fig)
     return path

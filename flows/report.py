@@ -51,8 +51,8 @@ def _evaluation_tables(evals: Sequence[EvaluationRow]) -> list[str]:
                      for s in stages]
             rows.append([dataset, *cells, str(first.n_tokens), str(first.seq_len), str(first.stride)])
         lines += _table(["dataset", *stages, "predicted tokens", "window", "stride"], rows) + [""]
-    for kind, title in (("task", "Downstream tasks (lm-evaluation-harness, zero-shot)"), ("size", "Size"),
-                        ("speed", "Speed")):
+    lines += _speed_lines(evals, stages)
+    for kind, title in (("task", "Downstream tasks (lm-evaluation-harness, zero-shot)"), ("size", "Size")):
         keys, values = _by_stage(evals, kind)
         if not keys:
             continue
@@ -66,6 +66,63 @@ def _evaluation_tables(evals: Sequence[EvaluationRow]) -> list[str]:
         headers = ["metric", *stages] + (["examples"] if kind == "task" else [])
         lines += [f"## {title}", ""] + _table(headers, rows) + [""]
     return lines
+
+
+_SPREAD = "_spread"
+
+
+def _apart(a: float, spread_a: float, b: float, spread_b: float) -> bool:
+    """Whether two medians' ranges (median x (1 ± spread / 2)) do not overlap."""
+    low_a, high_a = a * (1 - spread_a / 2), a * (1 + spread_a / 2)
+    low_b, high_b = b * (1 - spread_b / 2), b * (1 + spread_b / 2)
+    return high_a < low_b or high_b < low_a
+
+
+def _speed_lines(evals: Sequence[EvaluationRow], stages: list[str]) -> list[str]:
+    """Speed as medians with their spread, each stage's ratio to dense, and the ideal ratio (dense params /
+    the stage's params: per-token compute scales with them). A ratio the spreads cannot tell from 1 is
+    reported as noise, not as a gain or a loss."""
+    keys, values = _by_stage(evals, "speed")
+    keys = [k for k in keys if not k[1].endswith(_SPREAD)]
+    if not keys:
+        return []
+    params = {e.stage: e.value for e in evals if e.kind == "size" and e.metric == "params"}
+    others = [s for s in stages if s != "dense"]
+    rows = []
+    for dataset, metric in keys:
+        def spread(stage: str) -> float | None:
+            row = values.get((dataset, metric + _SPREAD, stage))
+            return None if row is None else row.value
+
+        def cell(stage: str) -> str:
+            row = values.get((dataset, metric, stage))
+            if row is None:
+                return "-"
+            noise = spread(stage)
+            return _value(metric, row.value) + ("" if noise is None else f" ±{100 * noise:.0f}%")
+
+        dense = values.get((dataset, metric, "dense"))
+        ratios = []
+        for stage in others:
+            row = values.get((dataset, metric, stage))
+            if dense is None or row is None:
+                ratios.append("-")
+                continue
+            apart = _apart(dense.value, spread("dense") or 0.0, row.value, spread(stage) or 0.0)
+            ratios.append(f"{row.value / dense.value:.2f}x" if apart else "within noise")
+        tokens_per_s = metric.endswith("tokens_per_s")
+        ideal = [f"{params['dense'] / params[s]:.2f}x" if tokens_per_s and s in params and "dense" in params else "-"
+                 for s in others]
+        label = metric if dataset == "-" else f"{dataset} {metric}"
+        rows.append([label, *(cell(s) for s in stages), *ratios, *ideal])
+    headers = ["metric", *stages, *(f"{s} / dense" for s in others), *(f"ideal {s} / dense" for s in others)]
+    repeats = next((e.n_samples for e in evals if e.kind == "speed" and e.n_samples), None)
+    note = (f"Median of {repeats} timed runs after a warm-up; ± is their spread, (max - min) / median. "
+            if repeats else "")
+    note += ("A ratio is given only when the two ranges, median x (1 ± spread / 2), do not overlap. "
+             "Ideal: dense params / the stage's params, what per-token compute would give.")
+    return ["## Speed", "", note,
+            ""] + _table(headers, rows) + [""]
 
 
 def _recovery_lines(recovery: dict | None) -> list[str]:
@@ -108,4 +165,25 @@ def markdown_report(summary: dict, steps: Sequence[StepRow], evals: Sequence[Eva
         for kind, path in pictures.items():
             lines.append(f"![{kind}]({os.path.relpath(path, folder)})")
         lines.append("")
+    return "\n".join(lines)
+
+
+def format_outcome(summary: dict) -> str:
+    """What `pruneflow run` prints at the end, and the flow logs (a worker's log then shows it too)."""
+    lines = [
+        f"run        {summary['run_id']}",
+        f"pipeline   {summary['pipeline']}",
+        f"removed    {len(summary['blocks'])} blocks: {', '.join(summary['blocks'])}",
+        f"params     {summary['params_dense']:,} -> {summary['params_pruned']:,} "
+        f"({100 * summary['params_removed_ratio']:.2f}% removed)",
+    ]
+    for dataset, values in summary["perplexity"].items():
+        stages = "  ".join(f"{stage} {value:.3f}" for stage, value in values.items())
+        lines.append(f"perplexity {dataset}: {stages}")
+    lines += [
+        f"recover    {summary['recover']}",
+        f"checkpoint {summary['checkpoint']}",
+        f"catalog    {summary['catalog']}",
+        f"wall time  {summary['wall_seconds']:.1f} s for the run, {summary['invocation_seconds']:.1f} s this time",
+    ]
     return "\n".join(lines)

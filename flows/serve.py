@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.pipeline import prune_pipeline_flow
+from flows.pipeline import DEPLOYMENT_TAGS, prune_pipeline_flow
 from flows.preflight import preflight
 from pipelines import load_spec
 
@@ -14,6 +14,6 @@ def serve_pipeline(path: str, cron: str | None = None, overrides: list[str] | No
         name=spec.name,
         cron=cron,
         parameters={"spec": spec.model_dump(mode="json")},
-        tags=["pruneflow", spec.name, spec.model.source],
+        tags=list(DEPLOYMENT_TAGS),  # the run tags itself from the spec it is given
         description=f"pruneflow pipeline '{spec.name}' from {path}",
     )

@@ -11,8 +11,10 @@ from pathlib import Path
 from prefect import task
 
 from flows.keys import cache_key_fn, stage_key
+from flows.progress import CountProgress
+from flows.ui import artifact_key
 from tasks.calibrate import CalibrationSpec, EvalData, calibrate_stage, eval_data_stage
-from tasks.evaluate import evaluate_stage
+from tasks.evaluate import calibration_trajectory, evaluate_stage
 from tasks.evaluation import EvaluateSpec, Evaluation
 from tasks.execution import ExecutionSpec
 from tasks.load import ModelRef, ModelSpec, load_stage
@@ -81,15 +83,24 @@ def recover_task(recover: Settings, model_spec: ModelSpec, batch_windows: int, p
     key = stage_key("recover", dict(locals()))  # before anything else is bound in this scope
     from prefect import get_run_logger
 
-    from flows.ui import TrainingProgress
-
-    progress = TrainingProgress(pipeline, recover.method)
+    progress = CountProgress(f"recover ({recover.method})", "steps", artifact_key(pipeline, "recover-progress"))
     return recover_stage(checkpoint.path, model.path, calibration, recover, model_spec, batch_windows, prune_format,
-                         out_dir, key, log=get_run_logger().info, on_step=progress.on_step)
+                         out_dir, key, log=get_run_logger().info,
+                         on_step=lambda done, total, loss: progress.update(done, total, f"loss {loss:.4f}"))
 
 
 @task(name="evaluate", cache_key_fn=cache_key_fn("evaluate"), **_COMMON)
 def evaluate_task(model_spec: ModelSpec, batch_windows: int, evaluate: EvaluateSpec, checkpoint_sha: str,
-                  checkpoint_path: str, stage: str, data: list[EvalData]) -> list[Evaluation]:
+                  checkpoint_path: str, stage: str, data: list[EvalData], pipeline: str) -> list[Evaluation]:
     _executed()
-    return evaluate_stage(checkpoint_path, stage, data, model_spec, batch_windows, evaluate)
+    bars = {item.dataset: CountProgress(f"evaluate {stage}: {Path(item.dataset).name}", "windows",
+                                        artifact_key(pipeline, "evaluate-progress")) for item in data}
+    return evaluate_stage(checkpoint_path, stage, data, model_spec, batch_windows, evaluate,
+                          on_window=lambda dataset, done, total: bars[dataset].update(done, total))
+
+
+@task(name="calibration-trajectory", cache_key_fn=cache_key_fn("calibration-trajectory"), **_COMMON)
+def trajectory_task(model_spec: ModelSpec, batch_windows: int, model: ModelRef, calibration: ArtifactRef,
+                    blocks: tuple[str, ...]) -> tuple[float, ...]:
+    _executed()
+    return calibration_trajectory(model.path, model_spec, calibration, blocks, batch_windows)

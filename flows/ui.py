@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from pathlib import Path
 
 from prefect.artifacts import (
@@ -12,6 +13,8 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+
+from prefect.runtime import flow_run
 
 from tasks.score import CandidateScore
 from tasks.search import StepRecord
@@ -23,54 +26,56 @@ def artifact_key(*parts: str) -> str:
     return key[:100] or "pruneflow"
 
 
-class TrainingProgress:
-    """Recovery training as a Prefect progress artifact (updated about every 1% of the steps)."""
+class ProgressArtifact:
+    """A Prefect progress artifact whose description says where the stage is. Updates are sent at most once
+    a second (each is a call to the API), except forced ones (a step or stage that ends)."""
 
-    def __init__(self, pipeline: str, method: str):
-        self.progress_id = create_progress_artifact(
-            0.0, key=artifact_key(pipeline, "recover-progress"), description=f"recovery training ({method})"
-        )
-        self.shown = 0.0
+    def __init__(self, key: str, description: str):
+        self.id = create_progress_artifact(0.0, key=artifact_key(key), description=description)
+        self.sent = 0.0
 
-    def on_step(self, done: int, total: int, loss: float) -> None:
-        percent = 100.0 * done / total
-        if percent - self.shown >= 1.0 or done == total:
-            update_progress_artifact(self.progress_id, percent, description=f"step {done}/{total}, loss {loss:.4f}")
-            self.shown = percent
+    def update(self, percent: float, description: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.sent >= 1.0:
+            update_progress_artifact(self.id, min(100.0, percent), description=description)
+            self.sent = now
 
 
-class SearchArtifacts:
-    """Progress as candidates are scored, and each step's candidate table once it is chosen."""
+def pipeline_key(*parts: str) -> str:
+    """An artifact key under the running flow's pipeline name (tasks are not given it)."""
+    spec = flow_run.parameters.get("spec")
+    name = spec.get("name") if isinstance(spec, dict) else getattr(spec, "name", None)
+    return artifact_key(name or "pruneflow", *parts)
 
-    def __init__(self, pipeline: str, run_id: str, total: int | None):
+
+class StepTables:
+    """Each search step's candidate table, once it is chosen. Strategies that score once and remove several
+    blocks from that ranking (one_shot, consecutive) get one table, updated as blocks are removed."""
+
+    def __init__(self, pipeline: str):
         self.pipeline = pipeline
-        self.run_id = run_id
-        self.total = total
-        self.done = 0
-        self.progress_id = create_progress_artifact(
-            0.0, key=artifact_key(pipeline, "search-progress"), description=f"search progress of run {run_id}"
-        )
-        self.steps: list[dict[str, CandidateScore]] = []
+        self.last: dict[str, CandidateScore] | None = None
+        self.first_step = 0
+        self.removed: list[str] = []
 
     def on_score(self, step: int, score: CandidateScore) -> None:
-        self.done += 1
-        if self.total:
-            update_progress_artifact(self.progress_id, min(100.0, 100.0 * self.done / self.total))
+        pass
 
     def on_step(self, step: int, scores: dict[str, CandidateScore], record: StepRecord) -> None:
-        self.steps.append(dict(scores))
+        if scores != self.last:
+            self.last, self.first_step, self.removed = dict(scores), step, []
+        self.removed.append(record.block)
+        steps = f"step {step}" if step == self.first_step else f"steps {self.first_step}-{step}"
         rows = [
             {"block": s.block, "score": round(s.value, 5), "bound": "exact" if s.exact else "lower bound",
-             "tokens": s.n_tokens, "seconds": round(s.seconds, 3), "removed": s.block == record.block}
+             "tokens": s.n_tokens, "seconds": round(s.seconds, 3),
+             "removed": f"step {self.first_step + self.removed.index(s.block)}" if s.block in self.removed else ""}
             for s in sorted(scores.values(), key=lambda s: s.value)
         ]
         create_table_artifact(
-            rows, key=artifact_key(self.pipeline, "step", str(step)),
-            description=f"step {step}: removed {record.block} ({record.params_remaining:,} params remain)",
+            rows, key=artifact_key(self.pipeline, "step", str(self.first_step)),
+            description=f"{steps}: removed {', '.join(self.removed)} ({record.params_remaining:,} params remain)",
         )
-
-    def finish(self) -> None:
-        update_progress_artifact(self.progress_id, 100.0)
 
 
 def _inline_png(path: Path) -> str:
@@ -81,9 +86,8 @@ def summary_markdown(summary: dict, pictures: dict[str, Path], model_source: str
     lines = [
         f"# pruneflow: {summary['pipeline']}",
         "",
-        "| | |",
-        "| --- | --- |",
         f"| run | `{summary['run_id']}` |",
+        "| --- | --- |",
         f"| model | `{model_source}` |",
         f"| target | {target} |",
         f"| blocks removed (in order) | {', '.join(f'`{b}`' for b in summary['blocks'])} |",

@@ -48,13 +48,13 @@ class PipelineSpec(Settings):
         description="Pipeline name (letters, digits, dashes, underscores, dots).",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$",
     )
-    model: ModelSpec
-    calibration: CalibrationSpec = CalibrationSpec()
-    score: ScoreSpec = ScoreSpec()
-    search: SearchSpec
-    prune: PruneSpec = PruneSpec()
-    recover: RecoverSpec = NoRecovery()
-    evaluate: EvaluateSpec = EvaluateSpec()
+    model: ModelSpec = Field(description="The model to prune: where it comes from, dtype and device.")
+    calibration: CalibrationSpec = Field(CalibrationSpec(), description="The text the search scores blocks on.")
+    score: ScoreSpec = Field(ScoreSpec(), description="Which blocks are candidates and the metric that ranks them.")
+    search: SearchSpec = Field(description="How blocks are chosen and when the search stops.")
+    prune: PruneSpec = Field(PruneSpec(), description="How the pruned checkpoint is written.")
+    recover: RecoverSpec = Field(NoRecovery(), description="Healing after pruning: none, or a recovery method.")
+    evaluate: EvaluateSpec = Field(EvaluateSpec(), description="How dense, pruned and recovered models are measured.")
     output_dir: str = Field(description="Folder for checkpoints, reports and cached stage results.")
     catalog: str = Field("", description="DuckDB catalog file; default catalog.duckdb inside output_dir's parent.")
     execution: ExecutionSpec = Field(ExecutionSpec(), description="Where search steps are scored (local or Dask).")

@@ -4,6 +4,7 @@ parameter count and checkpoint size, serving speed, downstream tasks), on one ch
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from tasks.calibrate import EvalData
 from tasks.windows import load_windows
@@ -11,11 +12,11 @@ from tasks.evaluation import (EvaluateSpec, Evaluation, EvaluationInput, Evaluat
                              register_evaluator)
 from tasks.export.registry import format_of
 from tasks.load import ModelSpec, open_model, resolve_device, resolve_dtype
-from tasks.refs import tree_bytes
+from tasks.refs import ArtifactRef, tree_bytes
 from tasks.registry import Extra
 from tasks.residual import perplexity, predictions
 from tasks.speed import speed_evaluations
-from tasks.surgery import total_params
+from tasks.surgery import total_params, units_of
 
 
 @register_evaluator
@@ -27,7 +28,7 @@ class PerplexityEvaluator(Evaluator):
         out = []
         for item in given.data:
             windows = load_windows(item.ref)
-            ppl = perplexity(given.model, windows, given.batch_windows)
+            ppl = perplexity(given.model, windows, given.batch_windows, on_windows=given.window_counter(item.dataset))
             seq_len = windows.shape[1]
             out.append(Evaluation(given.stage, "perplexity", item.dataset, "perplexity", ppl, predictions(windows),
                                   seq_len, seq_len))
@@ -80,12 +81,25 @@ class TaskEvaluator(Evaluator):
 
 
 def evaluate_stage(model_path: str, stage: str, data: list[EvalData], model_spec: ModelSpec, batch_windows: int,
-                   evaluate: EvaluateSpec) -> list[Evaluation]:
+                   evaluate: EvaluateSpec,
+                   on_window: Callable[[str, int, int], None] | None = None) -> list[Evaluation]:
+    """`on_window(dataset, done, total)` follows every micro-batch of evaluation windows (progress bars)."""
     device = resolve_device(model_spec.device)
     given = EvaluationInput(stage, open_model(model_path, model_spec), model_path, tuple(data),
                             resolve_dtype(model_spec.dtype, device), device, batch_windows, evaluate,
-                            model_spec.trust_remote_code)
+                            model_spec.trust_remote_code, on_window)
     return evaluate_all(given)
+
+
+def calibration_trajectory(model_path: str, model_spec: ModelSpec, calibration: ArtifactRef, blocks: tuple[str, ...],
+                           batch_windows: int) -> tuple[float, ...]:
+    """Calibration perplexity of the dense model and after each removal in order (len(blocks) + 1 values):
+    the curve of the run's picture, the same for every strategy and metric (a step's own score is not
+    always this perplexity: one_shot scores each block alone, other metrics are not perplexities)."""
+    model = open_model(model_path, model_spec)
+    windows = load_windows(calibration)
+    return tuple(perplexity(model, windows, batch_windows, skip=tuple(units_of(blocks[:k])))
+                 for k in range(len(blocks) + 1))
 
 
 def _weight_bytes(path: Path) -> int:

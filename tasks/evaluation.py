@@ -4,7 +4,7 @@ the catalog stores. A leaf module: evaluators register here from their own modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pydantic import Field, field_validator
 from torch import nn
@@ -63,6 +63,14 @@ class EvaluationInput:
     batch_windows: int
     evaluate: EvaluateSpec
     trust_remote_code: bool = False  # the spec's model.trust_remote_code: whether the folder's own code may run
+    # on_window(dataset, done, total) follows every micro-batch of evaluation windows (progress bars).
+    on_window: Callable[[str, int, int], None] | None = None
+
+    def window_counter(self, dataset: str) -> Callable[[int, int], None] | None:
+        if self.on_window is None:
+            return None
+        report = self.on_window
+        return lambda done, total: report(dataset, done, total)
 
 
 class Evaluator(Plugin):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,17 @@ def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, r
     run = method.run(model, recover, ctx, key)
     ref = write_checkpoint(run.model, pruned_path, out_dir / CHECKPOINT, prune_format,
                            model_spec.trust_remote_code)
+    _drop_training_state(ctx.state_dir)
     return Recovered(
         method=recover.method, checkpoint=ref, format=checkpoint_format(ref.path),
         seconds=time.perf_counter() - started, losses=tuple(run.losses), fit=dict(run.fit),
         trainable_params=run.trainable_params, resumed_from_step=run.resumed_from_step,
     )
+
+
+def _drop_training_state(state_dir: Path) -> None:
+    """The resumable training state only serves a run interrupted before its checkpoint was written."""
+    if state_dir.is_dir():
+        shutil.rmtree(state_dir)
+    if state_dir.parent.is_dir() and not any(state_dir.parent.iterdir()):
+        state_dir.parent.rmdir()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,8 +204,14 @@ def predictions(windows: torch.Tensor) -> int:
     return windows.shape[0] * (windows.shape[1] - 1)
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_windows: int = 4, skip: Sequence[str] = ()) -> float:
-    """exp of the mean next-token NLL over all windows."""
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_windows: int = 4, skip: Sequence[str] = (),
+               on_windows: Callable[[int, int], None] | None = None) -> float:
+    """exp of the mean next-token NLL over all windows; `on_windows(done, total)` follows each micro-batch."""
     runner = ResidualRunner(model)
-    total = sum(float(runner.nll(batch, skip).sum()) for batch in windows.split(batch_windows))
+    total, done = 0.0, 0
+    for batch in windows.split(batch_windows):
+        total += float(runner.nll(batch, skip).sum())
+        done += batch.shape[0]
+        if on_windows is not None:
+            on_windows(done, windows.shape[0])
     return float(torch.exp(torch.tensor(total / predictions(windows), dtype=torch.float64)))

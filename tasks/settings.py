@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
+
+
+def _choice(node: dict[str, Any]) -> None:
+    # Prefect's form renders `anyOf` as a choice of typed sub-forms but `oneOf` (a discriminated union)
+    # as a raw JSON editor; validation stays pydantic's, so the looser keyword loses nothing.
+    if "oneOf" in node:
+        node["anyOf"] = node.pop("oneOf")
+        node.pop("discriminator", None)
+    for branch in node.get("anyOf", []):
+        if branch.get("type") == "null":
+            branch.setdefault("title", "not set")
+        if "const" in branch:  # a single-choice select instead of "is a const and cannot be changed"
+            branch["enum"] = [branch.pop("const")]
+            branch.setdefault("title", str(branch["enum"][0]))
+
+
+def form_friendly(schema: dict[str, Any], cls: type | None = None) -> None:
+    """Shapes a section's JSON schema for the parameter form Prefect draws from it (see `_choice`)."""
+    for node in (schema.get("properties") or {}).values():
+        _choice(node)
+        if "const" in node:
+            node["enum"] = [node.pop("const")]
 
 
 class Settings(BaseModel):
     """Unknown keys are errors (a typo never passes silently), and a section never changes once read."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=form_friendly)

@@ -2,12 +2,14 @@
 
 Models are loaded the way a user loads the checkpoint (`from_pretrained`, with trust_remote_code for the
 self-contained formats), so a pruned model is timed with the code it ships, not pruneflow's stand-ins.
-Each timed run records wall and process CPU seconds; tokens/s take the best of `repeats` runs (other jobs
-only ever add time). Compare models measured in the same process, not seconds across machines.
+Each timed run records wall and process CPU seconds. The benchmarks' tokens/s take the best of `repeats`
+runs (other jobs only ever add time); a pipeline's speed rows store the median and the spread of its
+repeats, so a report can tell a real difference from noise. Compare models measured in the same process, not seconds across machines.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,8 @@ class SpeedSettings:
 
     @classmethod
     def quick(cls) -> "SpeedSettings":
-        """Small enough to run inside a pipeline's evaluate stage."""
-        return cls(prefill_tokens=128, prefill_batches=(1,), decode_prompt=16, decode_tokens=32, repeats=2)
+        """Small enough to run inside a pipeline's evaluate stage; enough repeats for a median and a spread."""
+        return cls(prefill_tokens=128, prefill_batches=(1,), decode_prompt=16, decode_tokens=32, repeats=5)
 
 
 def load_for_serving(path: str | Path, dtype: str = "float32", device: str = "cpu",
@@ -125,6 +127,23 @@ def decode_tokens_per_s(model: nn.Module, prompt: int, new_tokens: int, repeats:
     return batch * new_tokens / _best_wall(lambda: time_decode(model, prompt, new_tokens, batch), repeats, warmup)
 
 
+@dataclass(frozen=True)
+class Rate:
+    """Tokens/s over repeated runs: the median, and the spread (max - min) / median that says how far to
+    trust a difference between two models."""
+
+    median: float
+    spread: float
+    repeats: int
+
+    @classmethod
+    def of(cls, tokens: int, run, repeats: int) -> "Rate":
+        run()  # warm-up: first calls allocate and pick kernels
+        rates = sorted(tokens / run().wall for _ in range(repeats))
+        median = statistics.median(rates)
+        return cls(median, (rates[-1] - rates[0]) / median, repeats)
+
+
 def cache_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
@@ -153,11 +172,20 @@ def speed_evaluations(model_path: str | Path, stage: str, dtype: str = "float32"
     model = load_for_serving(model_path, dtype, device, trust_remote_code)
     rows = []
     for batch in settings.prefill_batches:
-        value = prefill_tokens_per_s(model, batch, settings.prefill_tokens, settings.repeats)
-        rows.append(Evaluation(stage, "speed", f"batch{batch}x{settings.prefill_tokens}", "prefill_tokens_per_s",
-                               value, batch * settings.prefill_tokens, settings.prefill_tokens))
-    value = decode_tokens_per_s(model, settings.decode_prompt, settings.decode_tokens, settings.repeats)
-    rows.append(Evaluation(stage, "speed", f"batch1x{settings.decode_tokens}", "decode_tokens_per_s", value,
-                           settings.decode_tokens, settings.decode_prompt + settings.decode_tokens))
+        rate = Rate.of(batch * settings.prefill_tokens, lambda: time_prefill(model, batch, settings.prefill_tokens),
+                       settings.repeats)
+        rows += _rate_rows(stage, f"batch{batch}x{settings.prefill_tokens}", "prefill_tokens_per_s", rate,
+                           batch * settings.prefill_tokens, settings.prefill_tokens)
+    rate = Rate.of(settings.decode_tokens, lambda: time_decode(model, settings.decode_prompt, settings.decode_tokens),
+                   settings.repeats)
+    rows += _rate_rows(stage, f"batch1x{settings.decode_tokens}", "decode_tokens_per_s", rate, settings.decode_tokens,
+                       settings.decode_prompt + settings.decode_tokens)
     rows.append(Evaluation(stage, "speed", "-", "kv_bytes_per_token", kv_bytes_per_token(model)))
     return rows
+
+
+def _rate_rows(stage: str, workload: str, metric: str, rate: Rate, tokens: int, seq_len: int) -> list[Evaluation]:
+    """The median (n_samples: the repeats behind it) and, as `<metric>_spread`, the relative spread."""
+    return [Evaluation(stage, "speed", workload, metric, rate.median, tokens, seq_len, n_samples=rate.repeats),
+            Evaluation(stage, "speed", workload, f"{metric}_spread", rate.spread, tokens, seq_len,
+                       n_samples=rate.repeats)]

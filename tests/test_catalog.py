@@ -573,8 +573,14 @@ def test_format_show(catalog: Catalog) -> None:
     catalog.add_score("r1", 2, "layers.3", "perplexity", 15.0, 2048, 0.4)
     run = catalog.get_run("r1")
     assert run is not None
-    text = format_show(run, catalog.steps("r1"), catalog.scores("r1"), catalog.evaluations("r1"),
-                       catalog.artifacts("r1"))
+    rows = (run, catalog.steps("r1"), catalog.scores("r1"), catalog.evaluations("r1"), catalog.artifacts("r1"))
+    brief = format_show(*rows)
+    lines = brief.splitlines()
+    assert lines[0].split() == ["run", "r1", "(completed)"]
+    assert "removed     2 blocks: layers.5, layers.7.mlp" in brief
+    assert "perplexity  wikitext: dense 10.00  pruned 13.00  recovered 11.50" in brief
+    assert '"max_blocks"' not in brief and "fp-hf:org/tiny" not in brief  # the spec and identities: --verbose
+    text = format_show(*rows, verbose=True)
     assert '"max_blocks": 3' in text  # the spec, pretty-printed
     lines = text.splitlines()
     step0 = next(line for line in lines if line.split()[:2] == ["0", "layers.5"])

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from deploy.prefect_yaml import OUT, render
-from flows.pipeline import prune_pipeline_flow
-from pipelines import PipelineSpec
+from flows.pipeline import prune_pipeline_flow, run_tags
+from pipelines import PipelineSpec, load_spec
 from tests.flowkit import tiny_pipeline
 
 
@@ -49,6 +49,22 @@ def test_flow_parameter_form_is_fully_typed():
             assert node.get("properties"), f"{path} is an untyped mapping"
             assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
     assert seen > 20
+    # What Prefect's form draws as a JSON editor or a frozen field is never there; every field says what it is.
+    for path, node in _walk(spec):
+        assert "oneOf" not in node and "const" not in node, f"{path}: {node}"
+    for name, definition in definitions.items():
+        for key, node in (definition.get("properties") or {}).items():
+            assert node.get("description"), f"{name}.{key} has no description"
+    fields: dict = {}
+    for path, node in _walk(spec):
+        fields.setdefault(path, node)  # a union's branches come after it under the same path
+    from tasks.score import METRICS
+    from tasks.search.registry import STRATEGIES
+
+    assert set(fields["spec.score.metric"]["enum"]) == {name for name, _ in METRICS.items()} >= {"perplexity", "taylor"}
+    assert set(fields["spec.search.strategy"]["enum"]) == {name for name, _ in STRATEGIES.items()} >= {"iterative"}
+    assert fields["spec.search.target"]["anyOf"] and fields["spec.recover"]["anyOf"]
+    assert schema["properties"]["fresh"]["description"]
     leaves = {p: n for p, n in _walk(spec) if n.get("type") in ("integer", "number", "string", "boolean")}
     assert "description" in leaves["spec.calibration.samples"] and leaves["spec.calibration.samples"]["minimum"] == 1
 
@@ -63,6 +79,27 @@ def test_generated_prefect_yaml_is_current_and_valid():
         assert deployment["work_pool"]["name"] == "pruneflow-process"
         assert deployment["schedules"][0]["cron"].count(" ") == 4
         assert deployment["entrypoint"] == "flows/pipeline.py:prune_pipeline_flow"
+
+
+def test_generated_schedules_are_paused_spread_and_tags_leave_parameters_to_the_run(tmp_path):
+    document = yaml.safe_load(OUT.read_text())
+    schedules = [d["schedules"] for d in document["deployments"]]
+    assert all(len(s) == 1 and s[0]["active"] is False for s in schedules)  # opt-in: deploying starts nothing
+    starts = []
+    for (schedule,) in schedules:
+        minute, hour, *rest = schedule["cron"].split()
+        assert rest == ["*", "*", "*"]
+        starts.append(60 * int(hour) + int(minute))
+    assert len(set(starts)) == len(starts), "two deployments start at the same minute"
+    assert min(starts) >= 60 and max(starts) < 6 * 60  # between 01:00 and 06:00 UTC
+    assert min(b - a for a, b in zip(sorted(starts), sorted(starts)[1:])) >= 30
+    # A run changed in the UI must not carry the deployment's target: deployments hold no parameter tags.
+    assert all(d["tags"] == ["pruneflow"] for d in document["deployments"])
+
+    spec = load_spec(tiny_pipeline(tmp_path), ["search.target.blocks=2", "search.strategy=one_shot",
+                                               "score.metric=block_influence", "score.granularity=layer"])
+    assert run_tags(spec)[1:] == ["pipeline:tiny", f"model:{spec.model.source}", "target:2-blocks",
+                                  "granularity:layer", "strategy:one_shot", "metric:block_influence"]
 
 
 def _free_port() -> int:

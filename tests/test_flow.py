@@ -1,6 +1,8 @@
 """The Prefect flow on a tiny model: catalog rows, stage-by-stage caching, bad input."""
 
 import json
+import subprocess
+import sys
 
 import duckdb
 import pytest
@@ -36,7 +38,13 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
     assert first["params_pruned"] == catalog.steps(run_id)[-1].params_remaining
     speed = {(e.stage, e.metric) for e in catalog.evaluations(run_id) if e.kind == "speed"}
     for stage in ("dense", "pruned"):
-        assert {(stage, m) for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes_per_token")} <= speed
+        assert {(stage, m) for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes_per_token",
+                                     "prefill_tokens_per_s_spread", "decode_tokens_per_s_spread")} <= speed
+    assert {e.n_samples for e in catalog.evaluations(run_id) if e.metric.endswith("tokens_per_s")} == {5}
+    report = (tmp_path / "out" / "tiny" / f"run-{run_id}" / "report.md").read_text()
+    speed_rows = [line for line in report.splitlines() if "tokens_per_s" in line]
+    assert speed_rows and all(line.count("±") == 2 and line.rstrip(" |").endswith("x") for line in speed_rows)
+    assert not (tmp_path / "out" / "tiny" / f"run-{run_id}" / "recover-state").exists()
 
     # The same pipeline again: every stage from cache, not one model forward.
     again = prune_pipeline(path)
@@ -72,7 +80,19 @@ def test_cli_runs_and_show(tmp_path, capsys):
     assert run_id[:12] in listing and "completed" in listing
     assert cli(["show", run_id[:8], "--catalog", catalog]) == 0
     shown = capsys.readouterr().out
-    assert "layers." in shown and "perplexity" in shown
+    # What matters first: removed blocks, perplexities and the checkpoint, before any table; no raw spec.
+    head = [line.split()[0] for line in shown.split("\n\n")[0].splitlines()]
+    assert head[:4] == ["run", "pipeline", "model", "removed"] and "checkpoint" in head and "perplexity" in head
+    assert '"calibration"' not in shown and "model fingerprint" not in shown
+    assert cli(["show", run_id[:8], "--catalog", catalog, "--verbose"]) == 0
+    assert '"calibration"' in capsys.readouterr().out
+
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "show", run_id[:8], "--catalog", catalog, "--json"],
+                           capture_output=True, text=True, check=True).stdout
+    document = json.loads(shown)
+    assert document["run"]["run_id"] == run_id and document["spec"]["name"] == "tiny"
+    assert [s["block"] for s in document["steps"]] == out.split("blocks: ")[1].split("\n")[0].split(", ")
+    assert len(document["scores"]) == 8 + 7 + 6
 
 
 def _files(root):

@@ -142,6 +142,8 @@ def test_recovered_model_has_lower_loss_than_pruned(tmp_path, name):
     if name in ("low_rank", "lora", "continued_pretraining"):
         assert len(out.losses) == (10 if name == "low_rank" else 12) and out.trainable_params > 0
         assert sum(out.losses[-3:]) < sum(out.losses[:3])
+    # The resumable training state serves only an interrupted run: none is left once the checkpoint exists.
+    assert not (tmp_path / "out" / "recover-state").exists()
 
 
 def test_training_resumes_where_it_stopped(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from tasks.recover.adapter_fit import AdapterRecovery, check_adapters_fit, recover_with_adapters
 from tasks.recover.registry import RecoveryMethod, register_recovery
 
@@ -11,7 +13,7 @@ from tasks.recover.registry import RecoveryMethod, register_recovery
 class BiasRecovery(AdapterRecovery):
     """Each removed block becomes a learned additive bias on the residual stream (Siddiqui et al. 2024)."""
 
-    method: Literal["bias"]
+    method: Literal["bias"] = Field(description="Recovery method (pick another form to change it).")
 
 
 @register_recovery

@@ -20,7 +20,7 @@ from tasks.sources.mixture import WeightedSource
 class ContinuedPretrainingRecovery(TrainingRecovery):
     """Full-parameter training for a token budget (Shortened LLaMA v2, Sheared LLaMA), optionally mixing domains."""
 
-    method: Literal["continued_pretraining"]
+    method: Literal["continued_pretraining"] = Field(description="Recovery method (pick another form to change it).")
     tokens: int = Field(65_536, ge=8, le=10**13, description="Training token budget (steps = tokens / (batch x seq_len)).")
     lr: float = Field(2e-5, gt=0.0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay).")
     datasets: tuple[WeightedSource, ...] = Field(

@@ -25,7 +25,7 @@ def _peft():
 class LoraRecovery(StepsTraining):
     """LoRA fine-tuning of the pruned model with PEFT, merged into the weights (Shortened LLaMA, scaled down)."""
 
-    method: Literal["lora"]
+    method: Literal["lora"] = Field(description="Recovery method (pick another form to change it).")
     rank: int = Field(8, ge=1, le=4096, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator (scale = alpha / rank).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")

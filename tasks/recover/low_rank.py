@@ -13,7 +13,7 @@ from tasks.recover.registry import RecoveryMethod, register_recovery
 class LowRankRecovery(AdapterRecovery):
     """Each removed block becomes a low-rank linear map of its input plus a bias (Siddiqui et al. 2024)."""
 
-    method: Literal["low_rank"]
+    method: Literal["low_rank"] = Field(description="Recovery method (pick another form to change it).")
     rank: int = Field(8, ge=1, le=65_536, description="Rank of each adapter's linear map.")
 
 

@@ -15,7 +15,7 @@ from tasks.settings import Settings
 
 
 class NoRecovery(Settings):
-    method: Literal["none"] = "none"
+    method: Literal["none"] = Field("none", description="No recovery: the pruned checkpoint is final.")
 
 
 def recover_section() -> Any:

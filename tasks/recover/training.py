@@ -123,7 +123,9 @@ def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], setti
     device = next(iter(params.values())).device
     every = max(1, settings.steps // 10)
     model.train()
-    bar = tqdm(total=settings.steps, initial=start, desc=settings.label, unit="step", dynamic_ncols=True)
+    # A caller that follows the steps draws its own bar (the flow's, shared with the Prefect UI).
+    bar = tqdm(total=settings.steps, initial=start, desc=settings.label, unit="step", dynamic_ncols=True,
+               disable=on_step is not None)
     try:
         for step in range(start, settings.steps):
             torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout draws, reproducible per step

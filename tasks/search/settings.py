@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    ConfigDict,
     Discriminator,
     Field,
     create_model,
@@ -34,6 +35,18 @@ def check_registered(kind: str, value: str) -> str:
     if value not in registry:
         raise ValueError(registry.unknown_message(value))
     return value
+
+
+def registered_names(kind: str):
+    """A field's JSON-schema hook listing the registered names (plugins included) as its choices."""
+
+    def add_enum(schema: dict[str, Any]) -> None:
+        from tasks.score import METRICS
+        from tasks.search.registry import STRATEGIES
+
+        schema["enum"] = sorted(name for name, _ in {"metric": METRICS, "strategy": STRATEGIES}[kind].items())
+
+    return add_enum
 
 
 def metric_settings_classes() -> dict[str, type[Settings]]:
@@ -78,7 +91,8 @@ class ScoreSection(Settings):
         "sublayer",
         description="Candidate blocks: whole layers, attention only, MLP only, or both sub-blocks (BlockPruner).",
     )
-    metric: str = Field("perplexity", description="Block-importance metric (registry name).")
+    metric: str = Field("perplexity", description="Block-importance metric (a registered name).",
+                        json_schema_extra=registered_names("metric"))
     batch_windows: int = Field(
         1, ge=1, le=4096, description="Windows per forward micro-batch; fixed so results never depend on layout."
     )
@@ -134,10 +148,12 @@ class RacingSettings(Settings):
 
 
 class BlocksTarget(Settings):
+    model_config = ConfigDict(title="a number of blocks")  # the choice's name in the parameter form
     blocks: int = Field(ge=1, le=10_000, description="Number of candidate blocks to remove.")
 
 
 class ParamsRatioTarget(Settings):
+    model_config = ConfigDict(title="a share of the parameters")
     params_ratio: float = Field(
         gt=0.0,
         lt=1.0,
@@ -172,7 +188,8 @@ Target = Annotated[
 class SearchSection(Settings):
     """The `search` section without the strategies' own sections, which `search_section` adds."""
 
-    strategy: str = Field("iterative", description="Search strategy (registry name).")
+    strategy: str = Field("iterative", description="Search strategy (a registered name).",
+                          json_schema_extra=registered_names("strategy"))
     target: Target = Field(description="When to stop removing blocks.")
     exact_scores: bool = Field(
         True,

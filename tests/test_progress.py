@@ -1,0 +1,46 @@
+"""Search progress: per-step candidate totals from the strategy's registered count, time left for the step
+and the run, the leading block, and step numbers as the catalog's."""
+
+from flows.progress import SearchProgress, clock
+from tasks.score import CandidateScore
+from tasks.search import StepRecord
+from tasks.search.registry import expected_candidates
+
+
+def _progress(strategy: str, first: int, steps: int, known=None) -> SearchProgress:
+    def per_step(step):
+        before = expected_candidates(strategy, first, step) if step else 0
+        return expected_candidates(strategy, first, step + 1) - before
+
+    return SearchProgress(per_step, expected_candidates(strategy, first, steps), steps, True, known=known)
+
+
+def _score(block: str, value: float) -> CandidateScore:
+    return CandidateScore(block, value, 64, 0.01, True)
+
+
+def test_iterative_bar_counts_each_steps_candidates_and_names_the_leader(capsys):
+    progress = _progress("iterative", 8, 3)
+    for k in range(8):
+        progress.on_score(0, _score(f"layers.{k}", 20.0 - k))
+    text = progress.status(progress._step_total(0))
+    assert text.startswith("8/8 candidates") and "leading layers.7 13" in text and "run left" in text
+    progress.on_step(0, {}, StepRecord(0, "layers.7", 13.0, 100))
+    assert "step 0 (1 of 3): removed layers.7" in capsys.readouterr().err  # the catalog's step number
+    progress.on_score(1, _score("layers.0", 30.0))
+    assert progress.step_label(1) == "search step 1 (2 of 3)"
+    assert progress.status(progress._step_total(1)).startswith("1/7 candidates")
+    assert progress.run_total - progress.run_done == 8 + 7 + 6 - 9
+
+
+def test_one_shot_scores_everything_at_step_0_and_resume_counts_known_scores():
+    progress = _progress("one_shot", 8, 3, known={0: 5})
+    progress.on_score(0, _score("layers.5", 1.0))
+    assert progress.status(progress._step_total(0)).startswith("6/8 candidates")
+    consecutive = _progress("consecutive", 30, 6)
+    consecutive.on_score(0, _score("layers.0", 1.0))
+    assert consecutive._step_total(0) == 25  # every segment of 6 layers, all at step 0
+
+
+def test_clock():
+    assert clock(142) == "02:22" and clock(3723) == "1:02:03"
