@@ -93,7 +93,11 @@ def test_pipeline_recovers_evaluates_every_stage_alike_and_reports(tmp_path, mon
     assert f"{ppl['recovered'].value:.4f}" in report or f"{ppl['recovered'].value:.3f}" in report
     summary = json.loads((run_folder / "report.json").read_text())
     assert summary["recovery"]["method"] == "low_rank" and len(summary["recovery"]["fit"]) == 3
-    assert main(["show", run.run_id[:8], "--catalog", str(tmp_path / "out" / "catalog.duckdb")]) == 0
+    catalog_arg = ["--catalog", str(tmp_path / "out" / "catalog.duckdb")]
+    assert main(["show", run.run_id[:8], *catalog_arg]) == 0
+    shown = capsys.readouterr().out
+    assert str(run_folder / "report.md") in shown and "# pruneflow report" not in shown  # the report is pointed to
+    assert main(["show", run.run_id[:8], "--verbose", *catalog_arg]) == 0
     assert "# pruneflow report: tiny" in capsys.readouterr().out
 
 

@@ -305,11 +305,13 @@ def test_speed_evaluations_rows(exported):
     root, _ = exported
     settings = SpeedSettings(prefill_tokens=8, prefill_batches=(1, 2), decode_prompt=4, decode_tokens=4, repeats=1)
     rows = speed_evaluations(root / "remote_code", "pruned", settings=settings)
-    assert {(r.kind, r.dataset, r.metric) for r in rows} == {
-        ("speed", "batch1x8", "prefill_tokens_per_s"), ("speed", "batch2x8", "prefill_tokens_per_s"),
-        ("speed", "batch1x4", "decode_tokens_per_s"), ("speed", "-", "kv_bytes_per_token"),
-    }
-    assert all(r.value > 0 and r.stage == "pruned" for r in rows)
+    rates = {("speed", "batch1x8", "prefill_tokens_per_s"), ("speed", "batch2x8", "prefill_tokens_per_s"),
+             ("speed", "batch1x4", "decode_tokens_per_s")}
+    spreads = {(kind, workload, f"{metric}_spread") for kind, workload, metric in rates}
+    assert {(r.kind, r.dataset, r.metric) for r in rows} == rates | spreads | {("speed", "-", "kv_bytes_per_token")}
+    assert all(r.stage == "pruned" for r in rows)
+    assert all(r.value > 0 for r in rows if not r.metric.endswith("_spread"))
+    assert all(r.value >= 0 for r in rows if r.metric.endswith("_spread"))
     kv = next(r.value for r in rows if r.metric == "kv_bytes_per_token")
     assert kv == 3 * 2 * KV_HEADS * HEAD_DIM * 4  # three kept attention layers, fp32 keys and values
 

@@ -10,6 +10,7 @@ import pytest
 from catalog import Catalog
 from flows import prune_pipeline
 from flows.cli import main as cli
+from flows.outputs import run_dir
 from pipelines import load_spec
 from tests.flowkit import StageCalls, tiny_pipeline
 
@@ -41,10 +42,11 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
         assert {(stage, m) for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes_per_token",
                                      "prefill_tokens_per_s_spread", "decode_tokens_per_s_spread")} <= speed
     assert {e.n_samples for e in catalog.evaluations(run_id) if e.metric.endswith("tokens_per_s")} == {5}
-    report = (tmp_path / "out" / "tiny" / f"run-{run_id}" / "report.md").read_text()
+    folder = run_dir(tmp_path / "out" / "tiny", run_id)
+    report = (folder / "report.md").read_text()
     speed_rows = [line for line in report.splitlines() if "tokens_per_s" in line]
     assert speed_rows and all(line.count("±") == 2 and line.rstrip(" |").endswith("x") for line in speed_rows)
-    assert not (tmp_path / "out" / "tiny" / f"run-{run_id}" / "recover-state").exists()
+    assert folder.is_dir() and not (folder / "recover-state").exists()
 
     # The same pipeline again: every stage from cache, not one model forward.
     again = prune_pipeline(path)

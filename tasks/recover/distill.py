@@ -24,7 +24,7 @@ from tasks.recover.training import StepsTraining, check_training, train
 class DistillRecovery(StepsTraining):
     """Full-parameter training of the pruned model toward the dense model's logits (NVIDIA Minitron)."""
 
-    method: Literal["distill"]
+    method: Literal["distill"] = Field(description="Recovery method (pick another form to change it).")
     lr: float = Field(2e-5, gt=0.0, le=1.0, description="Peak learning rate (linear warm-up, then linear decay).")
     temperature: float = Field(
         1.0, gt=0.0, le=100.0, description="Softmax temperature of both distributions (the loss is scaled by T²)."

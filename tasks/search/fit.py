@@ -31,6 +31,9 @@ def metric_problems(metric: str, granularity: str) -> list[str]:
     ]
 
 
+# Older specs say exact_scores, newer ones mode: the advice names both.
+USE_EXACT = "use search.mode 'exact' (or set exact_scores: true)"
+
 MODE_TEXT = {
     "bounded": "search.mode 'bounded' (search.exact_scores: false) stops hopeless candidates early",
     "racing": "search.mode 'racing' drops candidates once they are behind with confidence",
@@ -60,11 +63,11 @@ def combination_problems(metric: str, granularity: str, strategy: str, mode: str
             problems.append(
                 f"{MODE_TEXT[mode]}, so it needs a strategy that keeps only the best candidate of a step "
                 f"({_names(lower_bound_strategies)}); search.strategy '{strategy}' ranks candidates, "
-                "so their scores must be exact: use search.mode 'exact'"
+                f"so their scores must be exact: {USE_EXACT}"
             )
         elif measure != "removal" or (mode == "racing" and metric != "perplexity"):
             problems.append(
                 f"{MODE_TEXT[mode]}, which needs score.metric 'perplexity', but score.metric '{metric}' "
-                f"{MEASURE_TEXT[measure]}; use search.mode 'exact'"
+                f"{MEASURE_TEXT[measure]}; {USE_EXACT}"
             )
     return problems

@@ -300,7 +300,8 @@ class SearchSection(Settings):
         data.pop("racing", None)
         if data.get("objective") in (None, "ppl"):  # the default, left out so older pipelines keep their id
             data.pop("objective", None)
-        data["exact_scores"] = mode == "exact"
+        if mode != "exact":  # exact is the default, which a dump without defaults leaves out
+            data["exact_scores"] = False
         if mode == "racing":
             data["mode"] = "racing"
             data["racing"] = (self.racing or RacingSettings()).model_dump()
