@@ -183,6 +183,22 @@ def _headline(run: RunRow, steps: Sequence[StepRow], evaluations: Sequence[Evalu
     return fields
 
 
+WIDTH_HEADERS = ("layer", "query heads", "KV heads", "MLP channels", "removed halves", "params")
+
+
+def width_rows(width: dict | None) -> list[list[str]]:
+    """The per-layer table of a width plan (a run summary's `width`): widths now, lost halves, parameters."""
+    if not width:
+        return []
+    return [[f"layers.{r['layer']}", str(r["heads"]), str(r["kv_heads"]), str(r["channels"]),
+             ", ".join(r["removed"]) or "-", f"{r['params']:,}"] for r in width["layers"]]
+
+
+def width_title(width: dict) -> str:
+    shape = ", ".join(f"{k} {v}" for k, v in width["shape"].items())
+    return f"width plan ({width['metric']}: {shape})"
+
+
 def _aligned(fields: Sequence[tuple[str, str]]) -> str:
     width = max(len(label) for label, _ in fields)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in fields)
@@ -199,6 +215,9 @@ def format_show(
     """The headline, the steps and the evaluations; `verbose` adds identities, the whole spec, the stored
     summary (raw series included) and every artifact."""
     sections = [_aligned(_headline(run, steps, evaluations, artifacts)), "\n".join(_step_lines(steps, scores))]
+    width = (run.summary or {}).get("width")
+    if width:
+        sections.append(width_title(width) + "\n" + format_table(WIDTH_HEADERS, width_rows(width), right=(1, 2, 3, 5)))
     # Speed needs its spread and ratios beside it to mean anything: report.md has that table.
     shown = evaluations if verbose else [e for e in evaluations if e.kind not in ("perplexity", "speed")]
     eval_rows = [

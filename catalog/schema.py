@@ -125,15 +125,37 @@ def _m4_score_gaps(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute("ALTER TABLE scores ADD COLUMN gap_high DOUBLE")
 
 
+def _m5_width(conn: duckdb.DuckDBPyConnection) -> None:
+    # Width pruning: every head, KV group and MLP channel's importance, and each run's final plan.
+    conn.execute(f"""
+        CREATE TABLE unit_scores (
+            run_id     VARCHAR NOT NULL,
+            unit       VARCHAR NOT NULL,
+            metric     VARCHAR NOT NULL,
+            value      DOUBLE NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT {_NOW_UTC},
+            PRIMARY KEY (run_id, unit, metric)
+        )
+    """)
+    conn.execute(f"""
+        CREATE TABLE plans (
+            run_id     VARCHAR PRIMARY KEY,
+            plan_json  VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL DEFAULT {_NOW_UTC}
+        )
+    """)
+
+
 MIGRATIONS: list[Migration] = [
     _m1_initial,
     _m2_score_std_error,
     _m3_evaluation_samples,
     _m4_score_gaps,
+    _m5_width,
 ]
 
 # Tables that every migrated catalog has; `delete_run` clears a run from each of them.
-RUN_TABLES: tuple[str, ...] = ("scores", "steps", "evaluations", "artifacts", "runs")
+RUN_TABLES: tuple[str, ...] = ("scores", "steps", "evaluations", "artifacts", "unit_scores", "plans", "runs")
 
 
 def latest_version() -> int:

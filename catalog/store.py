@@ -262,6 +262,43 @@ class Catalog:
             ).fetchall()
         return [StepRow.from_db(row) for row in rows]
 
+    # ---- width ---------------------------------------------------------------------------
+
+    def add_unit_scores(self, run_id: str, metric: str, rows: Sequence[tuple[str, float]]) -> None:
+        """Every unit's importance under one width metric, written in one transaction."""
+        _text("run_id", run_id)
+        _text("metric", metric)
+        checked = [(run_id, _text("unit", unit), metric, _real("value", value)) for unit, value in rows]
+        with self._transaction("recording unit scores", read_only=False) as conn:
+            self._require_run(conn, run_id)
+            conn.executemany(
+                "INSERT INTO unit_scores (run_id, unit, metric, value) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (run_id, unit, metric) DO UPDATE SET value = excluded.value",
+                checked,
+            )
+
+    def unit_scores(self, run_id: str) -> list[tuple[str, str, float]]:
+        """(unit, metric, value) of a run, by unit id."""
+        _text("run_id", run_id)
+        with self._transaction("reading unit scores", read_only=True) as conn:
+            return conn.execute("SELECT unit, metric, value FROM unit_scores WHERE run_id = ? ORDER BY unit",
+                                [run_id]).fetchall()
+
+    def set_plan(self, run_id: str, plan_json: str) -> None:
+        _text("run_id", run_id)
+        plan_json = _json_text("plan_json", plan_json)
+        with self._transaction("recording plan", read_only=False) as conn:
+            self._require_run(conn, run_id)
+            conn.execute("INSERT INTO plans (run_id, plan_json) VALUES (?, ?) "
+                         "ON CONFLICT (run_id) DO UPDATE SET plan_json = excluded.plan_json", [run_id, plan_json])
+
+    def plan(self, run_id: str) -> str | None:
+        """The run's width plan as JSON, or None for a depth-only run."""
+        _text("run_id", run_id)
+        with self._transaction("reading plan", read_only=True) as conn:
+            row = conn.execute("SELECT plan_json FROM plans WHERE run_id = ?", [run_id]).fetchone()
+        return row[0] if row else None
+
     # ---- evaluations and artifacts --------------------------------------------------------
 
     def add_evaluation(

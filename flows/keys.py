@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from pipelines.spec import IDENTITY_SECTIONS, PipelineSpec
+from pipelines.spec import PipelineSpec
 from tasks.calibrate import EvalData
 from tasks.load import ModelRef
 from tasks.refs import ArtifactRef
@@ -66,7 +66,7 @@ def cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
 
 
 def identity_hash(spec: PipelineSpec) -> str:
-    return hashlib.sha256(spec.section_json(*IDENTITY_SECTIONS).encode()).hexdigest()
+    return hashlib.sha256(spec.section_json(*spec.identity_sections()).encode()).hexdigest()
 
 
 def derive_run_id(spec: PipelineSpec, model_fingerprint: str, data_fingerprint: str) -> str:

@@ -18,7 +18,7 @@ from flows.keys import derive_run_id, identity_hash
 from flows.locks import exclusive, folder_lock, run_lock
 from flows.outputs import check_owner, claim, run_dir, sweep_temporaries, write_json
 from flows.preflight import preflight
-from flows.plots import perplexity_curve, score_heatmap, scores_by_step
+from flows.plots import perplexity_curve, score_heatmap, scores_by_step, width_importance
 from flows.progress import Fanout, SearchProgress
 from flows.ui import StepTables, artifact_key, publish_summary
 from flows.recorder import CatalogRecorder, WallClock
@@ -33,6 +33,7 @@ from flows.stages import (
     search_task,
     stage_executions,
     trajectory_task,
+    width_task,
 )
 from pipelines import PipelineSpec, load_spec
 from tasks.errors import DiskFull, is_disk_full
@@ -41,7 +42,8 @@ from tasks.recover_stage import Recovered
 from tasks.refs import ArtifactRef
 from tasks.score import METRICS
 from tasks.search.registry import expected_candidates
-from tasks.search_stage import SearchSections
+from tasks.search_stage import SearchResult, SearchSections
+from tasks.surgery.width import WidthPlan
 
 
 @dataclass
@@ -63,6 +65,8 @@ class RunOutcome:
     invocation_seconds: float = 0.0
     search: dict[str, int] = field(default_factory=dict)
     pictures: dict[str, str] = field(default_factory=dict)
+    # Width pruning: the metric, the target shape and, per present layer, its widths and parameters.
+    width: dict | None = None
 
 
 def source_stamp(source: str) -> str:
@@ -97,9 +101,10 @@ def _record_artifact(catalog: Catalog, run_id: str, stage: str, ref: ArtifactRef
 
 def target_text(spec: PipelineSpec) -> str:
     target = spec.search.target
-    if hasattr(target, "blocks"):
-        return f"{target.blocks} blocks"
-    return f"{100 * target.params_ratio:g}% params"
+    text = f"{target.blocks} blocks" if hasattr(target, "blocks") else f"{100 * target.params_ratio:g}% params"
+    if spec.width is not None:
+        text += " + width " + "/".join(f"{v}" for v in spec.width.shape.model_dump(exclude_none=True).values())
+    return text
 
 
 DEPLOYMENT_TAGS = ("pruneflow",)
@@ -206,8 +211,10 @@ def _record_run(spec, model, calibration, eval_data, run_id, catalog, fresh, log
     report = write_json(folder / "report.json", summary)
     report_md = folder / "report.md"
     report_md.write_text(markdown_report(summary, catalog.steps(run_id), catalog.evaluations(run_id), folder))
-    publish_summary(summary, {"Score per block over search steps": Path(outcome.pictures["plot-scores"]),
-                              "Perplexity against parameters removed": Path(outcome.pictures["plot-perplexity"])},
+    titles = {"plot-scores": "Score per block over search steps",
+              "plot-perplexity": "Perplexity against parameters removed",
+              "plot-width": "Channel importance per layer and the width kept"}
+    publish_summary(summary, {titles[kind]: Path(path) for kind, path in outcome.pictures.items()},
                     spec.model.source, target_text(spec))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report_md, "report-md"))
@@ -244,11 +251,23 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     recorder = CatalogRecorder(catalog, run_id, spec.score.metric)
     progress = Fanout(_search_progress(spec, model.num_layers, catalog, run_id, logger), StepTables(spec.name), clock)
     sections = SearchSections(model=spec.model, score=spec.score, search=spec.search)
-    result = _with(search_task, out_dir, fresh)(
-        sections, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress, spec.execution
-    )
+    if getattr(spec.search.target, "blocks", None) == 0:  # width pruning alone: no depth search to run
+        result = SearchResult.nothing_removed(model.params)
+    else:
+        result = _with(search_task, out_dir, fresh)(
+            sections, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress,
+            spec.execution
+        )
+    width = None
+    if spec.width is not None:
+        width = _with(width_task, out_dir, fresh)(spec.width, spec.model, spec.score.batch_windows, model,
+                                                  calibration, result.blocks)
+        catalog.add_unit_scores(run_id, spec.width.metric, width.units)
+        catalog.set_plan(run_id, width.plan_json)
+        clock.tick()
     folder = run_dir(out_dir, run_id)
-    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder)
+    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder,
+                                                   None if width is None else width.plan_json)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
     clock.tick()
     recovered = None
@@ -284,10 +303,14 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
         wall_seconds=0.0, model=spec.model.source, recovery=_recovery_summary(recovered),
         search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
                 "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
+        width=None if width is None else {"metric": spec.width.metric,
+                                          "shape": spec.width.shape.model_dump(exclude_none=True),
+                                          "layers": list(width.layers), "seconds": width.seconds},
     )
     trajectory = _with(trajectory_task, out_dir, fresh)(spec.model, spec.score.batch_windows, model, calibration,
                                                         tuple(result.blocks))
-    outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl, trajectory).items()}
+    final = outcome.params_removed_ratio if width is not None else None
+    outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl, trajectory, final).items()}
     for kind, path in outcome.pictures.items():
         _record_artifact(catalog, run_id, "evaluate", ArtifactRef.of(Path(path), kind))
     return outcome
@@ -329,16 +352,33 @@ def _recovery_summary(recovered: Recovered | None) -> dict | None:
     }
 
 
-def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory: tuple[float, ...]) -> dict[str, Path]:
+def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory: tuple[float, ...],
+              final_removed: float | None) -> dict[str, Path]:
     folder = run_dir(Path(spec.output_dir), run_id)
     steps, removed = scores_by_step(catalog, run_id)
     removed_ratio = [0.0, *(1 - p / result.dense_params for p in result.params_remaining)]
     evals = {d: v for d, v in ppl.items() if "dense" in v and "pruned" in v}
     lowest_first = METRICS.lookup(spec.score.metric).remove == "lowest"
-    return {
-        "plot-scores": score_heatmap(steps, removed, folder / "scores_per_block.png", spec.score.metric, lowest_first),
-        "plot-perplexity": perplexity_curve(removed_ratio, list(trajectory), evals, folder / "perplexity_vs_params.png"),
-    }
+    pictures = {"plot-perplexity": perplexity_curve(removed_ratio, list(trajectory), evals,
+                                                    folder / "perplexity_vs_params.png", final_removed)}
+    if steps:  # width pruning alone has no search steps
+        pictures["plot-scores"] = score_heatmap(steps, removed, folder / "scores_per_block.png", spec.score.metric,
+                                                lowest_first)
+    plan = catalog.plan(run_id)
+    if plan is not None:
+        pictures["plot-width"] = width_importance(*_channel_scores(catalog, run_id, WidthPlan.from_json(plan)),
+                                                  folder / "width_importance.png")
+    return pictures
+
+
+def _channel_scores(catalog: Catalog, run_id: str, plan: WidthPlan) -> tuple[dict[int, list[float]], dict[int, int]]:
+    channels: dict[int, list[float]] = {}
+    for unit, _metric, value in catalog.unit_scores(run_id):
+        parts = unit.split(".")
+        if parts[2:4] == ["mlp", "channel"]:
+            channels.setdefault(int(parts[1]), []).append(value)
+    kept = {lid: len(layer.channels) for lid, layer in plan.layers.items() if layer.channels}
+    return channels, kept
 
 
 def prune_pipeline(spec_or_path: PipelineSpec | str | os.PathLike, overrides: list[str] | None = None,

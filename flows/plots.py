@@ -1,5 +1,5 @@
-"""The two pictures of a run: every candidate's score at every search step, and perplexity against the
-parameters removed, from the dense model through every step.
+"""The pictures of a run: every candidate's score at every search step, perplexity against the parameters
+removed, from the dense model through every step, and, with width pruning, channel importance per layer.
 
 Scores are shown relative to each step's best candidate, on a colour scale that ends at a robust upper
 fence, so one outlier (often the first MLP) does not flatten every other candidate into one colour. The
@@ -117,26 +117,49 @@ def scores_by_step(catalog: Catalog, run_id: str) -> tuple[list[dict[str, Candid
 
 
 def perplexity_curve(params_removed: list[float], calibration: list[float], evals: dict[str, dict[str, float]],
-                     path: Path) -> Path:
+                     path: Path, final_removed: float | None = None) -> Path:
     """`params_removed[k]` and `calibration[k]` after k removals (k = 0: the dense model); evaluation
-    perplexity of the dense, pruned and (when there is one) recovered models."""
+    perplexity of the dense, pruned and (when there is one) recovered models, the latter two at
+    `final_removed` when width pruning removed more than the steps."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     xs = [100 * r for r in params_removed]
+    final = xs[-1] if final_removed is None else 100 * final_removed
     ax.plot(xs, calibration, marker="o", label="calibration windows, after each step")
     for k, (x, y) in enumerate(zip(xs, calibration)):
         ax.annotate("dense" if k == 0 else str(k - 1), (x, y), textcoords="offset points", xytext=(0, 6),
                     ha="center", fontsize=8)
     for dataset, stages in evals.items():
-        line, = ax.plot([xs[0], xs[-1]], [stages["dense"], stages["pruned"]], marker="s", linestyle="--",
+        line, = ax.plot([xs[0], final], [stages["dense"], stages["pruned"]], marker="s", linestyle="--",
                         label=f"evaluation {Path(dataset).name}: dense, pruned")
         if "recovered" in stages:
-            ax.plot([xs[-1]], [stages["recovered"]], marker="*", markersize=13, linestyle="none",
+            ax.plot([final], [stages["recovered"]], marker="*", markersize=13, linestyle="none",
                     color=line.get_color(), label=f"evaluation {Path(dataset).name}: recovered")
     ax.set_xlabel("parameters removed (%)", fontsize=10)
     ax.set_ylabel("perplexity", fontsize=10)
     ax.set_title("perplexity from the dense model through every search step (numbers: step)", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
+    return _save(fig, path)
+
+
+def width_importance(channels: dict[int, list[float]], kept: dict[int, int], path: Path) -> Path:
+    """Per layer, its MLP channels' importance from highest to lowest (relative to the layer's highest), with
+    the width the plan keeps marked: how much importance each layer's cut leaves behind."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for n, (layer, values) in enumerate(sorted(channels.items())):
+        ordered = sorted(values, reverse=True)
+        top = ordered[0] or 1.0
+        colour = cmap(n / max(1, len(channels) - 1))
+        ax.plot(range(len(ordered)), [v / top for v in ordered], color=colour, linewidth=1, label=f"layer {layer}")
+        if layer in kept:
+            ax.axvline(kept[layer], color=colour, linestyle=":", linewidth=0.8)
+    ax.set_xlabel("MLP channels, most important first (dotted: the width kept)", fontsize=10)
+    ax.set_ylabel("importance / layer's highest", fontsize=10)
+    ax.set_title("channel importance per layer and the cut", fontsize=11)
+    ax.grid(alpha=0.3)
+    if len(channels) <= 12:
+        ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
 
 

@@ -73,6 +73,8 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
             f"evaluate.datasets entry {dataset}", "use a longer dataset or a shorter evaluate.seq_len",
         )
     _check_recovery(spec, model.path, tokenizer)
+    if spec.width is not None:
+        _check_width(spec, model.path)
     if spec.evaluate.tasks:
         from tasks.downstream import check_tasks
 
@@ -116,3 +118,28 @@ def _check_recovery(spec: PipelineSpec, model_path: str, tokenizer) -> None:
     positions = getattr(model_config(Path(model_path), spec.model.trust_remote_code), "max_position_embeddings", None)
     env = RecoveryCheck(prune_format=spec.prune.format, positions=positions, enough_tokens=enough_tokens)
     get_recovery(spec.recover.method).check(spec.recover, env)
+
+
+def _check_width(spec: PipelineSpec, model_path: str) -> None:
+    """The width section against the model and the export: family, sizes, format, granularity."""
+    from tasks.export.registry import get_format
+    from tasks.surgery import architecture_for
+    from tasks.surgery.width import WidthError, config_widths
+    from tasks.width import check_shape
+
+    config = model_config(Path(model_path), spec.model.trust_remote_code)
+    layout = architecture_for(config.model_type).width
+    if layout is None:
+        raise WidthError(f"width: model_type '{config.model_type}' has no heads and channels pruneflow can slice "
+                         "(fused projections or experts); remove the width section")
+    shape = spec.width.shape
+    check_shape(shape, config_widths(config))
+    if not layout.heads and (shape.num_attention_heads or shape.num_key_value_heads):
+        raise WidthError(f"width.shape: model_type '{config.model_type}' normalises queries and keys over all heads, "
+                         "so heads cannot be pruned exactly; give only intermediate_size")
+    if spec.prune.format != "auto" and get_format(spec.prune.format).widths == "none":
+        raise WidthError(f"prune.format '{spec.prune.format}' writes no width plans; use prune.format auto or hf")
+    if getattr(spec.search.target, "blocks", None) != 0 and spec.score.granularity != "layer":
+        raise WidthError(f"width with score.granularity '{spec.score.granularity}': a checkpoint with pruned widths "
+                         "and removed attention or MLP halves has no export format yet; use score.granularity "
+                         "'layer' (whole layers, then widths) or search.target.blocks 0 (widths alone)")

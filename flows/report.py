@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from catalog.report import WIDTH_HEADERS, width_rows, width_title
 from catalog.rows import EvaluationRow, StepRow
 
 _STAGES = ("dense", "pruned", "recovered")
@@ -157,6 +158,9 @@ def markdown_report(summary: dict, steps: Sequence[StepRow], evals: Sequence[Eva
     ]
     rows = [[str(s.step), s.block, f"{s.value:.4f}", f"{s.params_remaining:,}"] for s in steps]
     lines += _table(["step", "block", "score", "params remaining"], rows) + [""]
+    if summary.get("width"):
+        lines += [f"## {width_title(summary['width']).capitalize()}", ""]
+        lines += _table(list(WIDTH_HEADERS), width_rows(summary["width"])) + [""]
     lines += _evaluation_tables(evals)
     lines += _recovery_lines(summary.get("recovery"))
     pictures = summary.get("pictures") or {}
@@ -177,6 +181,8 @@ def format_outcome(summary: dict) -> str:
         f"params     {summary['params_dense']:,} -> {summary['params_pruned']:,} "
         f"({100 * summary['params_removed_ratio']:.2f}% removed)",
     ]
+    if summary.get("width"):
+        lines.append(f"width      {width_title(summary['width'])}; per layer: pruneflow show {summary['run_id'][:8]}")
     for dataset, values in summary["perplexity"].items():
         stages = "  ".join(f"{stage} {value:.3f}" for stage, value in values.items())
         lines.append(f"perplexity {dataset}: {stages}")

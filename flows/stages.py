@@ -24,6 +24,7 @@ from tasks.refs import ArtifactRef
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.search_stage import SearchResult, SearchSections, search_stage
 from tasks.settings import Settings
+from tasks.width_stage import WidthResult, WidthSpec, width_stage
 
 _COMMON = dict(persist_result=True, retries=0)
 # Task bodies run only when their result is not cached: counting them tells the flow whether an
@@ -69,11 +70,18 @@ def search_task(sections: SearchSections, model: ModelRef, calibration: Artifact
                         on_step=progress.on_step, on_score=progress.on_score)
 
 
+@task(name="width", cache_key_fn=cache_key_fn("width"), **_COMMON)
+def width_task(width: WidthSpec, model_spec: ModelSpec, batch_windows: int, model: ModelRef,
+               calibration: ArtifactRef, blocks: tuple[str, ...]) -> WidthResult:
+    _executed()
+    return width_stage(model.path, calibration, blocks, model_spec, width, batch_windows)
+
+
 @task(name="prune", cache_key_fn=cache_key_fn("prune"), **_COMMON)
 def prune_task(model_spec: ModelSpec, prune: PruneSpec, model: ModelRef, blocks: tuple[str, ...],
-               out_dir: Path) -> ArtifactRef:
+               out_dir: Path, plan_json: str | None = None) -> ArtifactRef:
     _executed()
-    return prune_stage(model.path, blocks, model_spec, prune, out_dir)
+    return prune_stage(model.path, blocks, model_spec, prune, out_dir, plan_json)
 
 
 @task(name="recover", cache_key_fn=cache_key_fn("recover"), **_COMMON)

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, model_serializer
+from pydantic import (Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 # Each stage owns its section's settings; the spec only composes them (and re-exports them by name).
 from tasks.calibrate import CalibrationSpec
@@ -30,6 +31,7 @@ from tasks.search.beam import BeamSettings
 from tasks.search.settings import (BlocksTarget, Granularity, ParamsRatioTarget, Target, check_combination,
                                    score_section, search_section)
 from tasks.plugins import load_plugins
+from tasks.width_stage import WidthSpec
 from tasks.settings import Settings
 
 # Plugins register their methods before the sections made from the registries are composed: each
@@ -54,6 +56,9 @@ class PipelineSpec(Settings):
     search: SearchSpec = Field(description="How blocks are chosen and when the search stops.")
     prune: PruneSpec = Field(PruneSpec(), description="How the pruned checkpoint is written.")
     recover: RecoverSpec = Field(NoRecovery(), description="Healing after pruning: none, or a recovery method.")
+    width: WidthSpec | None = Field(
+        None, description="Width pruning after the depth search: the heads and MLP channels every layer keeps "
+                          "(none: depth only).")
     evaluate: EvaluateSpec = Field(EvaluateSpec(), description="How dense, pruned and recovered models are measured.")
     output_dir: str = Field(description="Folder for checkpoints, reports and cached stage results.")
     catalog: str = Field("", description="DuckDB catalog file; default catalog.duckdb inside output_dir's parent.")
@@ -77,12 +82,14 @@ class PipelineSpec(Settings):
         return execution
 
     @model_serializer(mode="wrap")
-    def _without_default_execution(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _without_unset_sections(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # The default execution is left out, so specs that never name it serialize as before
         # (deployment parameters, runs.spec_json).
         data = handler(self)
         if self.execution == ExecutionSpec():
             data.pop("execution", None)
+        if self.width is None:  # likewise for depth-only pipelines, which name no width section
+            data.pop("width", None)
         return data
 
     @field_validator("search")
@@ -92,6 +99,17 @@ class PipelineSpec(Settings):
         if score is not None:  # a bad score section has its own errors already
             check_combination(score, search)
         return search
+
+    @model_validator(mode="after")
+    def _nothing_removed_needs_width(self) -> "PipelineSpec":
+        if getattr(self.search.target, "blocks", None) == 0 and self.width is None:
+            raise ValueError("search.target.blocks: 0 removes no blocks, which is only a pipeline with a width "
+                             "section (width pruning alone); give blocks >= 1 or add width")
+        return self
+
+    def identity_sections(self) -> tuple[str, ...]:
+        """Sections that decide what the run removes; `width` only when set, so depth-only runs keep their ids."""
+        return IDENTITY_SECTIONS + (("width",) if self.width is not None else ())
 
     def catalog_path(self) -> Path:
         if self.catalog:
@@ -122,5 +140,5 @@ __all__ = [
     "ContinuedPretrainingRecovery", "DType", "Device", "EvaluateSpec", "ExecutionSpec", "Granularity",
     "IDENTITY_SECTIONS", "LoraRecovery", "LowRankRecovery", "ModelSpec", "NoRecovery", "ParamsRatioTarget",
     "PipelineSpec", "PruneSpec", "RecoverSpec", "ScoreSpec", "SearchSpec", "ShapleySettings",
-    "Target", "WeightedSource", "check_combination",
+    "Target", "WeightedSource", "WidthSpec", "check_combination",
 ]

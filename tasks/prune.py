@@ -17,6 +17,7 @@ from tasks.load import ModelSpec, open_model
 from tasks.refs import ArtifactRef
 from tasks.settings import Settings
 from tasks.surgery import remove_blocks
+from tasks.surgery.width import WidthPlan, apply_width
 
 
 class PruneError(UserError):
@@ -46,10 +47,13 @@ def prune_section(module: str) -> type[PruneSpec]:
 
 
 def prune_stage(model_path: str, blocks: tuple[str, ...], model: ModelSpec, prune: PruneSpec,
-                out_dir: Path) -> ArtifactRef:
-    """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json)."""
+                out_dir: Path, plan_json: str | None = None) -> ArtifactRef:
+    """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json):
+    the blocks removed, then the width plan (if any) applied to what is left."""
     pruned = open_model(model_path, model)
     remove_blocks(pruned, list(blocks))
+    if plan_json is not None:
+        apply_width(pruned, WidthPlan.from_json(plan_json))
     return write_checkpoint(pruned, model_path, out_dir / "checkpoint-pruned", prune.format, model.trust_remote_code)
 
 

@@ -31,6 +31,11 @@ class SearchResult:
     evaluated: int
     reused: int
 
+    @classmethod
+    def nothing_removed(cls, dense_params: int) -> "SearchResult":
+        """What a pipeline that removes no blocks (width pruning alone) has instead of a search."""
+        return cls((), (), (), dense_params, 0, 0, 0, 0, 0)
+
     @property
     def params_removed_ratio(self) -> float:
         if not self.params_remaining:

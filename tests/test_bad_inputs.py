@@ -99,6 +99,17 @@ CASES = [
     ("extends-not-a-name", lambda r: (r / "pipeline.yaml").write_text((r / "pipeline.yaml").read_text() + "extends: [a]\n"),
      [], "extends"),
     ("missing-eval-dataset", _no_setup, ["evaluate.datasets=[no-such.txt]"], "evaluate.datasets"),
+    ("nothing-removed-without-width", _no_setup, ["search.target.blocks=0"], "search.target.blocks"),
+    ("width-above-the-model", _no_setup, ["search.target.blocks=0", "width.shape.intermediate_size=200"],
+     "width.shape.intermediate_size 200 is above the model's 96"),
+    ("width-unknown-metric", _no_setup,
+     ["search.target.blocks=0", "width.metric=activaton", "width.shape.intermediate_size=64"], "width.metric"),
+    ("width-splits-kv-groups", _no_setup,
+     ["search.target.blocks=0", "width.shape.num_attention_heads=3", "width.shape.num_key_value_heads=2"],
+     "width.shape.num_attention_heads 3 must be a multiple of num_key_value_heads 2"),
+    ("width-after-sub-blocks", _no_setup, ["width.shape.intermediate_size=64"], "score.granularity"),
+    ("width-in-a-format-without-widths", _no_setup,
+     ["search.target.blocks=0", "width.shape.intermediate_size=64", "prune.format=nemotron_nas"], "prune.format"),
 ]
 if not torch.cuda.is_available():
     CASES += [("cuda-without-gpu", _no_setup, ["model.device=cuda"], "model.device"),

@@ -63,6 +63,8 @@ def _fill(catalog: Catalog, run_id: str) -> None:
     catalog.add_evaluation(run_id, "pruned", "perplexity", "wikitext", "perplexity", 13.0)
     catalog.add_evaluation(run_id, "recovered", "perplexity", "wikitext", "perplexity", 11.5)
     catalog.add_artifact(run_id, "pruned", "model", f"outputs/{run_id}/pruned", "ab" * 32, 1234)
+    catalog.add_unit_scores(run_id, "activation", [("layers.2.mlp.channel.0", 0.5), ("layers.2.attn.head.1", 2.0)])
+    catalog.set_plan(run_id, '{"layers": {"2": {"channels": [1, 2]}}}')
     catalog.finish_run(run_id, "completed", wall_seconds=723.0,
                        summary={"params_removed_ratio": 0.15})
 
@@ -591,3 +593,16 @@ def test_format_show(catalog: Catalog) -> None:
     assert any(line.split()[:5] == ["recovered", "perplexity", "wikitext", "perplexity", "11.50"]
                for line in lines)
     assert any(line.split()[:3] == ["pruned", "model", "1.2"] and "abababababab" in line for line in lines)
+
+
+def test_width_rows_are_kept_per_run_and_rewritten_in_place(catalog: Catalog) -> None:
+    _fill(catalog, "r1")
+    catalog.add_unit_scores("r1", "activation", [("layers.2.mlp.channel.0", 0.75)])
+    assert catalog.unit_scores("r1") == [("layers.2.attn.head.1", "activation", 2.0),
+                                         ("layers.2.mlp.channel.0", "activation", 0.75)]
+    catalog.set_plan("r1", '{"layers": {}}')
+    assert catalog.plan("r1") == '{"layers": {}}' and catalog.plan("nope") is None
+    with pytest.raises(CatalogError, match="plan_json must be a JSON document"):
+        catalog.set_plan("r1", "{oops")
+    with pytest.raises(CatalogError, match="no run 'other'"):
+        catalog.add_unit_scores("other", "activation", [("layers.0.mlp.channel.0", 1.0)])

@@ -17,7 +17,7 @@ from tasks.export import hf, nemotron_nas, pruneflow_format, remote_code  # noqa
 from tasks.export.codegen import write_code
 from tasks.export.trust import (TokenizerError, TrustError, check_trusted, is_own_format, model_config,
                                 package_config)
-from tasks.export.common import has_lone_halves
+from tasks.export.common import has_lone_halves, width_problem
 from tasks.surgery.adapted import adapter_ranks
 from tasks.export.registry import (ExportError, ExportFormat, format_names, format_of, get_format, read_config,
                                    register_format)
@@ -38,7 +38,8 @@ def auto_format(model: nn.Module) -> str:
 def resolve_format(requested: str, model: nn.Module) -> str:
     """The concrete format for `requested` (`auto` included), or ExportError saying why it cannot be used."""
     name = auto_format(model) if requested == "auto" else requested
-    problem = get_format(name).problem(model)
+    fmt = get_format(name)
+    problem = fmt.problem(model) or width_problem(model, name, fmt.widths)
     if problem:
         raise ExportError(problem)
     return name

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from tasks.surgery import architecture_for, layer_ids, remove_blocks, removed_units
 from tasks.surgery.adapted import adapter_ranks, install_adapters
 from tasks.surgery.residual_adapters import ADAPTERS_ATTR
+from tasks.surgery.width import is_uniform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,7 +69,23 @@ def pruneflow_record(model: nn.Module, fmt: str) -> dict:
     }
     if adapter_ranks(model):
         record["adapters"] = adapter_ranks(model)
+    plan = (getattr(model.config, "pruneflow", None) or {}).get("plan")
+    if plan:
+        record["plan"] = plan
     return record
+
+
+def width_problem(model: nn.Module, fmt: str, widths: str) -> str | None:
+    """Why format `fmt`, which writes `widths` ("none" | "uniform" | "per_layer"), cannot hold this model's
+    width plan; None when the model has no plan or the format holds it."""
+    if not (getattr(model.config, "pruneflow", None) or {}).get("plan") or widths == "per_layer":
+        return None
+    if widths == "uniform" and is_uniform(model) and not has_lone_halves(model):
+        return None
+    return (f"format '{fmt}' cannot hold this width plan: "
+            + ("it writes no pruned widths" if widths == "none" else
+               "a standard architecture needs the same widths in every layer and only whole layers removed")
+            + "; width plans export as 'hf' (or 'auto') when uniform, with score.granularity 'layer' for depth")
 
 
 def write_weights(model: nn.Module, out_dir: Path) -> dict:

@@ -27,6 +27,8 @@ class ExportFormat(Plugin):
     servable: ClassVar[bool] = True
     # Whether it keeps recovery adapters that stand where blocks were removed.
     carries_adapters: ClassVar[bool] = False
+    # Which width plans it writes: "none", "uniform" (the same widths in every layer) or "per_layer".
+    widths: ClassVar[str] = "none"
 
     def problem(self, model: nn.Module) -> str | None:
         """Why this format cannot express `model`, or None when it can."""

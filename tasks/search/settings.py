@@ -149,7 +149,7 @@ class RacingSettings(Settings):
 
 class BlocksTarget(Settings):
     model_config = ConfigDict(title="a number of blocks")  # the choice's name in the parameter form
-    blocks: int = Field(ge=1, le=10_000, description="Number of candidate blocks to remove.")
+    blocks: int = Field(ge=0, le=10_000, description="Number of candidate blocks to remove (0: none, with width).")
 
 
 class ParamsRatioTarget(Settings):

@@ -36,6 +36,23 @@ class HalfLayout:
         return (*self.norms, *self.inner, self.slot)
 
 
+@dataclass(frozen=True)
+class WidthLayout:
+    """Where a layer's width lives: the attention projections (query/key/value rows per head, output
+    columns per head) and the gated MLP's projections (gate/up rows and down columns per channel), as
+    attribute names on the attention and MLP modules. `heads` is False where a norm spans every head
+    (OLMo-2's q_norm/k_norm): slicing heads would change what the norm divides by."""
+
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    heads: bool = True
+
+
 @dataclass
 class ForwardContext:
     """What every layer of one batch shares: masks and rotary tables, each keyed by the layer's attention type."""
@@ -67,6 +84,8 @@ class ArchitectureAdapter(Plugin):
     export_formats: ClassVar[tuple[str, ...]] = ("hf", "pruneflow")
     attn: ClassVar[HalfLayout] = HalfLayout("self_attn", norms=("input_layernorm",))
     mlp: ClassVar[HalfLayout] = HalfLayout("mlp", norms=("post_attention_layernorm",))
+    # Attention heads and MLP channels this family can lose (tasks/surgery/width.py); None: whole blocks only.
+    width: ClassVar[WidthLayout | None] = None
     # The attention kernel pruneflow loads checkpoints with (one kernel everywhere keeps numbers comparable).
     attn_implementation: ClassVar[str] = "sdpa"
 
@@ -157,6 +176,11 @@ def register_architecture(cls: type[ArchitectureAdapter]) -> type[ArchitectureAd
 
 def supported_model_types() -> list[str]:
     return _ARCHITECTURES.names()
+
+
+def model_types_where(test) -> list[str]:
+    """The model types whose adapter passes `test` (e.g. those that can lose heads and channels)."""
+    return [t for t in supported_model_types() if test(_ARCHITECTURES[t])]
 
 
 def architecture_for(model_type: str) -> ArchitectureAdapter:

@@ -97,7 +97,9 @@ def remove_blocks(model: nn.Module, block_ids: list[str]) -> nn.Module:
             half = adapter.half(part)
             if f"layers.{lid}.{part}" in gone and not is_removed(getattr(layer, half.slot)):
                 _stub_unit(layer, part, half, position)
-    model.config.pruneflow = {"layer_ids": new_ids, "removed": sorted(gone)}
+    # Other entries (a width plan) stay.
+    model.config.pruneflow = {**(getattr(model.config, "pruneflow", None) or {}), "layer_ids": new_ids,
+                              "removed": sorted(gone)}
     return model
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.surgery.architecture import ForwardContext, HalfLayout, UnsupportedArchitecture, register_architecture
+from tasks.surgery.architecture import ForwardContext, HalfLayout, UnsupportedArchitecture, WidthLayout, register_architecture
 from tasks.surgery.decoder import RotaryDecoderAdapter
 
 
 class _GemmaAdapter(RotaryDecoderAdapter):
     attn = HalfLayout("self_attn", norms=("input_layernorm", "post_attention_layernorm"))
     mlp = HalfLayout("mlp", norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+    width = WidthLayout()
 
     def attn_delta(self, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, position: int) -> torch.Tensor:
         out = self.attention(layer.self_attn, layer.input_layernorm(hidden), ctx, position)

@@ -7,7 +7,7 @@ through a sliding window when `sliding_window` is set; Qwen2/3 declare `layer_ty
 
 from __future__ import annotations
 
-from tasks.surgery.architecture import register_architecture
+from tasks.surgery.architecture import WidthLayout, register_architecture
 from tasks.surgery.decoder import RotaryDecoderAdapter
 
 
@@ -15,3 +15,4 @@ from tasks.surgery.decoder import RotaryDecoderAdapter
 class LlamaFamilyAdapter(RotaryDecoderAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     export_formats = ("hf", "pruneflow", "remote_code", "nemotron_nas")
+    width = WidthLayout()

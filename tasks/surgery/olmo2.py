@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.surgery.architecture import ForwardContext, HalfLayout, register_architecture
+from tasks.surgery.architecture import ForwardContext, HalfLayout, WidthLayout, register_architecture
 from tasks.surgery.decoder import RotaryDecoderAdapter
 
 
@@ -18,6 +18,7 @@ class Olmo2Adapter(RotaryDecoderAdapter):
     model_types = ("olmo2",)
     attn = HalfLayout("self_attn", norms=("post_attention_layernorm",))
     mlp = HalfLayout("mlp", norms=("post_feedforward_layernorm",))
+    width = WidthLayout(heads=False)  # q_norm/k_norm normalise over all heads at once
 
     def attn_delta(self, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, position: int) -> torch.Tensor:
         return layer.post_attention_layernorm(self.attention(layer.self_attn, hidden, ctx, position))

@@ -1,0 +1,115 @@
+"""Width surgery on every family that has heads and channels: slicing a plan equals masking its units."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tasks.surgery import remove_blocks, total_params
+from tasks.surgery.width import LayerWidth, WidthError, WidthPlan, apply_width, is_uniform, layer_shapes, mask_width
+from tests.test_families import CONFIGS
+from tests.tiny import tiny_windows
+
+WIDTH_FAMILIES = ["gemma2", "gemma3_text", "llama", "mistral", "olmo2", "qwen2", "qwen3"]
+HEADS_FAMILIES = [f for f in WIDTH_FAMILIES if f != "olmo2"]
+
+
+def build(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = CONFIGS[family]()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # random norms and biases, so that no unit is interchangeable with another
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.normal_(0.5, 0.2)
+    return model
+
+
+def per_layer_plan(heads: bool) -> WidthPlan:
+    """Different widths per layer: 4 query heads over 2 KV heads (groups of 2), 96 MLP channels."""
+    layers = {
+        0: LayerWidth(channels=tuple(range(0, 96, 2)), **({"heads": (1, 3), "kv_heads": (0, 1)} if heads else {})),
+        1: LayerWidth(channels=tuple(range(40)), **({"heads": (2, 3), "kv_heads": (1,)} if heads else {})),
+        3: LayerWidth(channels=(5, 17, 90)),
+    }
+    return WidthPlan(layers=layers)
+
+
+def uniform_plan(layers=range(4)) -> WidthPlan:
+    return WidthPlan(layers={lid: LayerWidth(heads=(0, 3), kv_heads=(0, 1), channels=tuple(range(7, 71)))
+                             for lid in layers})
+
+
+def logits(model, windows):
+    with torch.no_grad():
+        return model(windows).logits
+
+
+@pytest.mark.parametrize("family", WIDTH_FAMILIES)
+def test_slicing_a_plan_equals_masking_its_units(family):
+    windows = tiny_windows(samples=2, seq_len=32)
+    plan = per_layer_plan(heads=family in HEADS_FAMILIES)
+    masked = logits(mask_width(build(family), plan), windows)
+    dense = build(family)
+    before = total_params(dense)
+    sliced = apply_width(dense, plan)
+    assert torch.allclose(logits(sliced, windows), masked, atol=1e-5, rtol=0)
+    assert not torch.allclose(logits(build(family), windows), masked, atol=1e-3)  # the plan changed something
+    shapes = layer_shapes(sliced)
+    assert shapes[1]["channels"] == 40 and shapes[3]["channels"] == 3 and shapes[2]["channels"] == 96
+    if family in HEADS_FAMILIES:
+        assert (shapes[1]["heads"], shapes[1]["kv_heads"]) == (2, 1)
+        assert (shapes[0]["heads"], shapes[0]["kv_heads"]) == (2, 2)
+    assert total_params(sliced) < before
+    assert sliced.config.pruneflow["plan"]["layers"]["1"]["channels"] == list(range(40))
+    assert not is_uniform(sliced)
+
+
+@pytest.mark.parametrize("family", HEADS_FAMILIES)
+def test_a_uniform_plan_is_a_standard_checkpoint(family, tmp_path):
+    windows = tiny_windows(samples=2, seq_len=32)
+    model = apply_width(build(family), uniform_plan())
+    config = model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 2, 64)
+    assert config.head_dim == 16  # written out: hidden_size // heads is 32 now
+    assert is_uniform(model)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.allclose(logits(reloaded, windows), logits(model, windows), atol=1e-5, rtol=0)
+
+
+def test_depth_then_width_keeps_original_ids():
+    windows = tiny_windows(samples=2, seq_len=32)
+    model = remove_blocks(build("llama"), ["layers.1", "layers.2.attn"])
+    plan = WidthPlan(layers={0: LayerWidth(channels=(0, 1, 2)), 2: LayerWidth(channels=tuple(range(50))),
+                             3: LayerWidth(heads=(0, 1), kv_heads=(0,))})
+    masked = logits(mask_width(remove_blocks(build("llama"), ["layers.1", "layers.2.attn"]), plan), windows)
+    sliced = apply_width(model, plan)
+    assert torch.allclose(logits(sliced, windows), masked, atol=1e-5, rtol=0)
+    assert set(layer_shapes(sliced)) == {0, 2, 3}
+    assert layer_shapes(sliced)[2] == {"heads": 0, "kv_heads": 0, "channels": 50}
+
+
+@pytest.mark.parametrize("layer, message", [
+    (LayerWidth(heads=(0, 1, 2), kv_heads=(0, 1)), "same number"),
+    (LayerWidth(heads=(0, 2), kv_heads=(0,)), "read KV heads the plan removes"),
+    (LayerWidth(channels=(3, 96)), "index 96 is beyond the model's 96 channels"),
+])
+def test_bad_plans_are_refused_before_anything_changes(layer, message):
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WidthError, match=message):
+        apply_width(model, WidthPlan(layers={0: layer}))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_families_without_width_are_refused_by_name():
+    with pytest.raises(WidthError, match="model_type 'phi3' cannot be pruned in width.*llama"):
+        apply_width(build("phi3"), WidthPlan(layers={0: LayerWidth(channels=(1,))}))
+    with pytest.raises(WidthError, match="olmo2.*prune MLP channels only"):
+        apply_width(build("olmo2"), WidthPlan(layers={0: LayerWidth(heads=(0, 1), kv_heads=(0,))}))
+    with pytest.raises(ValueError, match="increasing order"):
+        LayerWidth(channels=(3, 1))
+    with pytest.raises(WidthError, match="already width-pruned"):
+        apply_width(apply_width(build("llama"), uniform_plan()), uniform_plan())

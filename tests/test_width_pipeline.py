@@ -1,0 +1,132 @@
+"""Width pruning through the command line: plan, catalog rows, `show`, and a checkpoint plain transformers loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from catalog import Catalog
+from flows.cli import main as cli
+from tasks.surgery import load_model, remove_blocks
+from tasks.surgery.width import WidthPlan, apply_width
+from tasks.width import WIDTH_METRICS, WidthShape, uniform_plan
+from tests.flowkit import tiny_pipeline
+from tests.tiny import tiny_model, tiny_windows
+
+RELOAD = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="sdpa").eval()
+ids = load_file(sys.argv[2])["ids"]
+with torch.no_grad():
+    save_file({"logits": model(ids).logits.contiguous()}, sys.argv[3])
+print(type(model).__name__, model.config.intermediate_size, model.config.num_key_value_heads,
+      model.config.num_attention_heads, model.config.num_hidden_layers)
+"""
+
+
+def _reload_in_fresh_process(checkpoint, ids, tmp_path) -> tuple[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    save_file({"ids": ids}, tmp_path / "ids.safetensors")
+    out = subprocess.run([sys.executable, "-c", RELOAD, str(checkpoint), str(tmp_path / "ids.safetensors"),
+                          str(tmp_path / "logits.safetensors")],
+                         capture_output=True, text=True, check=True, cwd=tmp_path)  # not the project: plain transformers
+    return out.stdout.strip(), load_file(tmp_path / "logits.safetensors")["logits"]
+
+
+@pytest.mark.parametrize("depth, sections, expected", [
+    # Width alone (Minitron): every layer keeps 64 of 96 channels and one of two KV groups.
+    ("none", {"search": {"target": {"blocks": 0}},
+              "width": {"metric": "activation", "shape": {"intermediate_size": 64, "num_key_value_heads": 1}}},
+     "LlamaForCausalLM 64 1 2 4"),
+    # Depth then width: one whole layer goes, then the other three lose channels by LLM-Pruner's Taylor score.
+    ("layer", {"score": {"granularity": "layer"}, "search": {"target": {"blocks": 1}},
+               "width": {"metric": "taylor", "shape": {"intermediate_size": 48}}},
+     "LlamaForCausalLM 48 2 4 3"),
+])
+def test_width_pipeline_through_the_cli(tmp_path, capsys, depth, sections, expected):
+    path = tiny_pipeline(tmp_path, **sections)
+    assert cli(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split()[1]
+    assert "width      width plan" in out
+    catalog = Catalog(tmp_path / "out" / "catalog.duckdb")
+    plan = WidthPlan.from_json(catalog.plan(run_id))
+    blocks = [s.block for s in catalog.steps(run_id)]
+    assert len(blocks) == (0 if depth == "none" else 1)
+    units = catalog.unit_scores(run_id)
+    layers = 4 - len(blocks)
+    assert len(units) == layers * (4 + 2 + 96)  # heads, KV groups, channels of every present layer
+    assert {metric for _, metric, _ in units} == {sections["width"]["metric"]}
+
+    # The plan is what the registered metric and the shape give on the same calibration windows.
+    dense = load_model(tmp_path / "model")
+    remove_blocks(dense, blocks)
+    from tasks.windows import load_windows
+
+    calibration = next(a for a in catalog.artifacts(run_id) if a.kind == "calibration")
+    scores = WIDTH_METRICS[sections["width"]["metric"]].scores(dense, load_windows(calibration.path), 1)
+    assert uniform_plan(dense, scores, WidthShape(**sections["width"]["shape"])) == plan
+
+    # The checkpoint loads in a fresh process with plain transformers and computes what the plan applied here does.
+    checkpoint = next(a.path for a in catalog.artifacts(run_id) if a.kind == "checkpoint")
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    assert "auto_map" not in config and config["pruneflow"]["plan"] == json.loads(plan.to_json())
+    ids = tiny_windows(samples=2, seq_len=24)
+    shown, reloaded = _reload_in_fresh_process(checkpoint, ids, tmp_path)
+    assert shown == expected
+    with torch.no_grad():
+        here = apply_width(dense, plan)(ids).logits
+    assert torch.allclose(reloaded, here, atol=1e-5, rtol=0)
+
+    # Evaluation measured the width-pruned model: fewer parameters than dense.
+    params = {e.stage: e.value for e in catalog.evaluations(run_id) if e.metric == "params"}
+    assert params["pruned"] < params["dense"]
+    assert cli(["show", run_id[:8], "--catalog", str(tmp_path / "out" / "catalog.duckdb")]) == 0
+    table = capsys.readouterr().out.split("width plan (")[1]
+    widths = expected.split()[1:4]
+    rows = [line.split() for line in table.splitlines() if line.startswith("layers.")]
+    assert len(rows) == layers and all(r[1:4] == [widths[2], widths[1], widths[0]] for r in rows), table
+
+
+def test_an_explicit_plan_is_refused_where_the_format_cannot_hold_it(tmp_path):
+    from tasks.export import ExportError, export_model
+
+    model = tiny_model()
+    scores = WIDTH_METRICS["magnitude"].scores(model, tiny_windows(), 2)
+    plan = uniform_plan(model, scores, WidthShape(intermediate_size=32))
+    apply_width(model, plan)
+    with pytest.raises(ExportError, match="format 'nemotron_nas' cannot hold this width plan"):
+        export_model(model, tmp_path / "n", "nemotron_nas")
+    assert export_model(model, tmp_path / "hf", "auto") == "hf"
+    remove_blocks(model, ["layers.1.attn"])
+    with pytest.raises(ExportError, match="format .remote_code. cannot hold this width plan"):
+        export_model(model, tmp_path / "again", "auto")
+
+
+def test_width_metrics_rank_what_they_claim():
+    """Activation ranks a channel whose output weights are zero last; magnitude ranks the largest weights first;
+    Taylor gives zero to a unit whose weights are zero."""
+    model = tiny_model()
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[7] = 0  # channel 7 never fires: act(gate) * 0
+        mlp.gate_proj.weight[9] *= 50
+    windows = tiny_windows()
+    activation = WIDTH_METRICS["activation"].scores(model, windows, 2).channels[0]
+    magnitude = WIDTH_METRICS["magnitude"].scores(model, windows, 2).channels[0]
+    taylor = WIDTH_METRICS["taylor"].scores(model, windows, 2)
+    assert activation[7] == 0 and activation.argmin() == 7
+    assert magnitude.argmax() == 9
+    assert taylor.channels[0][7] < 1e-3 * taylor.channels[0].median() and len(taylor.heads[0]) == 4
+    # Batching does not change what is scored.
+    assert torch.allclose(WIDTH_METRICS["activation"].scores(model, windows, 1).channels[0], activation, rtol=1e-5)
+    assert all(p.grad is None for p in model.parameters())
