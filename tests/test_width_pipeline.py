@@ -45,14 +45,17 @@ def _reload_in_fresh_process(checkpoint, ids, tmp_path) -> tuple[str, torch.Tens
 @pytest.mark.parametrize("depth, sections, expected", [
     # Width alone (Minitron): every layer keeps 64 of 96 channels and one of two KV groups.
     ("none", {"search": {"target": {"blocks": 0}},
-              "width": {"metric": "activation", "shape": {"intermediate_size": 64, "num_key_value_heads": 1}}},
+              "width": {"metric": "activation", "shape": {"intermediate_size": 64, "num_key_value_heads": 1}},
+              "recover": {"method": "distill", "steps": 3, "lr": 3e-3, "seq_len": 32, "batch_size": 2}},
      "LlamaForCausalLM 64 1 2 4"),
     # Depth then width: one whole layer goes, then the other three lose channels by LLM-Pruner's Taylor score.
     ("layer", {"score": {"granularity": "layer"}, "search": {"target": {"blocks": 1}},
-               "width": {"metric": "taylor", "shape": {"intermediate_size": 48}}},
+               "width": {"metric": "taylor", "shape": {"intermediate_size": 48}},
+               "recover": {"method": "lora", "steps": 2, "seq_len": 32, "batch_size": 2}},
      "LlamaForCausalLM 48 2 4 3"),
 ])
 def test_width_pipeline_through_the_cli(tmp_path, capsys, depth, sections, expected):
+    sections = {**sections, "recover": {**sections["recover"], "dataset": str(tmp_path / "corpus.txt")}}
     path = tiny_pipeline(tmp_path, **sections)
     assert cli(["run", str(path)]) == 0
     out = capsys.readouterr().out
@@ -77,7 +80,8 @@ def test_width_pipeline_through_the_cli(tmp_path, capsys, depth, sections, expec
     assert uniform_plan(dense, scores, WidthShape(**sections["width"]["shape"])) == plan
 
     # The checkpoint loads in a fresh process with plain transformers and computes what the plan applied here does.
-    checkpoint = next(a.path for a in catalog.artifacts(run_id) if a.kind == "checkpoint")
+    checkpoints = {a.stage: a.path for a in catalog.artifacts(run_id) if a.kind == "checkpoint"}
+    checkpoint = checkpoints["pruned"]
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     assert "auto_map" not in config and config["pruneflow"]["plan"] == json.loads(plan.to_json())
     ids = tiny_windows(samples=2, seq_len=24)
@@ -87,9 +91,13 @@ def test_width_pipeline_through_the_cli(tmp_path, capsys, depth, sections, expec
         here = apply_width(dense, plan)(ids).logits
     assert torch.allclose(reloaded, here, atol=1e-5, rtol=0)
 
-    # Evaluation measured the width-pruned model: fewer parameters than dense.
+    # Healing keeps the shape, and its checkpoint loads the same way.
+    assert _reload_in_fresh_process(checkpoints["recovered"], ids, tmp_path)[0] == expected
+
+    # Evaluation measured the width-pruned models: fewer parameters than dense.
     params = {e.stage: e.value for e in catalog.evaluations(run_id) if e.metric == "params"}
-    assert params["pruned"] < params["dense"]
+    assert params["pruned"] == params["recovered"] < params["dense"]
+    assert {e.stage for e in catalog.evaluations(run_id) if e.kind == "perplexity"} == {"dense", "pruned", "recovered"}
     assert cli(["show", run_id[:8], "--catalog", str(tmp_path / "out" / "catalog.duckdb")]) == 0
     table = capsys.readouterr().out.split("width plan (")[1]
     widths = expected.split()[1:4]
