@@ -196,7 +196,7 @@ def width_rows(width: dict | None) -> list[list[str]]:
 
 def width_title(width: dict) -> str:
     shape = ", ".join(f"{k} {v}" for k, v in width["shape"].items())
-    return f"width plan ({width['metric']}: {shape})"
+    return f"width plan ({width['metric']}, {width.get('strategy', 'uniform')}: {shape})"
 
 
 def _aligned(fields: Sequence[tuple[str, str]]) -> str:

@@ -303,7 +303,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
         wall_seconds=0.0, model=spec.model.source, recovery=_recovery_summary(recovered),
         search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
                 "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
-        width=None if width is None else {"metric": spec.width.metric,
+        width=None if width is None else {"metric": spec.width.metric, "strategy": spec.width.strategy,
                                           "shape": spec.width.shape.model_dump(exclude_none=True),
                                           "layers": list(width.layers), "seconds": width.seconds},
     )

@@ -139,7 +139,3 @@ def _check_width(spec: PipelineSpec, model_path: str) -> None:
                          "so heads cannot be pruned exactly; give only intermediate_size")
     if spec.prune.format != "auto" and get_format(spec.prune.format).widths == "none":
         raise WidthError(f"prune.format '{spec.prune.format}' writes no width plans; use prune.format auto or hf")
-    if getattr(spec.search.target, "blocks", None) != 0 and spec.score.granularity != "layer":
-        raise WidthError(f"width with score.granularity '{spec.score.granularity}': a checkpoint with pruned widths "
-                         "and removed attention or MLP halves has no export format yet; use score.granularity "
-                         "'layer' (whole layers, then widths) or search.target.blocks 0 (widths alone)")

@@ -107,7 +107,6 @@ CASES = [
     ("width-splits-kv-groups", _no_setup,
      ["search.target.blocks=0", "width.shape.num_attention_heads=3", "width.shape.num_key_value_heads=2"],
      "width.shape.num_attention_heads 3 must be a multiple of num_key_value_heads 2"),
-    ("width-after-sub-blocks", _no_setup, ["width.shape.intermediate_size=64"], "score.granularity"),
     ("width-in-a-format-without-widths", _no_setup,
      ["search.target.blocks=0", "width.shape.intermediate_size=64", "prune.format=nemotron_nas"], "prune.format"),
 ]

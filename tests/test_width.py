@@ -113,3 +113,78 @@ def test_families_without_width_are_refused_by_name():
         LayerWidth(channels=(3, 1))
     with pytest.raises(WidthError, match="already width-pruned"):
         apply_width(apply_width(build("llama"), uniform_plan()), uniform_plan())
+
+
+RELOAD_REMOTE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(ids).logits
+    cached = model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, use_cache=False)
+torch.save({"logits": logits, "cached": cached, "uncached": uncached}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_per_layer_widths_and_removed_halves_export_with_their_code(family, tmp_path):
+    """Different widths per layer and a removed attention: remote_code carries them, a fresh process loads them
+    with transformers alone (logits within 1e-5, cached generation equal to uncached), and pruneflow reads
+    the same model back."""
+    import subprocess
+    import sys
+
+    from tasks.export import export_model, load_checkpoint
+
+    windows = tiny_windows(samples=2, seq_len=24)
+    model = apply_width(remove_blocks(build(family), ["layers.2.attn"]), per_layer_plan(heads=True))
+    assert export_model(model, tmp_path / "ckpt", "auto") == "remote_code"
+    torch.save(windows, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", RELOAD_REMOTE, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "out.pt")], check=True, cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt")
+    expected = logits(model, windows)
+    assert torch.allclose(out["logits"], expected, atol=1e-5, rtol=0)
+    assert torch.equal(out["cached"], out["uncached"])
+    again = load_checkpoint(tmp_path / "ckpt")
+    assert torch.allclose(logits(again, windows), expected, atol=1e-5, rtol=0)
+    assert layer_shapes(again) == layer_shapes(model)
+
+
+def test_families_without_a_template_keep_per_layer_widths_in_pruneflow_format(tmp_path):
+    from tasks.export import export_model, load_checkpoint
+
+    windows = tiny_windows(samples=2, seq_len=24)
+    model = apply_width(build("gemma2"), per_layer_plan(heads=True))
+    assert export_model(model, tmp_path / "ckpt", "auto") == "pruneflow"
+    again = load_checkpoint(tmp_path / "ckpt")
+    assert torch.allclose(logits(again, windows), logits(model, windows), atol=1e-5, rtol=0)
+
+
+def test_per_layer_ranks_units_across_layers_with_a_floor_and_protections():
+    from tasks.width import UnitScores, WidthShape, per_layer_plan, uniform_plan
+
+    model = build("llama")
+    # Layer 1's channels and heads matter ten times more than layer 2's; layer 0 and 3 in between.
+    base = torch.linspace(1.0, 2.0, 96)
+    scores = UnitScores(channels={0: base * 3, 1: base * 10, 2: base, 3: base * 3},
+                        heads={0: torch.tensor([3.0, 2, 1, 4]), 1: torch.tensor([30.0, 20, 10, 40]),
+                               2: torch.tensor([0.3, 0.2, 0.1, 0.4]), 3: torch.tensor([3.0, 2, 1, 4])})
+    shape = WidthShape(intermediate_size=48, num_key_value_heads=1)
+    plan = per_layer_plan(model, scores, shape, floor=0.25, protect_first=1)
+    assert 0 not in plan.layers  # protected: full width
+    kept = {lid: len(plan.layers[lid].channels) for lid in (1, 2, 3)}
+    assert sum(kept.values()) == 48 * 3 and kept[1] == 96 and kept[2] == 24  # the floor: a quarter of 96
+    assert kept[3] == 48 * 3 - 96 - 24
+    assert plan.layers[2].channels == tuple(range(72, 96))  # its best ones
+    groups = {lid: plan.layers[lid].kv_heads for lid in (1, 2, 3)}
+    assert sum(len(g) for g in groups.values()) == 3 and all(len(g) >= 1 for g in groups.values())
+    assert plan.layers[1].heads == (2, 3) or plan.layers[1].heads == (0, 1)  # whole groups of 2 heads
+    assert plan != uniform_plan(model, scores, shape)
+    # Applied, it is a model whose layers differ, equal to masking the same units.
+    windows = tiny_windows(samples=2, seq_len=16)
+    masked = logits(mask_width(build("llama"), plan), windows)
+    assert torch.allclose(logits(apply_width(model, plan), windows), masked, atol=1e-5, rtol=0)
+    assert not is_uniform(model)

@@ -116,8 +116,9 @@ def test_an_explicit_plan_is_refused_where_the_format_cannot_hold_it(tmp_path):
         export_model(model, tmp_path / "n", "nemotron_nas")
     assert export_model(model, tmp_path / "hf", "auto") == "hf"
     remove_blocks(model, ["layers.1.attn"])
-    with pytest.raises(ExportError, match="format .remote_code. cannot hold this width plan"):
-        export_model(model, tmp_path / "again", "auto")
+    with pytest.raises(ExportError, match="format 'hf' keeps the original architecture"):
+        export_model(model, tmp_path / "again", "hf")
+    assert export_model(model, tmp_path / "code", "auto") == "remote_code"
 
 
 def test_width_metrics_rank_what_they_claim():
@@ -138,3 +139,44 @@ def test_width_metrics_rank_what_they_claim():
     # Batching does not change what is scored.
     assert torch.allclose(WIDTH_METRICS["activation"].scores(model, windows, 1).channels[0], activation, rtol=1e-5)
     assert all(p.grad is None for p in model.parameters())
+
+
+RELOAD_REMOTE = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    save_file({"logits": model(load_file(sys.argv[2])["ids"]).logits.contiguous()}, sys.argv[3])
+print(sorted({layer.mlp.down_proj.in_features for layer in model.model.layers if layer.mlp is not None}))
+"""
+
+
+def test_per_layer_widths_after_sub_blocks_through_the_cli(tmp_path, capsys):
+    """BlockPruner's sub-block search, then LLM-Pruner's per-layer Taylor widths: one plan, exported with its
+    modeling code, equal in a fresh process to the plan applied here."""
+    from safetensors.torch import load_file
+
+    path = tiny_pipeline(tmp_path, search={"target": {"blocks": 2}},
+                         width={"metric": "taylor", "strategy": "per_layer", "shape": {"intermediate_size": 48},
+                                "per_layer": {"floor": 0.25}})
+    assert cli(["run", str(path)]) == 0
+    run_id = capsys.readouterr().out.split()[1]
+    catalog = Catalog(tmp_path / "out" / "catalog.duckdb")
+    blocks = [s.block for s in catalog.steps(run_id)]
+    plan = WidthPlan.from_json(catalog.plan(run_id))
+    widths = [len(layer.channels) for layer in plan.layers.values() if layer.channels]
+    checkpoint = next(a.path for a in catalog.artifacts(run_id) if a.kind == "checkpoint")
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    assert config["pruneflow"]["format"] == "remote_code" and config["pruneflow"]["plan"] == json.loads(plan.to_json())
+    ids = tiny_windows(samples=2, seq_len=24)
+    save_file({"ids": ids}, tmp_path / "ids.safetensors")
+    out = subprocess.run([sys.executable, "-c", RELOAD_REMOTE, checkpoint, str(tmp_path / "ids.safetensors"),
+                          str(tmp_path / "logits.safetensors")], capture_output=True, text=True, check=True, cwd=tmp_path)
+    mlp_layers = sum(1 for lid in range(4) if f"layers.{lid}.mlp" not in blocks and f"layers.{lid}" not in blocks)
+    assert sum(widths) + 96 * (mlp_layers - len(widths)) == 48 * mlp_layers  # the shape's total, spread unevenly
+    assert json.loads(out.stdout) == sorted(set(widths) | ({96} if mlp_layers > len(widths) else set()))
+    dense = remove_blocks(load_model(tmp_path / "model"), blocks)
+    with torch.no_grad():
+        here = apply_width(dense, plan)(ids).logits
+    assert torch.allclose(load_file(tmp_path / "logits.safetensors")["logits"], here, atol=1e-5, rtol=0)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def auto_format(model: nn.Module) -> str:
-    if not has_lone_halves(model) and not adapter_ranks(model):
+    if not has_lone_halves(model) and not adapter_ranks(model) and not width_problem(model, "hf", "uniform"):
         return "hf"
     problem = get_format("remote_code").problem(model)
     if problem is None:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from tasks.surgery import architecture_for, layer_ids, remove_blocks, removed_units
 from tasks.surgery.adapted import adapter_ranks, install_adapters
 from tasks.surgery.residual_adapters import ADAPTERS_ATTR
-from tasks.surgery.width import is_uniform
+from tasks.surgery.width import WidthPlan, apply_width, is_uniform
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,9 +69,9 @@ def pruneflow_record(model: nn.Module, fmt: str) -> dict:
     }
     if adapter_ranks(model):
         record["adapters"] = adapter_ranks(model)
-    plan = (getattr(model.config, "pruneflow", None) or {}).get("plan")
-    if plan:
-        record["plan"] = plan
+    own = getattr(model.config, "pruneflow", None) or {}
+    if own.get("plan"):
+        record["plan"], record["dense"] = own["plan"], own["dense"]
     return record
 
 
@@ -169,10 +169,39 @@ def load_recorded(path: Path, dtype: str, device: str) -> nn.Module:
     missing = [k for k in ("base_model_type", "layer_ids", "removed") if k not in record]
     if missing:
         raise ExportError(f"{path}/config.json: pruneflow record lacks {missing}")
+    if record.get("plan"):
+        return _load_width_pruned(Path(path), record, base_values(config), dtype, device)
     return load_as_pruned(
         Path(path), record["base_model_type"], base_values(config), record["layer_ids"], record["removed"],
         dtype, device, record.get("adapters"),
     )
+
+
+def _load_width_pruned(path: Path, record: dict, values: dict, dtype: str, device: str) -> nn.Module:
+    """A checkpoint with a width plan: the dense shape of the kept layers is built, the removed blocks and
+    the plan's units cut from it as the prune stage cut them, then the checkpoint's weights fill it."""
+    kept, removed = record["layer_ids"], record["removed"]
+    config = AutoConfig.for_model(record["base_model_type"], **{**values, **record["dense"]})
+    config.pruneflow = {"layer_ids": list(kept), "removed": sorted(u for u in removed if int(u.split(".")[1]) not in kept)}
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=DTYPES[dtype],
+        attn_implementation=getattr(architecture_for(record["base_model_type"]), "attn_implementation", "sdpa"))
+    remove_blocks(model, [u for u in removed if int(u.split(".")[1]) in kept])
+    apply_width(model, WidthPlan.model_validate(record["plan"]))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys() if not k.startswith(ADAPTERS_ATTR + ".")})
+    result = model.load_state_dict(tensors, strict=False)
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in tensors if k in state}
+    missing = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]  # tied ones were loaded
+    if missing or result.unexpected_keys:
+        raise ExportError(f"{path}: weights do not match the plan its config records "
+                          f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+    if record.get("adapters"):
+        _load_adapters(model, path, record["adapters"], DTYPES[dtype])
+    return model.to(device).eval()
 
 
 def recorded_format(config: dict) -> str | None:

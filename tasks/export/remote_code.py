@@ -35,6 +35,7 @@ MODELING_FILE = "modeling_pruned.py"
 @register_format
 class RemoteCodeFormat(ExportFormat):
     name = "remote_code"
+    widths = "per_layer"  # each layer's widths come from the recorded plan
     carries_code = True
     carries_adapters = True
 

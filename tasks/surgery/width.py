@@ -211,6 +211,9 @@ def _record_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: WidthPlan
     record.setdefault("layer_ids", layer_ids(model))
     record.setdefault("removed", [])
     record["plan"] = plan.model_dump(mode="json", exclude_none=True)
+    # The sizes the plan's indices refer to: a reader rebuilds this shape before slicing it.
+    record["dense"] = {"num_attention_heads": dense["heads"], "num_key_value_heads": dense["kv_heads"],
+                       "intermediate_size": dense["channels"], "head_dim": dense["head_dim"]}
     config.pruneflow = record
     shapes = layer_shapes(model).values()
     uniform = {key: {s[key] for s in shapes if s[key]} for key in ("heads", "kv_heads", "channels")}

@@ -1,17 +1,24 @@
-"""From unit scores to a plan of one target shape in every layer (Minitron's uniform width pruning).
+"""From unit scores to a plan: width strategies, one function each, registered by name (`width.strategy`).
 
-Each present layer keeps its `intermediate_size` best channels; for attention, the `num_key_value_heads`
-KV groups with the largest summed head scores and, inside each, its best `num_attention_heads /
-num_key_value_heads` query heads, so grouped-query attention stays consistent.
+`uniform` (Minitron): each present layer keeps its `intermediate_size` best channels; for attention, the
+`num_key_value_heads` KV groups with the largest summed head scores and, inside each, its best
+`num_attention_heads / num_key_value_heads` query heads, so grouped-query attention stays consistent.
+
+`per_layer` (LLM-Pruner): the same totals over the layers that are not protected, chosen by one ranking
+across those layers, so a layer whose units matter less loses more; every layer keeps at least
+`width.floor` of its units. Protected layers keep their full width.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-import torch
-
+from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.surgery.width import LayerWidth, WidthError, WidthPlan, dense_widths
 from tasks.width.importance import UnitScores
@@ -61,7 +68,19 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def uniform_plan(model: nn.Module, scores: UnitScores, shape: WidthShape) -> WidthPlan:
+PlanBuilder = Callable[..., WidthPlan]
+WIDTH_STRATEGIES: Registry[PlanBuilder] = Registry("width strategy", unknown=WidthError)
+
+
+def register_width_strategy(name: str) -> Callable[[PlanBuilder], PlanBuilder]:
+    def register(fn: PlanBuilder) -> PlanBuilder:
+        WIDTH_STRATEGIES.add(name, fn)
+        return fn
+    return register
+
+
+@register_width_strategy("uniform")
+def uniform_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, **_settings) -> WidthPlan:
     dense = dense_widths(model)
     check_shape(shape, dense)
     heads, kv = resolved_heads(shape, dense)
@@ -79,3 +98,50 @@ def uniform_plan(model: nn.Module, scores: UnitScores, shape: WidthShape) -> Wid
         if kept:
             layers[lid] = LayerWidth(**kept)
     return WidthPlan(layers=layers)
+
+
+def _ranked_across(scores: dict[int, torch.Tensor], keep_each: int, total: int, floor: int) -> dict[int, list[int]]:
+    """Per layer, the indices of its units among the `total` best across all layers (`keep_each` per layer on
+    average), every layer keeping at least its `floor` best; ties go to the lower layer, then index."""
+    kept = {lid: _top(values, floor) for lid, values in scores.items()}
+    reserved = {lid: set(indices) for lid, indices in kept.items()}
+    pool = sorted((-float(values[i]), lid, i) for lid, values in scores.items() for i in range(values.numel())
+                  if i not in reserved[lid])
+    for _, lid, i in pool[:max(0, total - sum(len(v) for v in kept.values()))]:
+        kept[lid].append(i)
+    return {lid: sorted(indices) for lid, indices in kept.items()}
+
+
+class PerLayerSettings(Settings):
+    """`width.per_layer`: how far the one ranking across layers may go."""
+
+    floor: float = Field(0.1, gt=0.0, le=1.0, description="Share of its dense units every layer keeps at least.")
+    protect_first: int = Field(0, ge=0, description="The first N present layers keep their full width.")
+    protect_last: int = Field(0, ge=0, description="The last N present layers keep their full width.")
+
+
+@register_width_strategy("per_layer")
+def per_layer_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, floor: float = 0.1,
+                   protect_first: int = 0, protect_last: int = 0) -> WidthPlan:
+    dense = dense_widths(model)
+    check_shape(shape, dense)
+    heads, kv = resolved_heads(shape, dense)
+    group = dense["heads"] // dense["kv_heads"]
+    present = sorted(set(scores.heads) | set(scores.channels))
+    protected = set(present[:protect_first]) | set(present[len(present) - protect_last:] if protect_last else [])
+    layers: dict[int, dict[str, tuple[int, ...]]] = {}
+    free = {lid: v for lid, v in scores.channels.items() if lid not in protected}
+    if free and shape.intermediate_size not in (None, dense["channels"]):
+        least = max(1, math.ceil(floor * dense["channels"]))
+        for lid, kept in _ranked_across(free, shape.intermediate_size, shape.intermediate_size * len(free),
+                                        least).items():
+            layers.setdefault(lid, {})["channels"] = tuple(kept)
+    free = {lid: v.view(-1, group) for lid, v in scores.heads.items() if lid not in protected}
+    if free and (heads, kv) != (dense["heads"], dense["kv_heads"]):
+        least = max(1, math.ceil(floor * dense["kv_heads"]))
+        groups = _ranked_across({lid: v.sum(dim=1) for lid, v in free.items()}, kv, kv * len(free), least)
+        for lid, kept in groups.items():
+            layers.setdefault(lid, {}).update(
+                kv_heads=tuple(kept), heads=tuple(g * group + h for g in kept for h in _top(free[lid][g], heads // kv)))
+    return WidthPlan(layers={lid: LayerWidth(**kept) for lid, kept in layers.items()
+                             if any(len(v) < dense[k] for k, v in kept.items())})

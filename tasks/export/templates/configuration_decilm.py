@@ -65,6 +65,11 @@ class DeciLMConfig(LlamaConfig):
     def keeps_mlp(self, position: int) -> bool:
         return not self.block_configs or not self.block_configs[position].ffn.no_op
 
+    def layer_widths(self, position: int) -> dict[str, int]:
+        """Every kept block has the same widths here (checked above)."""
+        return {"heads": self.num_attention_heads, "kv_heads": self.num_key_value_heads,
+                "channels": self.intermediate_size}
+
     def to_dict(self) -> dict:
         out = super().to_dict()
         out["block_configs"] = [

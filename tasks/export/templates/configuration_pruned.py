@@ -31,6 +31,17 @@ class PrunedLlamaConfig(LlamaConfig):
     def keeps_mlp(self, position: int) -> bool:
         return self._keeps(position, "mlp")
 
+    def layer_widths(self, position: int) -> dict[str, int]:
+        """Query heads, KV heads and MLP channels of the layer at `position`: a width plan
+        (`pruneflow.plan`, kept unit indices per original layer id) may narrow each layer its own way."""
+        layer_id = str(self.pruneflow["layer_ids"][position])
+        kept = ((self.pruneflow.get("plan") or {}).get("layers") or {}).get(layer_id) or {}
+        return {
+            "heads": len(kept["heads"]) if "heads" in kept else self.num_attention_heads,
+            "kv_heads": len(kept["kv_heads"]) if "kv_heads" in kept else self.num_key_value_heads,
+            "channels": len(kept["channels"]) if "channels" in kept else self.intermediate_size,
+        }
+
     def _keeps(self, position: int, part: str) -> bool:
         layer_id = self.pruneflow["layer_ids"][position]
         return f"layers.{layer_id}.{part}" not in self.pruneflow["removed"]

@@ -1,4 +1,5 @@
-"""Llama whose layers may each lack attention or MLP (written by pruneflow; load with trust_remote_code=True).
+"""Llama whose layers may each lack attention or MLP, or keep fewer heads and channels (written by pruneflow;
+load with trust_remote_code=True).
 
 A removed half has no weights and computes nothing: its layer adds zero to the residual stream there,
 unless recovery gave it an adapter (`residual_adapters.py`, listed in `config.pruneflow["adapters"]`),
@@ -38,6 +39,33 @@ def kv_cache_config(config: PrunedLlamaConfig) -> PrunedLlamaConfig:
     return cache_config
 
 
+def _linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    if (old.in_features, old.out_features) == (in_features, out_features):
+        return old
+    return nn.Linear(in_features, out_features, bias=old.bias is not None)
+
+
+def narrow_attention(attn: LlamaAttention, widths: dict[str, int]) -> LlamaAttention:
+    """The layer's own query and KV head counts (a width plan keeps fewer in some layers); the forward
+    reshapes with -1 heads, so only the projections and each KV head's repeat count change."""
+    hidden, size = attn.o_proj.out_features, attn.head_dim
+    attn.q_proj = _linear(attn.q_proj, hidden, widths["heads"] * size)
+    attn.k_proj = _linear(attn.k_proj, hidden, widths["kv_heads"] * size)
+    attn.v_proj = _linear(attn.v_proj, hidden, widths["kv_heads"] * size)
+    attn.o_proj = _linear(attn.o_proj, widths["heads"] * size, hidden)
+    attn.num_key_value_groups = widths["heads"] // widths["kv_heads"]
+    return attn
+
+
+def narrow_mlp(mlp: LlamaMLP, channels: int) -> LlamaMLP:
+    hidden = mlp.down_proj.out_features
+    mlp.gate_proj = _linear(mlp.gate_proj, hidden, channels)
+    mlp.up_proj = _linear(mlp.up_proj, hidden, channels)
+    mlp.down_proj = _linear(mlp.down_proj, channels, hidden)
+    mlp.intermediate_size = channels
+    return mlp
+
+
 class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: PrunedLlamaConfig, layer_idx: int, cache_slot: int | None):
         # Build only the kept halves (the parent's __init__ would allocate both).
@@ -47,13 +75,14 @@ class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
         self.attention_type = (getattr(config, "layer_types", None) or ["full_attention"] * (layer_idx + 1))[layer_idx]
         self.input_layernorm = self.self_attn = None
         self.post_attention_layernorm = self.mlp = None
+        widths = config.layer_widths(layer_idx)
         if cache_slot is not None:
             self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+            self.self_attn = narrow_attention(LlamaAttention(config=config, layer_idx=layer_idx), widths)
             self.self_attn.layer_idx = cache_slot
         if config.keeps_mlp(layer_idx):
             self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.mlp = LlamaMLP(config)
+            self.mlp = narrow_mlp(LlamaMLP(config), widths["channels"])
         self.use_adapters(None, [], None, None, [])
 
     def use_adapters(self, adapters, before, attn, mlp, after):
@@ -140,4 +169,4 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
             model_kwargs[CACHE_ARG] = self.model.new_cache()
 
 
-__all__ = ["PrunedLlamaDecoderLayer", "PrunedLlamaForCausalLM", "PrunedLlamaModel"]
+__all__ = ["PrunedLlamaDecoderLayer", "PrunedLlamaForCausalLM", "PrunedLlamaModel", "narrow_attention", "narrow_mlp"]
