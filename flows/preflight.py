@@ -137,5 +137,8 @@ def _check_width(spec: PipelineSpec, model_path: str) -> None:
     if not layout.heads and (shape.num_attention_heads or shape.num_key_value_heads):
         raise WidthError(f"width.shape: model_type '{config.model_type}' normalises queries and keys over all heads, "
                          "so heads cannot be pruned exactly; give only intermediate_size")
-    if spec.prune.format != "auto" and get_format(spec.prune.format).widths == "none":
-        raise WidthError(f"prune.format '{spec.prune.format}' writes no width plans; use prune.format auto or hf")
+    if spec.prune.format != "auto":
+        problem = get_format(spec.prune.format).width_target_problem(
+            shape.model_dump(exclude_none=True), spec.width.strategy, config_widths(config))
+        if problem:
+            raise WidthError(problem)

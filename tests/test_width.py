@@ -188,3 +188,44 @@ def test_per_layer_ranks_units_across_layers_with_a_floor_and_protections():
     masked = logits(mask_width(build("llama"), plan), windows)
     assert torch.allclose(logits(apply_width(model, plan), windows), masked, atol=1e-5, rtol=0)
     assert not is_uniform(model)
+
+
+def test_nemotron_nas_carries_per_layer_ffn_widths_in_multiples_of_256(tmp_path):
+    """DeciLM blocks: each FFN's width from ffn_mult (vLLM's and llama.cpp's rule), the query heads fixed."""
+    import json
+    import subprocess
+    import sys
+
+    from tasks.export import ExportError, export_model, load_checkpoint
+    from tasks.export.nemotron_nas import check_nemotron_nas
+
+    def wide():  # SmolLM2-like: an FFN width of a multiple of 256 (a fresh config: pruning writes into it)
+        config = CONFIGS["llama"]()
+        config.intermediate_size = 1024
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    torch.manual_seed(0)
+    model = wide()
+    plan = WidthPlan(layers={0: LayerWidth(channels=tuple(range(0, 1024, 2))), 2: LayerWidth(channels=tuple(range(256)))})
+    apply_width(model, plan)
+    written = tmp_path / "nas"
+    assert export_model(model, written, "nemotron_nas") == "nemotron_nas"
+    assert check_nemotron_nas(written) == []
+    blocks = json.loads((written / "config.json").read_text())["block_configs"]
+    from tasks.export.templates.configuration_decilm import ffn_mult_to_intermediate_size
+    assert [ffn_mult_to_intermediate_size(b["ffn"]["ffn_mult"], 64) for b in blocks] == [512, 1024, 256, 1024]
+    windows = tiny_windows(samples=2, seq_len=16)
+    torch.save(windows, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", RELOAD_REMOTE, str(written), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+                   check=True, cwd=tmp_path)
+    out = torch.load(tmp_path / "o.pt")
+    assert torch.allclose(out["logits"], logits(model, windows), atol=1e-5, rtol=0)
+    assert torch.equal(out["cached"], out["uncached"])
+    assert torch.allclose(logits(load_checkpoint(written), windows), logits(model, windows), atol=1e-5, rtol=0)
+
+    odd = apply_width(wide(), WidthPlan(layers={1: LayerWidth(channels=(1, 2, 3))}))
+    with pytest.raises(ExportError, match=r"keeps \{1: 3\} channels"):
+        export_model(odd, tmp_path / "odd", "nemotron_nas")
+    heads = apply_width(build("llama"), WidthPlan(layers={1: LayerWidth(heads=(0, 1), kv_heads=(0,))}))
+    with pytest.raises(ExportError, match="keeps every layer's 4 query heads"):
+        export_model(heads, tmp_path / "heads", "nemotron_nas")

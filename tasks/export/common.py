@@ -170,14 +170,14 @@ def load_recorded(path: Path, dtype: str, device: str) -> nn.Module:
     if missing:
         raise ExportError(f"{path}/config.json: pruneflow record lacks {missing}")
     if record.get("plan"):
-        return _load_width_pruned(Path(path), record, base_values(config), dtype, device)
+        return load_width_pruned(Path(path), record, base_values(config), dtype, device)
     return load_as_pruned(
         Path(path), record["base_model_type"], base_values(config), record["layer_ids"], record["removed"],
         dtype, device, record.get("adapters"),
     )
 
 
-def _load_width_pruned(path: Path, record: dict, values: dict, dtype: str, device: str) -> nn.Module:
+def load_width_pruned(path: Path, record: dict, values: dict, dtype: str, device: str) -> nn.Module:
     """A checkpoint with a width plan: the dense shape of the kept layers is built, the removed blocks and
     the plan's units cut from it as the prune stage cut them, then the checkpoint's weights fill it."""
     kept, removed = record["layer_ids"], record["removed"]

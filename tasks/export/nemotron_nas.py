@@ -26,6 +26,7 @@ from tasks.export.common import (
     base_values,
     kept_layers,
     load_as_pruned,
+    load_width_pruned,
     pruneflow_record,
     write_config,
     write_weights,
@@ -66,6 +67,7 @@ def block_config(layer: KeptLayer, num_heads: int, num_kv_heads: int, intermedia
 class NemotronNasFormat(ExportFormat):
     name = "nemotron_nas"
     carries_code = True
+    widths = "per_layer"  # per block: ffn_mult and n_heads_in_group (query heads fixed; _plan_problem)
 
     def problem(self, model: nn.Module) -> str | None:
         config = model.config
@@ -76,6 +78,8 @@ class NemotronNasFormat(ExportFormat):
                 f"format 'nemotron_nas' is the Llama-based DeciLM layout; model_type '{config.model_type}' "
                 "needs format 'remote_code'"
             )
+        if _layer_widths(model) and (problem := _plan_problem(model)):
+            return problem
         first = kept_layers(model)[0]
         if not first.attention:
             # vLLM's DeciLM layer starts the residual stream in the first attention's norm; with that
@@ -86,10 +90,26 @@ class NemotronNasFormat(ExportFormat):
             )
         return None
 
+    def width_target_problem(self, shape: dict[str, int], strategy: str, dense: dict[str, int]) -> str | None:
+        heads = shape.get("num_attention_heads") or (shape.get("num_key_value_heads") or dense["kv_heads"]) * (
+            dense["heads"] // dense["kv_heads"])
+        if heads != dense["heads"]:
+            return (f"prune.format 'nemotron_nas' keeps all {dense['heads']} query heads in every block; the width "
+                    f"shape leaves {heads}: prune only MLP channels, or use prune.format auto")
+        size = shape.get("intermediate_size")
+        if strategy != "uniform" or (size is not None and size % 256):
+            return (f"prune.format 'nemotron_nas' gives FFN widths by ffn_mult, multiples of 256 only: use "
+                    f"width.strategy uniform with width.shape.intermediate_size a multiple of 256 (not {size}), "
+                    "or prune.format auto")
+        return None
+
     def write(self, model: nn.Module, out_dir: Path) -> None:
         config = write_weights(model, out_dir)
         heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-        blocks = [block_config(layer, heads, kv_heads, config["intermediate_size"], config["hidden_size"])
+        widths = _layer_widths(model)
+        blocks = [block_config(layer, heads, widths.get(layer.layer_id, {}).get("kv_heads") or kv_heads,
+                               widths.get(layer.layer_id, {}).get("channels") or config["intermediate_size"],
+                               config["hidden_size"])
                   for layer in kept_layers(model)]
         config.update(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], auto_map=dict(AUTO_MAP),
                       block_configs=blocks, pruneflow=pruneflow_record(model, self.name))
@@ -117,8 +137,37 @@ class NemotronNasFormat(ExportFormat):
             for part, section in (("attn", "attention"), ("mlp", "ffn")) if block[section]["no_op"]
         ])
         values = base_values(config)
+        if record.get("plan"):
+            return load_width_pruned(Path(path), {**record, "base_model_type": "llama"}, values, dtype, device)
         values["num_key_value_heads"], values["intermediate_size"] = _uniform_sizes(config)
         return load_as_pruned(Path(path), "llama", values, ids, removed, dtype, device)
+
+
+def _layer_widths(model: nn.Module) -> dict[int, dict[str, int]]:
+    """Per kept layer, its widths when a plan narrowed them (else nothing: the config's sizes hold)."""
+    if not (getattr(model.config, "pruneflow", None) or {}).get("plan"):
+        return {}
+    from tasks.surgery.width import layer_shapes
+
+    return layer_shapes(model)
+
+
+def _plan_problem(model: nn.Module) -> str | None:
+    """DeciLM blocks have one query head count (vLLM derives head_dim from it) and an FFN width that
+    vLLM and llama.cpp both read from ffn_mult, which reaches multiples of 256 only."""
+    dense = model.config.pruneflow["dense"]
+    shapes = _layer_widths(model)
+    heads = sorted({s["heads"] for s in shapes.values() if s["heads"]} - {dense["num_attention_heads"]})
+    if heads:
+        return (f"format 'nemotron_nas' keeps every layer's {dense['num_attention_heads']} query heads (one "
+                f"num_attention_heads for all blocks), but the plan leaves {heads}; prune heads with format "
+                "'remote_code' or 'hf', or only MLP channels here")
+    odd = {lid: s["channels"] for lid, s in shapes.items() if s["channels"] and s["channels"] % 256}
+    if odd:
+        return (f"format 'nemotron_nas' gives each block's FFN width by ffn_mult, which vLLM and llama.cpp round "
+                f"up to a multiple of 256; the plan keeps {odd} channels (layer: width); keep multiples of 256 "
+                "(width.shape.intermediate_size) or use format 'remote_code'")
+    return None
 
 
 def _legacy_rope(config: dict) -> dict:

@@ -34,6 +34,13 @@ class ExportFormat(Plugin):
         """Why this format cannot express `model`, or None when it can."""
         return None
 
+    def width_target_problem(self, shape: dict[str, int], strategy: str, dense: dict[str, int]) -> str | None:
+        """Why this format cannot hold the plans a width target makes (checked before a run starts), or None.
+        `shape`: the sizes asked (model config names), `dense`: the model's (heads, kv_heads, channels)."""
+        if self.widths == "none":
+            return f"prune.format '{self.name}' writes no width plans; use prune.format auto or hf"
+        return None
+
     def write(self, model: nn.Module, out_dir: Path) -> None:
         """Weights, config.json and any code files (the caller adds tokenizer and generation config)."""
         raise NotImplementedError

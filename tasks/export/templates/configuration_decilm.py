@@ -47,12 +47,11 @@ class DeciLMConfig(LlamaConfig):
         kv_heads = {self.num_attention_heads // b.attention.n_heads_in_group
                     for b in self.block_configs if not b.attention.no_op}
         sizes = {self.intermediate_of(b.ffn) for b in self.block_configs if not b.ffn.no_op}
-        if len(kv_heads) > 1 or len(sizes) > 1:
-            raise ValueError("this DeciLM code supports the same KV heads and FFN size in every kept block")
+        # Blocks may differ (layer_widths says each one's); the config-wide sizes are the widest.
         if kv_heads:
-            self.num_key_value_heads = kv_heads.pop()
+            self.num_key_value_heads = max(kv_heads)
         if sizes:
-            self.intermediate_size = sizes.pop()
+            self.intermediate_size = max(sizes)
 
     def intermediate_of(self, ffn: SimpleNamespace) -> int:
         if getattr(ffn, "ffn_mult", None) is not None:
@@ -66,9 +65,15 @@ class DeciLMConfig(LlamaConfig):
         return not self.block_configs or not self.block_configs[position].ffn.no_op
 
     def layer_widths(self, position: int) -> dict[str, int]:
-        """Every kept block has the same widths here (checked above)."""
-        return {"heads": self.num_attention_heads, "kv_heads": self.num_key_value_heads,
-                "channels": self.intermediate_size}
+        """Query heads, KV heads and FFN channels of the block at `position`."""
+        if not self.block_configs:
+            return {"heads": self.num_attention_heads, "kv_heads": self.num_key_value_heads,
+                    "channels": self.intermediate_size}
+        block = self.block_configs[position]
+        group = block.attention.n_heads_in_group
+        return {"heads": self.num_attention_heads,
+                "kv_heads": self.num_attention_heads // group if group else self.num_key_value_heads,
+                "channels": self.intermediate_of(block.ffn) if not block.ffn.no_op else self.intermediate_size}
 
     def to_dict(self) -> dict:
         out = super().to_dict()
