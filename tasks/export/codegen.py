@@ -46,8 +46,10 @@ def family_of(model_type: str) -> Family:
 # torch and transformers).
 ADAPTERS_FILE = "residual_adapters.py"
 KV_CACHE_FILE = "kv_cache.py"
+WIDTHS_FILE = "layer_widths.py"
 _SURGERY = Path(__file__).resolve().parent.parent / "surgery"
-SHARED = {ADAPTERS_FILE: _SURGERY / ADAPTERS_FILE, KV_CACHE_FILE: _SURGERY / KV_CACHE_FILE}
+SHARED = {ADAPTERS_FILE: _SURGERY / ADAPTERS_FILE, KV_CACHE_FILE: _SURGERY / KV_CACHE_FILE,
+          WIDTHS_FILE: TEMPLATES / WIDTHS_FILE}
 
 
 def render(template: str, renames: list[tuple[str, str]]) -> str:

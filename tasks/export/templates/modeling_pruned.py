@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecod
 
 from .configuration_pruned import PrunedLlamaConfig
 from .kv_cache import CACHE_ARG, cache_kwargs, pop_cache
+from .layer_widths import narrow_attention, narrow_mlp
 from .residual_adapters import ADAPTERS_ATTR, adapter_key, apply_all, build_adapters, placement
 
 
@@ -37,33 +38,6 @@ def kv_cache_config(config: PrunedLlamaConfig) -> PrunedLlamaConfig:
         cache_config.layer_types = [layer_types[p] for p in slots]
     cache_config.num_hidden_layers = len(slots)
     return cache_config
-
-
-def _linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    if (old.in_features, old.out_features) == (in_features, out_features):
-        return old
-    return nn.Linear(in_features, out_features, bias=old.bias is not None)
-
-
-def narrow_attention(attn: LlamaAttention, widths: dict[str, int]) -> LlamaAttention:
-    """The layer's own query and KV head counts (a width plan keeps fewer in some layers); the forward
-    reshapes with -1 heads, so only the projections and each KV head's repeat count change."""
-    hidden, size = attn.o_proj.out_features, attn.head_dim
-    attn.q_proj = _linear(attn.q_proj, hidden, widths["heads"] * size)
-    attn.k_proj = _linear(attn.k_proj, hidden, widths["kv_heads"] * size)
-    attn.v_proj = _linear(attn.v_proj, hidden, widths["kv_heads"] * size)
-    attn.o_proj = _linear(attn.o_proj, widths["heads"] * size, hidden)
-    attn.num_key_value_groups = widths["heads"] // widths["kv_heads"]
-    return attn
-
-
-def narrow_mlp(mlp: LlamaMLP, channels: int) -> LlamaMLP:
-    hidden = mlp.down_proj.out_features
-    mlp.gate_proj = _linear(mlp.gate_proj, hidden, channels)
-    mlp.up_proj = _linear(mlp.up_proj, hidden, channels)
-    mlp.down_proj = _linear(mlp.down_proj, channels, hidden)
-    mlp.intermediate_size = channels
-    return mlp
 
 
 class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
@@ -169,4 +143,4 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
             model_kwargs[CACHE_ARG] = self.model.new_cache()
 
 
-__all__ = ["PrunedLlamaDecoderLayer", "PrunedLlamaForCausalLM", "PrunedLlamaModel", "narrow_attention", "narrow_mlp"]
+__all__ = ["PrunedLlamaDecoderLayer", "PrunedLlamaForCausalLM", "PrunedLlamaModel"]
