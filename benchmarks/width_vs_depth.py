@@ -68,7 +68,7 @@ class Row:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=float, nargs="+", default=sorted(SHAPES))
+    parser.add_argument("--budgets", type=float, nargs="+", default=sorted(SHAPES), help="increasing")
     parser.add_argument("--calibration-samples", type=int, default=16, help="256-token calibration windows")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--heal-steps", type=int, default=40, help="LoRA / distill steps of 2 x 256 tokens")
@@ -93,7 +93,7 @@ def main() -> None:
     dense_params = total_params(dense)
     print(f"dense {dense_ppl:.3f} on {held_out.numel()} tokens; calibration {tuple(windows.shape)}", flush=True)
     scores = {name: metric.scores(dense, windows, 1) for name, metric in WIDTH_METRICS.items()}
-    taylor_layers = _depth_order(dense, windows, "smollm2-shortened-taylor.yaml", 0.4)
+    taylor_layers = _depth_order(dense, windows, "smollm2-shortened-taylor.yaml", 0.4, key="combined")
     recorded = _blockpruner_blocks()
     rows: list[Row] = []
     models: dict[tuple[str, float], torch.nn.Module] = {}
@@ -108,7 +108,7 @@ def main() -> None:
               f"{row.detail}", flush=True)
         write(Path(args.out), rows, dense_ppl, windows, held_out, time.perf_counter() - started)
 
-    for budget in args.budgets:
+    for budget in sorted(args.budgets):
         shape = SHAPES[budget]
         for name in WIDTH_METRICS:
             plan = uniform_plan(dense, scores[name], shape)
@@ -146,10 +146,12 @@ def _shape_text(shape: WidthShape) -> str:
 _RECORDERS: dict[str, MemoryRecorder] = {}
 
 
-def _depth_order(dense, windows, pipeline: str, budget: float) -> list[str]:
+def _depth_order(dense, windows, pipeline: str, budget: float, key: str = "") -> list[str]:
+    """The recipe's blocks at this budget; calls with one `key` must come in increasing budgets (a larger
+    budget resumes the smaller one's committed steps)."""
     spec = load_spec(ROOT / "pipelines" / pipeline)
     search = spec.search.model_copy(update={"target": ParamsRatioTarget(params_ratio=budget)})
-    recorder = _RECORDERS.setdefault(pipeline, MemoryRecorder())
+    recorder = _RECORDERS.setdefault(key or pipeline, MemoryRecorder())
     ctx = SearchContext.of(dense, windows, spec.score, search, log=SearchLog(recorder))
     return [r.block for r in run_search(ctx, spec.search.strategy)]
 

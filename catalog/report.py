@@ -196,6 +196,8 @@ def width_rows(width: dict | None) -> list[list[str]]:
 
 def width_title(width: dict) -> str:
     shape = ", ".join(f"{k} {v}" for k, v in width["shape"].items())
+    if width.get("params_ratio"):
+        shape += f", chosen for params_ratio {width['params_ratio']}"
     return f"width plan ({width['metric']}, {width.get('strategy', 'uniform')}: {shape})"
 
 

@@ -269,6 +269,8 @@ class Catalog:
         _text("run_id", run_id)
         _text("metric", metric)
         checked = [(run_id, _text("unit", unit), metric, _real("value", value)) for unit, value in rows]
+        if not checked:
+            return
         with self._transaction("recording unit scores", read_only=False) as conn:
             self._require_run(conn, run_id)
             conn.executemany(

@@ -102,8 +102,10 @@ def _record_artifact(catalog: Catalog, run_id: str, stage: str, ref: ArtifactRef
 def target_text(spec: PipelineSpec) -> str:
     target = spec.search.target
     text = f"{target.blocks} blocks" if hasattr(target, "blocks") else f"{100 * target.params_ratio:g}% params"
-    if spec.width is not None:
+    if spec.width is not None and spec.width.shape is not None:
         text += " + width " + "/".join(f"{v}" for v in spec.width.shape.model_dump(exclude_none=True).values())
+    elif spec.width is not None:
+        text += f" + width to {100 * spec.width.params_ratio:g}% params"
     return text
 
 
@@ -262,7 +264,10 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     if spec.width is not None:
         width = _with(width_task, out_dir, fresh)(spec.width, spec.model, spec.score.batch_windows, model,
                                                   calibration, result.blocks)
-        catalog.add_unit_scores(run_id, spec.width.metric, width.units)
+        catalog.add_unit_scores(run_id, spec.width.metric,
+                                [(unit, value) for unit, value in width.units if not unit.startswith("shape:")])
+        catalog.add_unit_scores(run_id, "calibration_perplexity",
+                                [(unit, value) for unit, value in width.units if unit.startswith("shape:")])
         catalog.set_plan(run_id, width.plan_json)
         clock.tick()
     folder = run_dir(out_dir, run_id)
@@ -304,7 +309,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
         search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
                 "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
         width=None if width is None else {"metric": spec.width.metric, "strategy": spec.width.strategy,
-                                          "shape": spec.width.shape.model_dump(exclude_none=True),
+                                          "shape": width.shape, "params_ratio": spec.width.params_ratio,
                                           "layers": list(width.layers), "seconds": width.seconds},
     )
     trajectory = _with(trajectory_task, out_dir, fresh)(spec.model, spec.score.batch_windows, model, calibration,

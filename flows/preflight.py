@@ -133,12 +133,14 @@ def _check_width(spec: PipelineSpec, model_path: str) -> None:
         raise WidthError(f"width: model_type '{config.model_type}' has no heads and channels pruneflow can slice "
                          "(fused projections or experts); remove the width section")
     shape = spec.width.shape
+    if spec.prune.format != "auto":
+        problem = get_format(spec.prune.format).width_target_problem(
+            {} if shape is None else shape.model_dump(exclude_none=True), spec.width.strategy, config_widths(config))
+        if problem:
+            raise WidthError(problem)
+    if shape is None:  # a params_ratio: its shapes are found on the model and keep heads where they must
+        return
     check_shape(shape, config_widths(config))
     if not layout.heads and (shape.num_attention_heads or shape.num_key_value_heads):
         raise WidthError(f"width.shape: model_type '{config.model_type}' normalises queries and keys over all heads, "
                          "so heads cannot be pruned exactly; give only intermediate_size")
-    if spec.prune.format != "auto":
-        problem = get_format(spec.prune.format).width_target_problem(
-            shape.model_dump(exclude_none=True), spec.width.strategy, config_widths(config))
-        if problem:
-            raise WidthError(problem)

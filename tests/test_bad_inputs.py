@@ -107,6 +107,8 @@ CASES = [
     ("width-splits-kv-groups", _no_setup,
      ["search.target.blocks=0", "width.shape.num_attention_heads=3", "width.shape.num_key_value_heads=2"],
      "width.shape.num_attention_heads 3 must be a multiple of num_key_value_heads 2"),
+    ("width-shape-and-budget", _no_setup,
+     ["search.target.blocks=0", "width.shape.intermediate_size=64", "width.params_ratio=0.2"], "width"),
     ("width-a-format-cannot-hold", _no_setup,
      ["search.target.blocks=0", "width.shape.intermediate_size=64", "prune.format=nemotron_nas"],
      "width.shape.intermediate_size a multiple of 256 (not 64)"),

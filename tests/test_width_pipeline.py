@@ -180,3 +180,40 @@ def test_per_layer_widths_after_sub_blocks_through_the_cli(tmp_path, capsys):
     with torch.no_grad():
         here = apply_width(dense, plan)(ids).logits
     assert torch.allclose(load_file(tmp_path / "logits.safetensors")["logits"], here, atol=1e-5, rtol=0)
+
+
+def test_shapes_for_a_budget_remove_it_and_keep_attention_first():
+    import copy
+
+    from tasks.surgery import total_params
+    from tasks.width.shapes import shapes_for_ratio
+
+    model = tiny_model()
+    dense = total_params(model)
+    scores = WIDTH_METRICS["magnitude"].scores(model, tiny_windows(), 2)
+    shapes = shapes_for_ratio(model, dense, 0.2, round_to=8, limit=10)
+    assert shapes[0].num_attention_heads == 4 and shapes[0].num_key_value_heads == 2  # all attention kept first
+    assert len({(s.num_attention_heads, s.num_key_value_heads) for s in shapes}) == len(shapes)
+    for shape in shapes:
+        assert shape.intermediate_size % 8 == 0
+        removed = 1 - total_params(apply_width(copy.deepcopy(model), uniform_plan(model, scores, shape))) / dense
+        wider = shape.model_copy(update={"intermediate_size": shape.intermediate_size + 8})
+        less = 1 - total_params(apply_width(copy.deepcopy(model), uniform_plan(model, scores, wider))) / dense
+        assert removed >= 0.2 > less, (shape, removed, less)  # the most channels that still meet the budget
+
+
+def test_a_params_ratio_picks_the_best_shape_by_calibration_perplexity(tmp_path, capsys):
+    path = tiny_pipeline(tmp_path, search={"target": {"blocks": 0}},
+                         width={"metric": "activation", "params_ratio": 0.2, "round_to": 8, "candidates": 3})
+    assert cli(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split()[1]
+    catalog = Catalog(tmp_path / "out" / "catalog.duckdb")
+    tried = {unit: value for unit, metric, value in catalog.unit_scores(run_id) if metric == "calibration_perplexity"}
+    assert len(tried) == 3 and all(unit.startswith("shape:intermediate_size=") for unit in tried)
+    best = min(tried, key=tried.get)
+    chosen = dict(item.split("=") for item in best.removeprefix("shape:").split(","))
+    summary = catalog.get_run(run_id).summary
+    assert {k: str(v) for k, v in summary["width"]["shape"].items()} == chosen
+    assert summary["params_removed_ratio"] >= 0.2
+    assert "chosen for params_ratio 0.2" in out

@@ -91,6 +91,9 @@ class NemotronNasFormat(ExportFormat):
         return None
 
     def width_target_problem(self, shape: dict[str, int], strategy: str, dense: dict[str, int]) -> str | None:
+        if not shape:
+            return ("prune.format 'nemotron_nas' needs width.shape (an intermediate_size that is a multiple of 256), "
+                    "not width.params_ratio, whose shapes may drop heads")
         heads = shape.get("num_attention_heads") or (shape.get("num_key_value_heads") or dense["kv_heads"]) * (
             dense["heads"] // dense["kv_heads"])
         if heads != dense["heads"]:
