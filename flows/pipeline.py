@@ -43,6 +43,7 @@ from tasks.refs import ArtifactRef
 from tasks.score import METRICS
 from tasks.search.registry import expected_candidates
 from tasks.search_stage import SearchResult, SearchSections
+from tasks.width_stage import WidthResult
 from tasks.surgery.width import WidthPlan
 
 
@@ -260,16 +261,8 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
             sections, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress,
             spec.execution
         )
-    width = None
-    if spec.width is not None:
-        width = _with(width_task, out_dir, fresh)(spec.width, spec.model, spec.score.batch_windows, model,
-                                                  calibration, result.blocks)
-        catalog.add_unit_scores(run_id, spec.width.metric,
-                                [(unit, value) for unit, value in width.units if not unit.startswith("shape:")])
-        catalog.add_unit_scores(run_id, "calibration_perplexity",
-                                [(unit, value) for unit, value in width.units if unit.startswith("shape:")])
-        catalog.set_plan(run_id, width.plan_json)
-        clock.tick()
+    width = None if spec.width is None else _width(spec, model, calibration, result.blocks, run_id, catalog, fresh,
+                                                   clock)
     folder = run_dir(out_dir, run_id)
     checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder,
                                                    None if width is None else width.plan_json)
@@ -294,24 +287,8 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     if recovered is not None:
         evaluations += evaluate(recovered.checkpoint.sha256, recovered.checkpoint.path, "recovered")
     _record_evaluations(catalog, run_id, evaluations)
-    ppl: dict[str, dict[str, float]] = {}
-    for e in evaluations:
-        if e.kind == "perplexity":
-            ppl.setdefault(e.dataset, {})[e.stage] = e.value
-    params = {e.stage: int(e.value) for e in evaluations if e.metric == "params"}
-    outcome = RunOutcome(
-        run_id=run_id, pipeline=spec.name, output_dir=str(out_dir.resolve()),
-        catalog=str(spec.catalog_path().resolve()), blocks=list(result.blocks),
-        params_dense=params["dense"], params_pruned=params["pruned"],
-        params_removed_ratio=1 - params["pruned"] / params["dense"],
-        perplexity=ppl, checkpoint=str(Path(checkpoint.path).resolve()), recover=_recover_note(recovered),
-        wall_seconds=0.0, model=spec.model.source, recovery=_recovery_summary(recovered),
-        search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
-                "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
-        width=None if width is None else {"metric": spec.width.metric, "strategy": spec.width.strategy,
-                                          "shape": width.shape, "params_ratio": spec.width.params_ratio,
-                                          "layers": list(width.layers), "seconds": width.seconds},
-    )
+    outcome = _outcome(spec, run_id, result, width, checkpoint, recovered, evaluations)
+    ppl = outcome.perplexity
     trajectory = _with(trajectory_task, out_dir, fresh)(spec.model, spec.score.batch_windows, model, calibration,
                                                         tuple(result.blocks))
     final = outcome.params_removed_ratio if width is not None else None
@@ -319,6 +296,38 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     for kind, path in outcome.pictures.items():
         _record_artifact(catalog, run_id, "evaluate", ArtifactRef.of(Path(path), kind))
     return outcome
+
+
+def _outcome(spec: PipelineSpec, run_id: str, result: SearchResult, width: WidthResult | None,
+             checkpoint: ArtifactRef, recovered: Recovered | None, evaluations: list[Evaluation]) -> RunOutcome:
+    ppl: dict[str, dict[str, float]] = {}
+    for e in evaluations:
+        if e.kind == "perplexity":
+            ppl.setdefault(e.dataset, {})[e.stage] = e.value
+    params = {e.stage: int(e.value) for e in evaluations if e.metric == "params"}
+    return RunOutcome(
+        run_id=run_id, pipeline=spec.name, output_dir=str(Path(spec.output_dir).resolve()),
+        catalog=str(spec.catalog_path().resolve()), blocks=list(result.blocks),
+        params_dense=params["dense"], params_pruned=params["pruned"],
+        params_removed_ratio=1 - params["pruned"] / params["dense"],
+        perplexity=ppl, checkpoint=str(Path(checkpoint.path).resolve()), recover=_recover_note(recovered),
+        wall_seconds=0.0, model=spec.model.source, recovery=_recovery_summary(recovered),
+        search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
+                "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
+        width=None if width is None else width.summary(spec.width),
+    )
+
+
+def _width(spec: PipelineSpec, model, calibration, blocks, run_id: str, catalog: Catalog, fresh: bool,
+           clock: WallClock) -> WidthResult:
+    """The width stage on what the search left; its unit scores (and tried shapes) and plan to the catalog."""
+    width = _with(width_task, Path(spec.output_dir), fresh)(spec.width, spec.model, spec.score.batch_windows, model,
+                                                            calibration, blocks)
+    catalog.add_unit_scores(run_id, spec.width.metric, width.unit_rows())
+    catalog.add_unit_scores(run_id, "calibration_perplexity", width.shape_rows())
+    catalog.set_plan(run_id, width.plan_json)
+    clock.tick()
+    return width
 
 
 def _search_progress(spec: PipelineSpec, num_layers: int, catalog: Catalog, run_id: str, logger) -> SearchProgress:

@@ -79,6 +79,9 @@ class WidthSpec(Settings):
         return WIDTH_STRATEGIES[self.strategy](model, scores, shape, **settings)
 
 
+SHAPE_PREFIX = "shape:"
+
+
 @dataclass(frozen=True)
 class WidthResult:
     plan_json: str
@@ -90,6 +93,17 @@ class WidthResult:
     @property
     def plan(self) -> WidthPlan:
         return WidthPlan.from_json(self.plan_json)
+
+    def unit_rows(self) -> list[tuple[str, float]]:
+        return [(unit, value) for unit, value in self.units if not unit.startswith(SHAPE_PREFIX)]
+
+    def shape_rows(self) -> list[tuple[str, float]]:
+        """The shapes a params_ratio tried, with their calibration perplexity."""
+        return [(unit, value) for unit, value in self.units if unit.startswith(SHAPE_PREFIX)]
+
+    def summary(self, width: "WidthSpec") -> dict:
+        return {"metric": width.metric, "strategy": width.strategy, "shape": self.shape,
+                "params_ratio": width.params_ratio, "layers": list(self.layers), "seconds": self.seconds}
 
 
 def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ...], model: ModelSpec,
@@ -113,7 +127,7 @@ def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ..
 
 def shape_unit(shape: WidthShape) -> str:
     """A candidate shape's id among the unit scores: `shape:intermediate_size=1024,num_key_value_heads=3,...`."""
-    return "shape:" + ",".join(f"{k}={v}" for k, v in shape.model_dump(exclude_none=True).items())
+    return SHAPE_PREFIX + ",".join(f"{k}={v}" for k, v in shape.model_dump(exclude_none=True).items())
 
 
 def _best_shape(model, scores, width: WidthSpec, dense_params: int, windows, batch_windows: int):

@@ -125,7 +125,7 @@ def test_validate_reports_every_error_with_its_path(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "name: x\nmodel: {source: m, dtype: float64}\nscore: {metric: perplexty, granularity: block}\n"
-        "search: {target: {blocks: 0}, strategy: greedy}\noutput_dir: o\nextra_key: 1\n"
+        "search: {target: {blocks: -1}, strategy: greedy}\noutput_dir: o\nextra_key: 1\n"
     )
     assert cli(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
