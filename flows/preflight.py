@@ -141,6 +141,9 @@ def _check_width(spec: PipelineSpec, model_path: str) -> None:
     if shape is None:  # a params_ratio: its shapes are found on the model and keep heads where they must
         return
     check_shape(shape, config_widths(config))
+    if not layout.hidden and shape.hidden_size:
+        raise WidthError(f"width.shape.hidden_size: model_type '{config.model_type}' scales by a constant of its hidden "
+                         "size, so its hidden channels cannot be pruned; leave hidden_size out")
     if not layout.heads and (shape.num_attention_heads or shape.num_key_value_heads):
         raise WidthError(f"width.shape: model_type '{config.model_type}' normalises queries and keys over all heads, "
                          "so heads cannot be pruned exactly; give only intermediate_size")

@@ -229,3 +229,63 @@ def test_nemotron_nas_carries_per_layer_ffn_widths_in_multiples_of_256(tmp_path)
     heads = apply_width(build("llama"), WidthPlan(layers={1: LayerWidth(heads=(0, 1), kv_heads=(0,))}))
     with pytest.raises(ExportError, match="keeps every layer's 4 query heads"):
         export_model(heads, tmp_path / "heads", "nemotron_nas")
+
+
+class _KeptChannelsNorm(torch.nn.Module):
+    """The reference for a sliced norm: RMS over the kept channels only, zeros elsewhere."""
+
+    def __init__(self, norm, kept: torch.Tensor):
+        super().__init__()
+        self.norm, self.kept = norm, kept
+
+    def forward(self, x):
+        part = x[..., self.kept].float()
+        scaled = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon)
+        out = torch.zeros_like(x)
+        out[..., self.kept] = (self.norm.weight[self.kept] * scaled).to(x.dtype)
+        return out
+
+
+def _hidden_reference(model, kept: tuple[int, ...]):
+    from tasks.surgery import architecture_of
+
+    adapter, index = architecture_of(model), torch.tensor(kept)
+    gone = torch.tensor(sorted(set(range(model.config.hidden_size)) - set(kept)))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, gone] = 0
+        for layer in adapter.decoder_layers(model):
+            for part, writer in (("attn", "o_proj"), ("mlp", "down_proj")):
+                half = adapter.half(part)
+                getattr(getattr(layer, half.slot), writer).weight[gone] = 0
+                for name in half.norms:
+                    setattr(layer, name, _KeptChannelsNorm(getattr(layer, name), index))
+        model.model.norm = _KeptChannelsNorm(model.model.norm, index)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "olmo2", "qwen2", "qwen3"])
+def test_hidden_channels_slice_the_residual_stream(family, tmp_path):
+    """Slicing hidden channels equals the dense model whose residual stream is zero on the other channels
+    and whose norms divide by the kept ones; the checkpoint reloads with plain transformers."""
+    windows = tiny_windows(samples=2, seq_len=24)
+    kept = tuple(range(0, 64, 4)) + tuple(range(1, 64, 4))
+    kept = tuple(sorted(kept))
+    plan = WidthPlan(layers={1: LayerWidth(channels=tuple(range(48)))}, hidden=kept)
+    reference = logits(_hidden_reference(mask_width(build(family), WidthPlan(layers=plan.layers)), kept), windows)
+    sliced = apply_width(build(family), plan)
+    assert sliced.config.hidden_size == 32 and sliced.get_input_embeddings().weight.shape[1] == 32
+    assert torch.allclose(logits(sliced, windows), reference, atol=1e-5, rtol=0)
+    uniform = apply_width(build(family), WidthPlan(hidden=kept))
+    uniform.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.allclose(logits(reloaded, windows), logits(uniform, windows), atol=1e-5, rtol=0)
+
+
+def test_hidden_channels_of_tied_embeddings_stay_tied_and_gemma_is_refused():
+    config = CONFIGS["llama"]()
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    apply_width(model, WidthPlan(hidden=tuple(range(40))))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.shape == (config.vocab_size, 40)
+    with pytest.raises(WidthError, match="gemma2.*hidden channels cannot be pruned"):
+        apply_width(build("gemma2"), WidthPlan(hidden=(0, 1)))

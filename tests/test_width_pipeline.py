@@ -28,7 +28,7 @@ ids = load_file(sys.argv[2])["ids"]
 with torch.no_grad():
     save_file({"logits": model(ids).logits.contiguous()}, sys.argv[3])
 print(type(model).__name__, model.config.intermediate_size, model.config.num_key_value_heads,
-      model.config.num_attention_heads, model.config.num_hidden_layers)
+      model.config.num_attention_heads, model.config.num_hidden_layers, model.config.hidden_size)
 """
 
 
@@ -45,14 +45,15 @@ def _reload_in_fresh_process(checkpoint, ids, tmp_path) -> tuple[str, torch.Tens
 @pytest.mark.parametrize("depth, sections, expected", [
     # Width alone (Minitron): every layer keeps 64 of 96 channels and one of two KV groups.
     ("none", {"search": {"target": {"blocks": 0}},
-              "width": {"metric": "activation", "shape": {"intermediate_size": 64, "num_key_value_heads": 1}},
+              "width": {"metric": "activation",
+                        "shape": {"intermediate_size": 64, "num_key_value_heads": 1, "hidden_size": 48}},
               "recover": {"method": "distill", "steps": 3, "lr": 3e-3, "seq_len": 32, "batch_size": 2}},
-     "LlamaForCausalLM 64 1 2 4"),
+     "LlamaForCausalLM 64 1 2 4 48"),
     # Depth then width: one whole layer goes, then the other three lose channels by LLM-Pruner's Taylor score.
     ("layer", {"score": {"granularity": "layer"}, "search": {"target": {"blocks": 1}},
                "width": {"metric": "taylor", "shape": {"intermediate_size": 48}},
                "recover": {"method": "lora", "steps": 2, "seq_len": 32, "batch_size": 2}},
-     "LlamaForCausalLM 48 2 4 3"),
+     "LlamaForCausalLM 48 2 4 3 64"),
 ])
 def test_width_pipeline_through_the_cli(tmp_path, capsys, depth, sections, expected):
     sections = {**sections, "recover": {**sections["recover"], "dataset": str(tmp_path / "corpus.txt")}}
@@ -67,7 +68,7 @@ def test_width_pipeline_through_the_cli(tmp_path, capsys, depth, sections, expec
     assert len(blocks) == (0 if depth == "none" else 1)
     units = catalog.unit_scores(run_id)
     layers = 4 - len(blocks)
-    assert len(units) == layers * (4 + 2 + 96)  # heads, KV groups, channels of every present layer
+    assert len(units) == layers * (4 + 2 + 96) + 64  # heads, KV groups, channels of every present layer; hidden
     assert {metric for _, metric, _ in units} == {sections["width"]["metric"]}
 
     # The plan is what the registered metric and the shape give on the same calibration windows.
@@ -100,7 +101,7 @@ def test_width_pipeline_through_the_cli(tmp_path, capsys, depth, sections, expec
     assert {e.stage for e in catalog.evaluations(run_id) if e.kind == "perplexity"} == {"dense", "pruned", "recovered"}
     assert cli(["show", run_id[:8], "--catalog", str(tmp_path / "out" / "catalog.duckdb")]) == 0
     table = capsys.readouterr().out.split("width plan (")[1]
-    widths = expected.split()[1:4]
+    widths = expected.split()[1:4]  # channels, KV heads, query heads
     rows = [line.split() for line in table.splitlines() if line.startswith("layers.")]
     assert len(rows) == layers and all(r[1:4] == [widths[2], widths[1], widths[0]] for r in rows), table
 
@@ -112,7 +113,7 @@ def test_an_explicit_plan_is_refused_where_the_format_cannot_hold_it(tmp_path):
     scores = WIDTH_METRICS["magnitude"].scores(model, tiny_windows(), 2)
     plan = uniform_plan(model, scores, WidthShape(intermediate_size=32))
     apply_width(model, plan)
-    with pytest.raises(ExportError, match="format 'nemotron_nas' cannot hold this width plan"):
+    with pytest.raises(ExportError, match="format 'nemotron_nas' gives each block's FFN width by ffn_mult"):
         export_model(model, tmp_path / "n", "nemotron_nas")
     assert export_model(model, tmp_path / "hf", "auto") == "hf"
     remove_blocks(model, ["layers.1.attn"])

@@ -94,6 +94,9 @@ class NemotronNasFormat(ExportFormat):
         if not shape:
             return ("prune.format 'nemotron_nas' needs width.shape (an intermediate_size that is a multiple of 256), "
                     "not width.params_ratio, whose shapes may drop heads")
+        if shape.get("hidden_size"):
+            return ("prune.format 'nemotron_nas' keeps the hidden size (vLLM derives each head's size from it): "
+                    "leave width.shape.hidden_size out, or use prune.format auto")
         heads = shape.get("num_attention_heads") or (shape.get("num_key_value_heads") or dense["kv_heads"]) * (
             dense["heads"] // dense["kv_heads"])
         if heads != dense["heads"]:
@@ -159,6 +162,9 @@ def _plan_problem(model: nn.Module) -> str | None:
     """DeciLM blocks have one query head count (vLLM derives head_dim from it) and an FFN width that
     vLLM and llama.cpp both read from ffn_mult, which reaches multiples of 256 only."""
     dense = model.config.pruneflow["dense"]
+    if model.config.pruneflow["plan"].get("hidden"):
+        return ("format 'nemotron_nas' keeps the hidden size (vLLM derives each head's size from it), but the plan "
+                "prunes hidden channels; use format 'remote_code' or 'hf'")
     shapes = _layer_widths(model)
     heads = sorted({s["heads"] for s in shapes.values() if s["heads"]} - {dense["num_attention_heads"]})
     if heads:

@@ -51,6 +51,10 @@ class WidthLayout:
     up: str = "up_proj"
     down: str = "down_proj"
     heads: bool = True
+    final_norm: str = "model.norm"
+    # Hidden (embedding) channels: False where the config derives a constant from hidden_size that the
+    # model multiplies by (Gemma's embedding scale sqrt(hidden_size)), which a smaller config would change.
+    hidden: bool = True
 
 
 @dataclass

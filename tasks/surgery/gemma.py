@@ -19,7 +19,7 @@ from tasks.surgery.decoder import RotaryDecoderAdapter
 class _GemmaAdapter(RotaryDecoderAdapter):
     attn = HalfLayout("self_attn", norms=("input_layernorm", "post_attention_layernorm"))
     mlp = HalfLayout("mlp", norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"))
-    width = WidthLayout()
+    width = WidthLayout(hidden=False)  # embeddings are scaled by sqrt(hidden_size)
 
     def attn_delta(self, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, position: int) -> torch.Tensor:
         out = self.attention(layer.self_attn, layer.input_layernorm(hidden), ctx, position)

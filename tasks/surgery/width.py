@@ -39,16 +39,25 @@ class LayerWidth(Settings):
     @model_validator(mode="after")
     def _sorted_unique(self) -> "LayerWidth":
         for name in ("heads", "kv_heads", "channels"):
-            kept = getattr(self, name)
-            if kept is not None and (not kept or list(kept) != sorted(set(kept)) or kept[0] < 0):
-                raise ValueError(f"{name} must be a non-empty list of distinct indices in increasing order, not {kept}")
+            _check_indices(name, getattr(self, name))
         return self
 
 
+def _check_indices(name: str, kept: tuple[int, ...] | None) -> None:
+    if kept is not None and (not kept or list(kept) != sorted(set(kept)) or kept[0] < 0):
+        raise ValueError(f"{name} must be a non-empty list of distinct indices in increasing order, not {kept}")
+
+
 class WidthPlan(Settings):
-    """Kept units per original layer id."""
+    """Kept units per original layer id, and the hidden (embedding) channels every layer keeps."""
 
     layers: dict[int, LayerWidth] = Field(default_factory=dict)
+    hidden: tuple[int, ...] | None = Field(None, description="Kept hidden channels (the residual stream's).")
+
+    @model_validator(mode="after")
+    def _sorted_unique(self) -> "WidthPlan":
+        _check_indices("hidden", self.hidden)
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
@@ -67,7 +76,8 @@ def _attn_shape(config) -> tuple[int, int, int]:
 def config_widths(config) -> dict[str, int]:
     """The widths a config states: query heads, KV heads, head size and MLP channels."""
     heads, kv_heads, head_dim = _attn_shape(config)
-    return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "channels": config.intermediate_size}
+    return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "channels": config.intermediate_size,
+            "hidden": config.hidden_size}
 
 
 def dense_widths(model: nn.Module) -> dict[str, int]:
@@ -93,6 +103,12 @@ def check_plan(model: nn.Module, plan: WidthPlan) -> None:
     dense = dense_widths(model)
     present = set(layer_ids(model))
     group = dense["heads"] // dense["kv_heads"]
+    if plan.hidden is not None:
+        if not layout.hidden:
+            raise WidthError(f"width plan: model_type '{model.config.model_type}' scales by a constant of its "
+                             "hidden size, so its hidden channels cannot be pruned; prune heads and channels only")
+        if plan.hidden[-1] >= dense["hidden"]:
+            raise WidthError(f"width plan: hidden index {plan.hidden[-1]} is beyond the model's {dense['hidden']}")
     for lid, layer in plan.layers.items():
         where = f"width plan, layer {lid}"
         if lid not in present:
@@ -130,8 +146,48 @@ def apply_width(model: nn.Module, plan: WidthPlan) -> nn.Module:
             _slice_attention(attn, layout, kept, dense)
         if kept.channels and not is_removed(mlp):
             _slice_mlp(mlp, layout, kept.channels)
+    if plan.hidden is not None:
+        _slice_hidden(model, adapter, layout, plan.hidden)
     _record_plan(model, adapter, plan, dense)
     return model
+
+
+def _slice_norm(norm: nn.Module, index: torch.Tensor) -> None:
+    norm.weight = nn.Parameter(norm.weight.data.index_select(0, index).contiguous())
+    if getattr(norm, "bias", None) is not None:
+        norm.bias = nn.Parameter(norm.bias.data.index_select(0, index).contiguous())
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (index.numel(),)
+
+
+def _slice_hidden(model: nn.Module, adapter: ArchitectureAdapter, layout: WidthLayout, hidden: tuple[int, ...]) -> None:
+    """The residual stream keeps `hidden`: embedding and output columns, every norm on it, the input
+    columns of what reads it and the output rows of what writes it. A norm then divides by the kept
+    channels only (so this is no masking of the dense model; Minitron heals after it)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    index = torch.tensor(hidden, device=embed.weight.device)
+    tied = head is not None and head.weight is embed.weight
+    embed.weight = nn.Parameter(embed.weight.data.index_select(1, index).contiguous())
+    embed.embedding_dim = index.numel()
+    if tied:
+        head.weight = embed.weight
+    elif head is not None:
+        _columns(head, index)
+    for layer in adapter.decoder_layers(model):
+        for part, reads, writes in (("attn", (layout.q, layout.k, layout.v), layout.o),
+                                    ("mlp", (layout.gate, layout.up), layout.down)):
+            half = adapter.half(part)
+            module = getattr(layer, half.slot)
+            if is_removed(module):
+                continue
+            for name in half.norms:
+                _slice_norm(getattr(layer, name), index)
+            for name in reads:
+                _columns(getattr(module, name), index)
+            _rows(getattr(module, writes), index)
+            if isinstance(getattr(module, "hidden_size", None), int):
+                module.hidden_size = index.numel()
+    _slice_norm(model.get_submodule(layout.final_norm), index)
 
 
 def _rows(linear: nn.Linear, index: torch.Tensor) -> None:
@@ -213,12 +269,15 @@ def _record_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: WidthPlan
     record["plan"] = plan.model_dump(mode="json", exclude_none=True)
     # The sizes the plan's indices refer to: a reader rebuilds this shape before slicing it.
     record["dense"] = {"num_attention_heads": dense["heads"], "num_key_value_heads": dense["kv_heads"],
-                       "intermediate_size": dense["channels"], "head_dim": dense["head_dim"]}
+                       "intermediate_size": dense["channels"], "head_dim": dense["head_dim"],
+                       "hidden_size": dense["hidden"]}
     config.pruneflow = record
+    config.head_dim = dense["head_dim"]  # no longer hidden_size // heads once heads or hidden channels go
+    if plan.hidden is not None:  # one width for every layer: the config always says it
+        config.hidden_size = len(plan.hidden)
     shapes = layer_shapes(model).values()
     uniform = {key: {s[key] for s in shapes if s[key]} for key in ("heads", "kv_heads", "channels")}
     if all(len(values) <= 1 for values in uniform.values()):
-        config.head_dim = dense["head_dim"]  # no longer hidden_size // heads once heads go
         for key, field in (("heads", "num_attention_heads"), ("kv_heads", "num_key_value_heads"),
                            ("channels", "intermediate_size")):
             if uniform[key]:
@@ -239,8 +298,11 @@ def is_uniform(model: nn.Module) -> bool:
 
 
 def mask_width(model: nn.Module, plan: WidthPlan) -> nn.Module:
-    """Zero the output of every unit the plan removes, keeping shapes (the reference that slicing must equal)."""
+    """Zero the output of every unit the plan removes, keeping shapes (the reference that slicing must equal).
+    Hidden channels have no such reference: the norms divide by every channel."""
     check_plan(model, plan)
+    if plan.hidden is not None:
+        raise WidthError("mask_width: hidden channels cannot be masked (the norms divide by every channel)")
     adapter, layout, dense = architecture_of(model), width_layout(model), dense_widths(model)
     head_dim = dense["head_dim"]
     with torch.no_grad():

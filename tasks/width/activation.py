@@ -1,8 +1,9 @@
 """`width.metric: activation` (NVIDIA Minitron): how strongly each unit's output is used on calibration text.
 
 MLP channel c: the mean |input of down_proj| at c over a window's tokens. Head h: the mean over tokens of
-the L2 norm of the head's slice of o_proj's input (the head's output before the projection). Per window,
-then aggregated over windows by the L2 norm (Minitron's best batch aggregation).
+the L2 norm of the head's slice of o_proj's input (the head's output before the projection). Hidden channel: the mean |output| at that channel of every norm
+on the residual stream. Per window, then aggregated over windows by the L2 norm (Minitron's best batch
+aggregation); a hidden channel's norms are summed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from tasks.surgery.width import width_layout
-from tasks.width.importance import UnitScores, WidthMetric, batches, head_dim, present_layers, register_width_metric
+from tasks.width.importance import (UnitScores, WidthMetric, batches, head_dim, present_layers, register_width_metric,
+                                   residual_norms)
 
 
 @register_width_metric
@@ -37,7 +39,10 @@ class ActivationImportance(WidthMetric):
                 record("heads", lid, per_head.mean(dim=1))
             return hook
 
-        handles = []
+        def on_norm(n: int):
+            return lambda _m, _args, out: record("hidden", n, out.abs().mean(dim=1))
+
+        handles = [norm.register_forward_hook(on_norm(n)) for n, norm in enumerate(residual_norms(model))]
         for layer in present_layers(model):
             if layer.mlp is not None:
                 handles.append(getattr(layer.mlp, layout.down).register_forward_pre_hook(on_down(layer.layer_id)))
@@ -52,5 +57,8 @@ class ActivationImportance(WidthMetric):
                 handle.remove()
         result = UnitScores()
         for (kind, lid), total in squares.items():
-            getattr(result, kind)[lid] = total.sqrt().float().cpu()
+            if kind != "hidden":
+                getattr(result, kind)[lid] = total.sqrt().float().cpu()
+        # A hidden channel: its norms' output magnitudes, each aggregated by L2 over windows, summed over norms.
+        result.hidden = sum(t.sqrt() for (kind, _), t in squares.items() if kind == "hidden").float().cpu()
         return result

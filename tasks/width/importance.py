@@ -29,6 +29,7 @@ class UnitScores:
 
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     channels: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # one score per hidden (embedding) channel
 
     def rows(self, group: int) -> Iterator[tuple[str, float]]:
         """(unit id, score) for the catalog: heads, KV groups (the sum of their heads) and channels."""
@@ -38,6 +39,8 @@ class UnitScores:
                 yield f"layers.{lid}.attn.group.{g}", float(total)
         for lid, scores in sorted(self.channels.items()):
             yield from ((f"layers.{lid}.mlp.channel.{c}", float(v)) for c, v in enumerate(scores))
+        if self.hidden is not None:
+            yield from ((f"hidden.channel.{c}", float(v)) for c, v in enumerate(self.hidden))
 
 
 class WidthMetric(Plugin):
@@ -65,6 +68,18 @@ class PresentLayer:
     layer_id: int
     attn: nn.Module | None
     mlp: nn.Module | None
+
+
+def residual_norms(model: nn.Module) -> list[nn.Module]:
+    """Every norm on the residual stream that a present half reads or writes through, and the final norm."""
+    adapter = architecture_of(model)
+    norms = []
+    for layer in adapter.decoder_layers(model):
+        for part in ("attn", "mlp"):
+            half = adapter.half(part)
+            if not is_removed(getattr(layer, half.slot)):
+                norms += [getattr(layer, name) for name in half.norms]
+    return norms + [model.get_submodule(width_layout(model).final_norm)]
 
 
 def present_layers(model: nn.Module) -> list[PresentLayer]:

@@ -1,7 +1,8 @@
 """`width.metric: magnitude`: the L2 norm of the weights a unit owns (a data-free baseline).
 
 MLP channel c: its gate and up rows and its down column. Head h: its query rows and its o_proj columns
-(key and value rows belong to the whole KV group, whose score sums its heads).
+(key and value rows belong to the whole KV group, whose score sums its heads). Hidden channel c: its
+embedding column (and output-embedding column when untied).
 """
 
 from __future__ import annotations
@@ -32,4 +33,7 @@ class MagnitudeImportance(WidthMetric):
                     q = getattr(layer.attn, layout.q).weight.pow(2).sum(dim=1).view(-1, size).sum(dim=1)
                     o = getattr(layer.attn, layout.o).weight.pow(2).sum(dim=0).view(-1, size).sum(dim=1)
                     result.heads[layer.layer_id] = (q + o).double().sqrt().float().cpu()
+            embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+            hidden = embed.pow(2).sum(dim=0) + (0 if head is embed else head.pow(2).sum(dim=0))
+            result.hidden = hidden.double().sqrt().float().cpu()
         return result

@@ -31,12 +31,13 @@ class WidthShape(Settings):
     num_key_value_heads: int | None = Field(None, ge=1, description="KV heads (groups) kept in every layer.")
     num_attention_heads: int | None = Field(
         None, ge=1, description="Query heads kept in every layer; default: every head of the kept KV groups.")
+    hidden_size: int | None = Field(None, ge=1, description="Hidden (embedding) channels kept, the same everywhere.")
 
     @model_validator(mode="after")
     def _some_size(self) -> "WidthShape":
-        if self.intermediate_size is None and self.num_key_value_heads is None and self.num_attention_heads is None:
+        if all(v is None for v in self.model_dump().values()):
             raise ValueError("width.shape needs at least one of intermediate_size, num_key_value_heads, "
-                             "num_attention_heads")
+                             "num_attention_heads, hidden_size")
         return self
 
 
@@ -57,9 +58,19 @@ def resolved_heads(shape: WidthShape, dense: dict[str, int]) -> tuple[int, int]:
 
 def check_shape(shape: WidthShape, dense: dict[str, int]) -> None:
     resolved_heads(shape, dense)
-    if shape.intermediate_size is not None and shape.intermediate_size > dense["channels"]:
-        raise WidthError(f"width.shape.intermediate_size {shape.intermediate_size} is above the model's "
-                         f"{dense['channels']}")
+    for field, key in (("intermediate_size", "channels"), ("hidden_size", "hidden")):
+        asked = getattr(shape, field)
+        if asked is not None and asked > dense[key]:
+            raise WidthError(f"width.shape.{field} {asked} is above the model's {dense[key]}")
+
+
+def hidden_plan(scores: UnitScores, shape: WidthShape, dense: dict[str, int]) -> tuple[int, ...] | None:
+    """The hidden channels every layer keeps (one ranking: the residual stream is shared), or None."""
+    if shape.hidden_size in (None, dense["hidden"]):
+        return None
+    if scores.hidden is None:
+        raise WidthError("width.shape.hidden_size: this width metric scores no hidden channels")
+    return tuple(_top(scores.hidden, shape.hidden_size))
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
@@ -97,7 +108,7 @@ def uniform_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, **_set
             kept["heads"] = tuple(g * group + h for g in groups for h in _top(per_head[g], heads // kv))
         if kept:
             layers[lid] = LayerWidth(**kept)
-    return WidthPlan(layers=layers)
+    return WidthPlan(layers=layers, hidden=hidden_plan(scores, shape, dense))
 
 
 def _ranked_across(scores: dict[int, torch.Tensor], keep_each: int, total: int, floor: int) -> dict[int, list[int]]:
@@ -144,4 +155,5 @@ def per_layer_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, floo
             layers.setdefault(lid, {}).update(
                 kv_heads=tuple(kept), heads=tuple(g * group + h for g in kept for h in _top(free[lid][g], heads // kv)))
     return WidthPlan(layers={lid: LayerWidth(**kept) for lid, kept in layers.items()
-                             if any(len(v) < dense[k] for k, v in kept.items())})
+                             if any(len(v) < dense[k] for k, v in kept.items())},
+                     hidden=hidden_plan(scores, shape, dense))

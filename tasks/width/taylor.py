@@ -3,7 +3,8 @@
 For every weight, |w · dL/dw| with the gradient of the calibration language-model loss (summed over
 windows); a unit's score sums it over the weights the unit owns: a channel's gate and up rows and down
 column, a head's query rows and o_proj columns. A KV group adds its key and value rows when groups are
-ranked (the plan sums its heads), so those are spread evenly over the group's heads here.
+ranked (the plan sums its heads), so those are spread evenly over the group's heads here. A hidden channel
+sums every weight that reads or writes it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from tasks.surgery.width import width_layout
-from tasks.width.importance import UnitScores, WidthMetric, batches, head_dim, present_layers, register_width_metric
+from tasks.width.importance import (UnitScores, WidthMetric, batches, head_dim, present_layers, register_width_metric,
+                                   residual_norms)
 
 
 @register_width_metric
@@ -35,7 +37,9 @@ class TaylorImportance(WidthMetric):
                     batch = batch.to(model.device)
                     # Summed over windows, so the score does not depend on how windows are batched.
                     (model(batch, labels=batch).loss * batch.shape[0]).backward()
-            return _unit_sums(layers, layout, size)
+            result = _unit_sums(layers, layout, size)
+            result.hidden = _hidden_sums(model, layers, layout)
+            return result
         finally:
             for p, flag in requires.items():
                 p.grad = None
@@ -43,8 +47,8 @@ class TaylorImportance(WidthMetric):
             model.train(was_training)
 
 
-def _saliency(linear: nn.Linear) -> torch.Tensor:
-    return (linear.weight.detach() * linear.weight.grad).abs().double()
+def _saliency(module: nn.Module) -> torch.Tensor:
+    return (module.weight.detach() * module.weight.grad).abs().double()
 
 
 def _unit_sums(layers, layout, size: int) -> UnitScores:
@@ -63,3 +67,24 @@ def _unit_sums(layers, layout, size: int) -> UnitScores:
             group = q.numel() // kv.numel()
             result.heads[layer.layer_id] = (q + o + kv.repeat_interleave(group) / group).float().cpu()
     return result
+
+
+def _hidden_sums(model: nn.Module, layers, layout) -> torch.Tensor:
+    """|w · g| over every weight that touches a hidden channel: the embedding columns (and the output
+    embedding's when untied), every residual norm's entry, the columns of what reads the residual stream and
+    the rows of what writes it."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    total = _saliency(embed).sum(dim=0)
+    if head.weight is not embed.weight:
+        total += _saliency(head).sum(dim=0)
+    for norm in residual_norms(model):
+        total += _saliency(norm)
+    for layer in layers:
+        for module, reads, writes in ((layer.attn, (layout.q, layout.k, layout.v), layout.o),
+                                      (layer.mlp, (layout.gate, layout.up), layout.down)):
+            if module is None:
+                continue
+            for name in reads:
+                total += _saliency(getattr(module, name)).sum(dim=0)
+            total += _saliency(getattr(module, writes)).sum(dim=1)
+    return total.float().cpu()
