@@ -31,7 +31,7 @@ from tasks.search.beam import BeamSettings
 from tasks.search.settings import (BlocksTarget, Granularity, ParamsRatioTarget, Target, check_combination,
                                    score_section, search_section)
 from tasks.plugins import load_plugins
-from tasks.width_stage import WidthSpec
+from tasks.width_stage import width_section
 from tasks.settings import Settings
 
 # Plugins register their methods before the sections made from the registries are composed: each
@@ -41,6 +41,7 @@ ScoreSpec = score_section(__name__)
 SearchSpec = search_section(__name__)
 RecoverSpec = recover_section()
 PruneSpec = prune_section(__name__)
+WidthSpec = width_section(__name__)
 
 
 class PipelineSpec(Settings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 
 def _choice(node: dict[str, Any]) -> None:
@@ -33,3 +33,21 @@ class Settings(BaseModel):
     """Unknown keys are errors (a typo never passes silently), and a section never changes once read."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=form_friendly)
+
+
+def misplaced_sections(section: Settings, where: str, kind: str, active: str,
+                        classes: dict[str, type[Settings]]) -> list[str]:
+    """Settings given for a method other than the chosen one (e.g. `search.beam` with strategy iterative)."""
+    return [f"{where}.{name} applies only with {where}.{kind}: {name} (the {kind} is '{active}')"
+            for name in classes if getattr(section, name, None) is not None and name != active]
+
+
+def with_method_sections(base: type[Settings], name: str, kind: str, classes: dict[str, type[Settings]],
+                          module: str) -> type[Settings]:
+    """`base` with a field per registered method that takes settings (`<section>.<method>`), as the class
+    `name` of `module` (the spec that composes it)."""
+    fields: dict[str, Any] = {
+        method: (settings | None, Field(None, description=f"Settings of {kind} {method} (only with that {kind})."))
+        for method, settings in classes.items()
+    }
+    return create_model(name, __base__=base, __module__=module, **fields)

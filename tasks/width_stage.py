@@ -17,11 +17,12 @@ from pydantic import Field, field_validator, model_validator
 
 from tasks.load import ModelSpec, open_model
 from tasks.refs import ArtifactRef
-from tasks.settings import Settings
+from tasks.settings import Settings, misplaced_sections, with_method_sections
 from tasks.residual import perplexity
 from tasks.surgery import remove_blocks, total_params
 from tasks.surgery.width import WidthPlan, apply_width, dense_widths, layer_table
 from tasks.width import WIDTH_METRICS, WIDTH_STRATEGIES, PerLayerSettings, WidthShape
+from tasks.width.importance import width_metric_settings
 from tasks.width.shapes import shapes_for_ratio
 from tasks.windows import load_windows
 
@@ -72,11 +73,23 @@ class WidthSpec(Settings):
     def _settings_of_the_strategy(self) -> "WidthSpec":
         if self.per_layer is not None and self.strategy != "per_layer":
             raise ValueError(f"width.per_layer applies only with width.strategy: per_layer (not '{self.strategy}')")
+        problems = misplaced_sections(self, "width", "metric", self.metric, width_metric_settings())
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def metric_settings(self) -> Settings | None:
+        """The chosen metric's own section (`width.<metric>`), when it takes settings."""
+        return getattr(self, self.metric, None)
 
     def plan(self, model, scores, shape: WidthShape) -> WidthPlan:
         settings = (self.per_layer or PerLayerSettings()).model_dump() if self.strategy == "per_layer" else {}
         return WIDTH_STRATEGIES[self.strategy](model, scores, shape, **settings)
+
+
+def width_section(module: str) -> type[WidthSpec]:
+    """The `width` section with a field for each registered width metric that takes settings (`width.taylor`)."""
+    return with_method_sections(WidthSpec, "WidthSpec", "metric", width_metric_settings(), module)
 
 
 SHAPE_PREFIX = "shape:"
@@ -113,7 +126,7 @@ def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ..
     dense_params = total_params(dense_model)
     pruned = remove_blocks(dense_model, list(blocks))
     windows = load_windows(calibration)
-    scores = WIDTH_METRICS.lookup(width.metric).scores(pruned, windows, batch_windows)
+    scores = WIDTH_METRICS.lookup(width.metric).scores(pruned, windows, batch_windows, width.metric_settings())
     dense = dense_widths(pruned)
     units = tuple(scores.rows(dense["heads"] // dense["kv_heads"]))
     shape, tried = width.shape, ()

@@ -218,3 +218,34 @@ def test_a_params_ratio_picks_the_best_shape_by_calibration_perplexity(tmp_path,
     assert {k: str(v) for k, v in summary["width"]["shape"].items()} == chosen
     assert summary["params_removed_ratio"] >= 0.2
     assert "chosen for params_ratio 0.2" in out
+
+
+def test_taylor_variants_follow_llm_pruner():
+    """vector ≤ element for every unit (|Σ| ≤ Σ|.|); second order adds -1/2 w² F with F the per-window squared
+    gradients summed, checked by hand for one channel; `width.taylor` only with metric taylor."""
+    from tasks.width.taylor import TaylorSettings
+    from tasks.width_stage import width_section
+
+    model, windows = tiny_model(), tiny_windows(samples=3)
+    taylor = WIDTH_METRICS["taylor"]
+    first = taylor.scores(model, windows, 3)
+    vector = taylor.scores(model, windows, 3, TaylorSettings(variant="vector"))
+    second = taylor.scores(model, windows, 3, TaylorSettings(order=2))
+    assert all((vector.channels[lid] <= first.channels[lid] * (1 + 1e-5)).all() for lid in first.channels)
+    assert not torch.allclose(vector.channels[0], first.channels[0])
+
+    mlp = model.model.layers[0].mlp
+    params = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    grads = []
+    for window in windows:
+        loss = model(window[None], labels=window[None]).loss
+        grads.append(torch.autograd.grad(loss, params))
+    total = sum(
+        (w.detach().double() * sum(g[k] for g in grads).double()
+         - 0.5 * w.detach().double() ** 2 * sum(g[k].double() ** 2 for g in grads)).abs()[index].sum()
+        for k, (w, index) in enumerate(zip(params, [(5, slice(None)), (5, slice(None)), (slice(None), 5)])))
+    assert float(second.channels[0][5]) == pytest.approx(float(total), rel=1e-4)
+
+    section = width_section(__name__)
+    with pytest.raises(ValueError, match="width.taylor applies only with width.metric: taylor"):
+        section(metric="activation", shape={"intermediate_size": 8}, taylor={"order": 2})

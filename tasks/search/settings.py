@@ -9,7 +9,6 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    create_model,
     SerializerFunctionWrapHandler,
     Tag,
     field_validator,
@@ -21,7 +20,7 @@ from tasks.score.base import ScoringOptions
 from tasks.score.racing import RacingOptions
 from tasks.search.goal import SearchRules, Target as StopTarget
 from tasks.search.scoring import MetricChoice
-from tasks.settings import Settings
+from tasks.settings import Settings, misplaced_sections, with_method_sections
 
 Granularity = Literal["layer", "attn", "mlp", "sublayer"]
 
@@ -61,13 +60,6 @@ def strategy_settings_classes() -> dict[str, type[Settings]]:
     from tasks.search.registry import STRATEGY_SETTINGS
 
     return dict(STRATEGY_SETTINGS.items())
-
-
-def _misplaced_sections(section: Settings, where: str, kind: str, active: str,
-                        classes: dict[str, type[Settings]]) -> list[str]:
-    """Settings given for a method other than the chosen one (e.g. `search.beam` with strategy iterative)."""
-    return [f"{where}.{name} applies only with {where}.{kind}: {name} (the {kind} is '{active}')"
-            for name in classes if getattr(section, name, None) is not None and name != active]
 
 
 def _drop_unused_settings(data: dict[str, Any], table: dict[str, type[Settings]], active: str,
@@ -110,7 +102,7 @@ class ScoreSection(Settings):
     def _settings_and_granularity_fit_metric(self) -> "ScoreSection":
         from tasks.search.fit import metric_problems
 
-        problems = _misplaced_sections(self, "score", "metric", self.metric, metric_settings_classes())
+        problems = misplaced_sections(self, "score", "metric", self.metric, metric_settings_classes())
         problems += metric_problems(self.metric, self.granularity)
         if problems:
             raise ValueError("; ".join(problems))
@@ -231,7 +223,7 @@ class SearchSection(Settings):
 
     @model_validator(mode="after")
     def _settings_fit_strategy(self) -> "SearchSection":
-        problems = _misplaced_sections(self, "search", "strategy", self.strategy, strategy_settings_classes())
+        problems = misplaced_sections(self, "search", "strategy", self.strategy, strategy_settings_classes())
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -308,24 +300,15 @@ class SearchSection(Settings):
         return data
 
 
-def _with_method_sections(base: type[Settings], name: str, kind: str, classes: dict[str, type[Settings]],
-                          module: str) -> type[Settings]:
-    fields: dict[str, Any] = {
-        method: (settings | None, Field(None, description=f"Settings of {kind} {method} (only with that {kind})."))
-        for method, settings in classes.items()
-    }
-    return create_model(name, __base__=base, __module__=module, **fields)
-
-
 def score_section(module: str) -> type[ScoreSection]:
     """The `score` section with a field for each registered metric that takes settings (`score.<metric>`);
     the class is named ScoreSpec and lives in `module`, the spec that composes it."""
-    return _with_method_sections(ScoreSection, "ScoreSpec", "metric", metric_settings_classes(), module)
+    return with_method_sections(ScoreSection, "ScoreSpec", "metric", metric_settings_classes(), module)
 
 
 def search_section(module: str) -> type[SearchSection]:
     """The `search` section with a field for each registered strategy that takes settings."""
-    return _with_method_sections(SearchSection, "SearchSpec", "strategy", strategy_settings_classes(), module)
+    return with_method_sections(SearchSection, "SearchSpec", "strategy", strategy_settings_classes(), module)
 
 
 def check_combination(score: ScoreSection, search: SearchSection) -> None:

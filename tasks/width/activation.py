@@ -21,7 +21,7 @@ class ActivationImportance(WidthMetric):
     name = "activation"
     description = "mean |activation| per channel / head output norm per head (Minitron), L2 over windows"
 
-    def scores(self, model: nn.Module, windows: torch.Tensor, batch_windows: int) -> UnitScores:
+    def scores(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, settings=None) -> UnitScores:
         layout, size = width_layout(model), head_dim(model)
         squares: dict[tuple[str, int], torch.Tensor] = {}
 

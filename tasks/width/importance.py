@@ -44,12 +44,13 @@ class UnitScores:
 
 
 class WidthMetric(Plugin):
-    """Scores units of one model on calibration windows; `needs_gradients` tells the stage to allow them."""
+    """Scores units of one model on calibration windows (higher: keep)."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
 
-    def scores(self, model: nn.Module, windows: torch.Tensor, batch_windows: int) -> UnitScores:
+    def scores(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, settings=None) -> UnitScores:
+        """`settings`: the metric's own section (`width.<name>`, its `settings` class), when it has one."""
         raise NotImplementedError
 
 
@@ -99,3 +100,8 @@ def head_dim(model: nn.Module) -> int:
 def batches(windows: torch.Tensor, batch_windows: int) -> Iterator[torch.Tensor]:
     for start in range(0, windows.shape[0], batch_windows):
         yield windows[start:start + batch_windows]
+
+
+def width_metric_settings() -> dict[str, type]:
+    """The width metrics that take settings, and their section classes (`width.<metric>`)."""
+    return {name: metric.settings for name, metric in WIDTH_METRICS.items() if metric.settings is not None}

@@ -19,7 +19,7 @@ class MagnitudeImportance(WidthMetric):
     name = "magnitude"
     description = "L2 norm of each unit's own weights (no data)"
 
-    def scores(self, model: nn.Module, windows: torch.Tensor, batch_windows: int) -> UnitScores:
+    def scores(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, settings=None) -> UnitScores:
         layout, size = width_layout(model), head_dim(model)
         result = UnitScores()
         with torch.no_grad():
