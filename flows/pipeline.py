@@ -323,8 +323,8 @@ def _width(spec: PipelineSpec, model, calibration, blocks, run_id: str, catalog:
     """The width stage on what the search left; its unit scores (and tried shapes) and plan to the catalog."""
     width = _with(width_task, Path(spec.output_dir), fresh)(spec.width, spec.model, spec.score.batch_windows, model,
                                                             calibration, blocks)
-    catalog.add_unit_scores(run_id, spec.width.metric, width.unit_rows())
-    catalog.add_unit_scores(run_id, "calibration_perplexity", width.shape_rows())
+    catalog.add_unit_scores(run_id, spec.width.metric, width.units)
+    catalog.add_unit_scores(run_id, "calibration_perplexity", width.tried)
     catalog.set_plan(run_id, width.plan_json)
     clock.tick()
     return width

@@ -92,27 +92,14 @@ def width_section(module: str) -> type[WidthSpec]:
     return with_method_sections(WidthSpec, "WidthSpec", "metric", width_metric_settings(), module)
 
 
-SHAPE_PREFIX = "shape:"
-
-
 @dataclass(frozen=True)
 class WidthResult:
     plan_json: str
-    units: tuple[tuple[str, float], ...]  # (unit id, score), heads, groups and channels
+    units: tuple[tuple[str, float], ...]  # (unit id, score): heads, groups, channels, hidden channels
     layers: tuple[dict, ...]  # per present layer after the plan: widths, removed halves, parameters
     seconds: float
     shape: dict  # the widths asked, or chosen for a params_ratio
-
-    @property
-    def plan(self) -> WidthPlan:
-        return WidthPlan.from_json(self.plan_json)
-
-    def unit_rows(self) -> list[tuple[str, float]]:
-        return [(unit, value) for unit, value in self.units if not unit.startswith(SHAPE_PREFIX)]
-
-    def shape_rows(self) -> list[tuple[str, float]]:
-        """The shapes a params_ratio tried, with their calibration perplexity."""
-        return [(unit, value) for unit, value in self.units if unit.startswith(SHAPE_PREFIX)]
+    tried: tuple[tuple[str, float], ...] = ()  # with a params_ratio: (shape id, calibration perplexity)
 
     def summary(self, width: "WidthSpec") -> dict:
         return {"metric": width.metric, "strategy": width.strategy, "shape": self.shape,
@@ -134,13 +121,13 @@ def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ..
         shape, tried = _best_shape(pruned, scores, width, dense_params, windows, batch_windows)
     plan = width.plan(pruned, scores, shape)
     layers = tuple(layer_table(apply_width(pruned, plan)))
-    return WidthResult(plan.to_json(), units + tried, layers, time.perf_counter() - started,
-                       shape.model_dump(exclude_none=True))
+    return WidthResult(plan.to_json(), units, layers, time.perf_counter() - started,
+                       shape.model_dump(exclude_none=True), tried)
 
 
 def shape_unit(shape: WidthShape) -> str:
     """A candidate shape's id among the unit scores: `shape:intermediate_size=1024,num_key_value_heads=3,...`."""
-    return SHAPE_PREFIX + ",".join(f"{k}={v}" for k, v in shape.model_dump(exclude_none=True).items())
+    return "shape:" + ",".join(f"{k}={v}" for k, v in shape.model_dump(exclude_none=True).items())
 
 
 def _best_shape(model, scores, width: WidthSpec, dense_params: int, windows, batch_windows: int):
