@@ -12,6 +12,7 @@ from tasks.export import TokenizerError, load_tokenizer, model_config
 from tasks.windows import leading_stream
 from tasks.export.common import DTYPES
 from tasks.load import load_stage, resolve_device, resolve_dtype
+from tasks.errors import UserError
 from tasks.registry import MissingExtra, Plugin
 from tasks.sources import SourceError, load_texts
 
@@ -62,6 +63,7 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     except TokenizerError as exc:
         raise TokenizerError(f"model.source: {exc}") from exc
     cal = spec.calibration
+    _check_lengths(spec, model_config(Path(model.path), spec.model.trust_remote_code))
     for source, count in cal.sources():
         _enough_tokens(
             _texts(source, "calibration", "calibration.dataset"), tokenizer, count * cal.seq_len,
@@ -79,6 +81,22 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
         from tasks.downstream import check_tasks
 
         check_tasks(spec.evaluate.tasks, spec.evaluate.task_paths)
+
+
+class WindowTooLong(UserError):
+    pass
+
+
+def _check_lengths(spec: PipelineSpec, config) -> None:
+    """Calibration and evaluation windows no longer than the model's positions (a learned position table
+    would index past its end; rotary models were never trained that far)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return
+    for field, length in (("calibration.seq_len", spec.calibration.seq_len), ("evaluate.seq_len", spec.evaluate.seq_len)):
+        if length > positions:
+            raise WindowTooLong(f"{field} {length} exceeds the model's {positions} positions "
+                                f"(max_position_embeddings); use at most {positions}")
 
 
 def chosen_plugins(spec: PipelineSpec) -> list[tuple[str, Plugin]]:
