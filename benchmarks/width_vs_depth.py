@@ -45,12 +45,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # Uniform shapes of SmolLM2-135M (9 query heads over 3 KV heads, 1536 MLP channels) near each ratio.
 SHAPES = {
-    0.1: WidthShape(intermediate_size=1280),
-    0.2: WidthShape(intermediate_size=1024),
-    0.33: WidthShape(intermediate_size=896, num_key_value_heads=2),
+    0.1: WidthShape(intermediate_size=1280),  # 9.9% removed (depth recipes: 10.5%)
+    0.2: WidthShape(intermediate_size=1024),  # 19.7% (depth: 21.1%)
+    0.33: WidthShape(intermediate_size=832, num_key_value_heads=2),  # 33.7% (depth: 34.2%)
 }
-# Depth then width: this many of Shortened Taylor+'s layers first, then the channels that reach the ratio.
-COMBINED = {0.1: (1, 1408), 0.2: (2, 1152), 0.33: (3, 960)}
+# Depth then width: this many of Shortened Taylor+'s layers first, then the channels that bring the total
+# to about the depth recipes' share (9.8%, 21.4%, 34.5%).
+COMBINED = {0.1: (1, 1344), 0.2: (2, 1088), 0.33: (3, 768)}
 DEPTH_RECIPES = (("Shortened Taylor+", "smollm2-shortened-taylor.yaml"), ("Shortened PPL", "smollm2-shortened-ppl.yaml"))
 
 
@@ -76,7 +77,13 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "width_vs_depth"))
+    parser.add_argument("--replot", action="store_true", help="only rewrite the table and plot from the .json")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write(Path(args.out), [Row(**r) for r in saved["rows"]], saved["dense_ppl"],
+              torch.zeros(saved["calibration"]), torch.zeros(saved["evaluation"]), saved["seconds"])
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -225,11 +232,13 @@ def write(out: Path, rows: list[Row], dense_ppl: float, windows, held_out, secon
     ]
     for r in rows:
         speed = f"{r.speed['prefill']:.2f}x / {r.speed['decode']:.2f}x" if r.speed else "-"
-        lines.append(f"| ~{r.budget:.0%} | {r.method} | {100 * r.params_removed:.1f}% | {r.eval_ppl:.2f} | "
-                     f"{r.healed.get('lora', float('nan')):.2f} | {r.healed.get('distill', float('nan')):.2f} | "
-                     f"{speed} | {r.detail} |".replace("| nan |", "| - |"))
+        healed = " | ".join(f"{r.healed[k]:.2f}" if k in r.healed else "-" for k in ("lora", "distill"))
+        lines.append(f"| ~{r.budget:.0%} | {r.method} | {100 * r.params_removed:.1f}% | {r.eval_ppl:.2f} | {healed} | "
+                     f"{speed} | {r.detail} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"dense_ppl": dense_ppl, "seconds": seconds,
+                                                    "calibration": list(windows.shape),
+                                                    "evaluation": list(held_out.shape),
                                                     "rows": [asdict(r) for r in rows]}, indent=2))
     plot(rows, dense_ppl, out.with_suffix(".png"))
 
