@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def auto_format(model: nn.Module) -> str:
-    if not has_lone_halves(model) and not adapter_ranks(model) and not width_problem(model, "hf", "uniform"):
+    if not has_lone_halves(model) and not adapter_ranks(model) and not width_problem(model, get_format("hf")):
         return "hf"
     problem = get_format("remote_code").problem(model)
     if problem is None:
@@ -39,7 +39,7 @@ def resolve_format(requested: str, model: nn.Module) -> str:
     """The concrete format for `requested` (`auto` included), or ExportError saying why it cannot be used."""
     name = auto_format(model) if requested == "auto" else requested
     fmt = get_format(name)
-    problem = fmt.problem(model) or width_problem(model, name, fmt.widths)
+    problem = fmt.problem(model) or width_problem(model, fmt)
     if problem:
         raise ExportError(problem)
     return name

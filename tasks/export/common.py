@@ -11,13 +11,13 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tasks.export.registry import ExportError, read_config
+from tasks.export.registry import ExportError, ExportFormat, read_config
 from safetensors import safe_open
 
 from tasks.surgery import architecture_for, layer_ids, remove_blocks, removed_units
 from tasks.surgery.adapted import adapter_ranks, install_adapters
 from tasks.surgery.residual_adapters import ADAPTERS_ATTR
-from tasks.surgery.width import WidthPlan, apply_width, is_uniform
+from tasks.surgery.width import WidthPlan, apply_width, is_uniform, recorded_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,21 +69,20 @@ def pruneflow_record(model: nn.Module, fmt: str) -> dict:
     }
     if adapter_ranks(model):
         record["adapters"] = adapter_ranks(model)
-    own = getattr(model.config, "pruneflow", None) or {}
-    if own.get("plan"):
-        record["plan"], record["dense"] = own["plan"], own["dense"]
+    if recorded_plan(model):
+        record["plan"], record["dense"] = recorded_plan(model), model.config.pruneflow["dense"]
     return record
 
 
-def width_problem(model: nn.Module, fmt: str, widths: str) -> str | None:
-    """Why format `fmt`, which writes `widths` ("none" | "uniform" | "per_layer"), cannot hold this model's
+def width_problem(model: nn.Module, fmt: ExportFormat) -> str | None:
+    """Why `fmt`, which writes `fmt.widths` ("none" | "uniform" | "per_layer") plans, cannot hold this model's
     width plan; None when the model has no plan or the format holds it."""
-    if not (getattr(model.config, "pruneflow", None) or {}).get("plan") or widths == "per_layer":
+    if not recorded_plan(model) or fmt.widths == "per_layer":
         return None
-    if widths == "uniform" and is_uniform(model) and not has_lone_halves(model):
+    if fmt.widths == "uniform" and is_uniform(model) and not has_lone_halves(model):
         return None
-    return (f"format '{fmt}' cannot hold this width plan: "
-            + ("it writes no pruned widths" if widths == "none" else
+    return (f"format '{fmt.name}' cannot hold this width plan: "
+            + ("it writes no pruned widths" if fmt.widths == "none" else
                "a standard architecture needs the same widths in every layer and only whole layers removed")
             + "; width plans export as 'hf' (or 'auto') when uniform, with score.granularity 'layer' for depth")
 

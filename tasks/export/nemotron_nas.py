@@ -33,6 +33,7 @@ from tasks.export.common import (
 )
 from tasks.export.registry import ExportError, ExportFormat, read_config, register_format
 from tasks.export.templates.configuration_decilm import ffn_mult_to_intermediate_size
+from tasks.surgery.width import layer_shapes, recorded_plan
 
 MODEL_TYPE = "nemotron-nas"
 ARCHITECTURE = "DeciLMForCausalLM"
@@ -151,18 +152,14 @@ class NemotronNasFormat(ExportFormat):
 
 def _layer_widths(model: nn.Module) -> dict[int, dict[str, int]]:
     """Per kept layer, its widths when a plan narrowed them (else nothing: the config's sizes hold)."""
-    if not (getattr(model.config, "pruneflow", None) or {}).get("plan"):
-        return {}
-    from tasks.surgery.width import layer_shapes
-
-    return layer_shapes(model)
+    return layer_shapes(model) if recorded_plan(model) else {}
 
 
 def _plan_problem(model: nn.Module) -> str | None:
     """DeciLM blocks have one query head count (vLLM derives head_dim from it) and an FFN width that
     vLLM and llama.cpp both read from ffn_mult, which reaches multiples of 256 only."""
     dense = model.config.pruneflow["dense"]
-    if model.config.pruneflow["plan"].get("hidden"):
+    if recorded_plan(model).get("hidden"):
         return ("format 'nemotron_nas' keeps the hidden size (vLLM derives each head's size from it), but the plan "
                 "prunes hidden channels; use format 'remote_code' or 'hf'")
     shapes = _layer_widths(model)

@@ -56,6 +56,12 @@ class WidthLayout:
     # model multiplies by (Gemma's embedding scale sqrt(hidden_size)), which a smaller config would change.
     hidden: bool = True
 
+    def stream_io(self, part: str) -> tuple[tuple[str, ...], str]:
+        """A half's projections that read the residual stream (through its norm), and the one that writes it."""
+        if part == "attn":
+            return (self.q, self.k, self.v), self.o
+        return (self.gate, self.up), self.down
+
 
 @dataclass
 class ForwardContext:

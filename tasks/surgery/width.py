@@ -98,7 +98,7 @@ def width_layout(model: nn.Module) -> WidthLayout:
 def check_plan(model: nn.Module, plan: WidthPlan) -> None:
     """Refuse a plan this model cannot take, naming the layer and the rule, before anything changes."""
     layout = width_layout(model)
-    if getattr(model.config, "pruneflow", None) and model.config.pruneflow.get("plan"):
+    if recorded_plan(model):
         raise WidthError("width: this model is already width-pruned; plan from the dense model")
     dense = dense_widths(model)
     present = set(layer_ids(model))
@@ -174,8 +174,8 @@ def _slice_hidden(model: nn.Module, adapter: ArchitectureAdapter, layout: WidthL
     elif head is not None:
         _columns(head, index)
     for layer in adapter.decoder_layers(model):
-        for part, reads, writes in (("attn", (layout.q, layout.k, layout.v), layout.o),
-                                    ("mlp", (layout.gate, layout.up), layout.down)):
+        for part in ("attn", "mlp"):
+            reads, writes = layout.stream_io(part)
             half = adapter.half(part)
             module = getattr(layer, half.slot)
             if is_removed(module):
@@ -259,6 +259,11 @@ def layer_table(model: nn.Module) -> list[dict[str, Any]]:
 
 def _record_of(model: nn.Module) -> dict[str, Any]:
     return getattr(model.config, "pruneflow", None) or {}
+
+
+def recorded_plan(model: nn.Module) -> dict[str, Any] | None:
+    """The width plan a model carries (`config.pruneflow.plan`, as JSON data), or None: not width-pruned."""
+    return _record_of(model).get("plan") or None
 
 
 def _record_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: WidthPlan, dense: dict[str, int]) -> None:

@@ -126,10 +126,10 @@ def _hidden_sums(model: nn.Module, layers, layout, saliency: _Saliency) -> torch
     for norm in residual_norms(model):
         total += saliency(norm)
     for layer in layers:
-        for module, reads, writes in ((layer.attn, (layout.q, layout.k, layout.v), layout.o),
-                                      (layer.mlp, (layout.gate, layout.up), layout.down)):
+        for part, module in (("attn", layer.attn), ("mlp", layer.mlp)):
             if module is None:
                 continue
+            reads, writes = layout.stream_io(part)
             for name in reads:
                 total += saliency(getattr(module, name)).sum(dim=0)
             total += saliency(getattr(module, writes)).sum(dim=1)
