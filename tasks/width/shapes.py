@@ -8,6 +8,7 @@ attention come first; the caller scores a few by calibration perplexity and keep
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -54,26 +55,28 @@ def unit_costs(model: nn.Module) -> UnitCosts:
 def shapes_for_ratio(model: nn.Module, dense_params: int, ratio: float, round_to: int, limit: int) -> list[WidthShape]:
     """Up to `limit` uniform shapes that bring the parameters removed (counted against `dense_params`, the
     model before any pruning) to at least `ratio`, keeping as much attention as possible first."""
-    dense, costs = dense_widths(model), unit_costs(model)
-    need = ratio * dense_params - (dense_params - total_params(model))
+    dense, costs, now = dense_widths(model), unit_costs(model), total_params(model)
+    need = ratio * dense_params - (dense_params - now)
     if need <= 0:
         raise WidthError(f"width.params_ratio {ratio}: the depth search already removed "
-                         f"{1 - total_params(model) / dense_params:.3f} of the parameters; give a larger ratio")
+                         f"{1 - now / dense_params:.3f} of the parameters; give a larger ratio")
     group = dense["heads"] // dense["kv_heads"]
     # A family whose heads cannot be sliced (OLMo-2) meets the budget with channels alone.
-    kv_counts = range(dense["kv_heads"], 0, -1) if width_layout(model).heads else [dense["kv_heads"]]
+    if width_layout(model).heads:
+        attention_shapes = itertools.product(range(dense["kv_heads"], 0, -1), range(group, 0, -1))
+    else:
+        attention_shapes = [(dense["kv_heads"], group)]
     candidates = []
-    for kv in kv_counts:
-        for per_group in (range(group, 0, -1) if width_layout(model).heads else [group]):
-            heads = kv * per_group
-            attention = (dense["heads"] - heads) * costs.head + (dense["kv_heads"] - kv) * costs.kv_head
-            if attention >= need or costs.channel == 0:
-                continue  # attention alone would overshoot: a shape with fewer heads removed covers it
-            kept = dense["channels"] - math.ceil((need - attention) / costs.channel)
-            kept -= kept % round_to
-            if kept >= round_to:
-                candidates.append((attention, WidthShape(intermediate_size=kept, num_key_value_heads=kv,
-                                                         num_attention_heads=heads)))
+    for kv, per_group in attention_shapes:
+        heads = kv * per_group
+        attention = (dense["heads"] - heads) * costs.head + (dense["kv_heads"] - kv) * costs.kv_head
+        if attention >= need or costs.channel == 0:
+            continue  # attention alone would overshoot: a shape with fewer heads removed covers it
+        kept = dense["channels"] - math.ceil((need - attention) / costs.channel)
+        kept -= kept % round_to
+        if kept >= round_to:
+            candidates.append((attention, WidthShape(intermediate_size=kept, num_key_value_heads=kv,
+                                                     num_attention_heads=heads)))
     if not candidates:
         raise WidthError(f"width.params_ratio {ratio} cannot be met with MLP channels on multiples of "
                          f"{round_to} (width.round_to); give a smaller ratio or round_to")
