@@ -194,6 +194,23 @@ def width_rows(width: dict | None) -> list[list[str]]:
              ", ".join(r["removed"]) or "-", f"{r['params']:,}"] for r in width["layers"]]
 
 
+RECONSTRUCTION_STAGES = ("before", "greedy", "swaps", "cut", "refit")
+
+
+def reconstruction_table(width: dict | None) -> tuple[list[str], list[list[str]]]:
+    """Per reconstructed unit, its output error against the dense model's after each stage the run took
+    (relative squared error, %); no rows without a reconstructing strategy."""
+    rows = (width or {}).get("reconstruction") or []
+    stages = [s for s in RECONSTRUCTION_STAGES if any(s in r for r in rows)]
+    return ["unit", *stages], [[r["unit"], *(f"{100 * r[s]:.2f}" if s in r else _MISSING for s in stages)]
+                               for r in rows]
+
+
+def reconstruction_title() -> str:
+    return ("reconstruction error per unit, % of the dense output's energy (before: drift from earlier pruning; "
+            "cut: the kept columns unchanged)")
+
+
 def width_title(width: dict) -> str:
     shape = ", ".join(f"{k} {v}" for k, v in width["shape"].items())
     if width.get("params_ratio"):
@@ -220,6 +237,10 @@ def format_show(
     width = (run.summary or {}).get("width")
     if width:
         sections.append(width_title(width) + "\n" + format_table(WIDTH_HEADERS, width_rows(width), right=(1, 2, 3, 5)))
+        headers, rows = reconstruction_table(width)
+        if rows:
+            sections.append(reconstruction_title() + "\n" + format_table(headers, rows,
+                                                                           right=tuple(range(1, len(headers)))))
     # Speed needs its spread and ratios beside it to mean anything: report.md has that table.
     shown = evaluations if verbose else [e for e in evaluations if e.kind not in ("perplexity", "speed")]
     eval_rows = [

@@ -18,7 +18,8 @@ from flows.keys import derive_run_id, identity_hash
 from flows.locks import exclusive, folder_lock, run_lock
 from flows.outputs import check_owner, claim, run_dir, sweep_temporaries, write_json
 from flows.preflight import preflight
-from flows.plots import perplexity_curve, score_heatmap, scores_by_step, width_importance
+from flows.plots import (perplexity_curve, reconstruction_errors, score_heatmap, scores_by_step,
+                         width_importance)
 from flows.progress import Fanout, SearchProgress
 from flows.ui import StepTables, artifact_key, publish_summary
 from flows.recorder import CatalogRecorder, WallClock
@@ -216,7 +217,8 @@ def _record_run(spec, model, calibration, eval_data, run_id, catalog, fresh, log
     report_md.write_text(markdown_report(summary, catalog.steps(run_id), catalog.evaluations(run_id), folder))
     titles = {"plot-scores": "Score per block over search steps",
               "plot-perplexity": "Perplexity against parameters removed",
-              "plot-width": "Channel importance per layer and the width kept"}
+              "plot-width": "Channel importance per layer and the width kept",
+              "plot-reconstruction": "Reconstruction error per unit after each stage of the width strategy"}
     publish_summary(summary, {titles[kind]: Path(path) for kind, path in outcome.pictures.items()},
                     spec.model.source, target_text(spec))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
@@ -261,11 +263,12 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
             sections, model, calibration, run_id, str(spec.catalog_path().resolve()), recorder, progress,
             spec.execution
         )
-    width = None if spec.width is None else _width(spec, model, calibration, result.blocks, run_id, catalog, fresh,
-                                                   clock)
     folder = run_dir(out_dir, run_id)
+    width = None if spec.width is None else _width(spec, model, calibration, result.blocks, run_id, catalog, fresh,
+                                                   clock, folder)
     checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder,
-                                                   None if width is None else width.plan_json)
+                                                   None if width is None else width.plan_json,
+                                                   None if width is None else width.weights)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
     clock.tick()
     recovered = None
@@ -292,7 +295,8 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     trajectory = _with(trajectory_task, out_dir, fresh)(spec.model, spec.score.batch_windows, model, calibration,
                                                         tuple(result.blocks))
     final = outcome.params_removed_ratio if width is not None else None
-    outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl, trajectory, final).items()}
+    outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl, trajectory, final,
+                                                                          width).items()}
     for kind, path in outcome.pictures.items():
         _record_artifact(catalog, run_id, "evaluate", ArtifactRef.of(Path(path), kind))
     return outcome
@@ -319,12 +323,17 @@ def _outcome(spec: PipelineSpec, run_id: str, result: SearchResult, width: Width
 
 
 def _width(spec: PipelineSpec, model, calibration, blocks, run_id: str, catalog: Catalog, fresh: bool,
-           clock: WallClock) -> WidthResult:
-    """The width stage on what the search left; its unit scores (and tried shapes) and plan to the catalog."""
+           clock: WallClock, folder: Path) -> WidthResult:
+    """The width stage on what the search left; its unit scores (and tried shapes), reconstruction errors,
+    weights and plan to the catalog."""
     width = _with(width_task, Path(spec.output_dir), fresh)(spec.width, spec.model, spec.score.batch_windows, model,
-                                                            calibration, blocks)
-    catalog.add_unit_scores(run_id, spec.width.metric, width.units)
+                                                            calibration, blocks, folder, spec.name)
+    catalog.add_unit_scores(run_id, spec.width.scored_by, width.units)
     catalog.add_unit_scores(run_id, "calibration_perplexity", width.tried)
+    for metric, rows in width.error_rows().items():
+        catalog.add_unit_scores(run_id, metric, rows)
+    if width.weights is not None:
+        _record_artifact(catalog, run_id, "width", width.weights)
     catalog.set_plan(run_id, width.plan_json)
     clock.tick()
     return width
@@ -367,7 +376,7 @@ def _recovery_summary(recovered: Recovered | None) -> dict | None:
 
 
 def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory: tuple[float, ...],
-              final_removed: float | None) -> dict[str, Path]:
+              final_removed: float | None, width: WidthResult | None = None) -> dict[str, Path]:
     folder = run_dir(Path(spec.output_dir), run_id)
     steps, removed = scores_by_step(catalog, run_id)
     removed_ratio = [0.0, *(1 - p / result.dense_params for p in result.params_remaining)]
@@ -382,6 +391,9 @@ def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory
     if plan is not None:
         pictures["plot-width"] = width_importance(*_channel_scores(catalog, run_id, WidthPlan.from_json(plan)),
                                                   folder / "width_importance.png")
+    if width is not None and width.errors:
+        pictures["plot-reconstruction"] = reconstruction_errors(width.summary(spec.width)["reconstruction"],
+                                                                folder / "reconstruction_errors.png")
     return pictures
 
 

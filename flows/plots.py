@@ -163,6 +163,24 @@ def width_importance(channels: dict[int, list[float]], kept: dict[int, int], pat
     return _save(fig, path)
 
 
+def reconstruction_errors(rows: list[dict], path: Path) -> Path:
+    """Per reconstructed unit in model order, its output error after each stage (a run summary's
+    `width.reconstruction`): where the greedy choice, the swaps and the refit each bring a layer."""
+    fig, ax = plt.subplots(figsize=(max(8.0, min(16.0, 0.3 * len(rows) + 3)), 4.5))
+    styles = {"before": ("grey", ":"), "cut": ("tab:red", "--"), "greedy": ("tab:orange", "-"),
+              "swaps": ("tab:green", "-"), "refit": ("tab:blue", "-")}
+    for stage, (colour, line) in styles.items():
+        points = [(n, 100 * r[stage]) for n, r in enumerate(rows) if stage in r]
+        if points:
+            ax.plot(*zip(*points), color=colour, linestyle=line, marker=".", linewidth=1, label=stage)
+    ax.set_xticks(range(len(rows)), [r["unit"].removeprefix("layers.") for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("error, % of the dense output's energy", fontsize=10)
+    ax.set_title("reconstruction error per unit and stage", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _best(step: dict[str, CandidateScore], lowest_first: bool) -> float:
     exact = [s.value for s in step.values() if s.exact] or [s.value for s in step.values()]
     return min(exact) if lowest_first else max(exact)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from catalog.report import WIDTH_HEADERS, width_rows, width_title
+from catalog.report import WIDTH_HEADERS, reconstruction_table, reconstruction_title, width_rows, width_title
 from catalog.rows import EvaluationRow, StepRow
 
 _STAGES = ("dense", "pruned", "recovered")
@@ -161,6 +161,9 @@ def markdown_report(summary: dict, steps: Sequence[StepRow], evals: Sequence[Eva
     if summary.get("width"):
         lines += [f"## {width_title(summary['width']).capitalize()}", ""]
         lines += _table(list(WIDTH_HEADERS), width_rows(summary["width"])) + [""]
+        headers, rows = reconstruction_table(summary["width"])
+        if rows:
+            lines += [f"### {reconstruction_title().capitalize()}", ""] + _table(headers, rows) + [""]
     lines += _evaluation_tables(evals)
     lines += _recovery_lines(summary.get("recovery"))
     pictures = summary.get("pictures") or {}

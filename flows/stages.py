@@ -72,16 +72,18 @@ def search_task(sections: SearchSections, model: ModelRef, calibration: Artifact
 
 @task(name="width", cache_key_fn=cache_key_fn("width"), **_COMMON)
 def width_task(width: WidthSpec, model_spec: ModelSpec, batch_windows: int, model: ModelRef,
-               calibration: ArtifactRef, blocks: tuple[str, ...]) -> WidthResult:
+               calibration: ArtifactRef, blocks: tuple[str, ...], out_dir: Path, pipeline: str) -> WidthResult:
     _executed()
-    return width_stage(model.path, calibration, blocks, model_spec, width, batch_windows)
+    progress = CountProgress(f"width ({width.strategy})", "units", artifact_key(pipeline, "width-progress"))
+    return width_stage(model.path, calibration, blocks, model_spec, width, batch_windows, out_dir,
+                       on_unit=lambda done, total: progress.update(done, total))
 
 
 @task(name="prune", cache_key_fn=cache_key_fn("prune"), **_COMMON)
 def prune_task(model_spec: ModelSpec, prune: PruneSpec, model: ModelRef, blocks: tuple[str, ...],
-               out_dir: Path, plan_json: str | None = None) -> ArtifactRef:
+               out_dir: Path, plan_json: str | None = None, width_weights: ArtifactRef | None = None) -> ArtifactRef:
     _executed()
-    return prune_stage(model.path, blocks, model_spec, prune, out_dir, plan_json)
+    return prune_stage(model.path, blocks, model_spec, prune, out_dir, plan_json, width_weights)
 
 
 @task(name="recover", cache_key_fn=cache_key_fn("recover"), **_COMMON)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, create_model
+from safetensors.torch import load_file
 from transformers import GenerationConfig
 
 from tasks.errors import DiskFull, UserError, is_disk_full
@@ -17,7 +18,7 @@ from tasks.load import ModelSpec, open_model
 from tasks.refs import ArtifactRef
 from tasks.settings import Settings
 from tasks.surgery import remove_blocks
-from tasks.surgery.width import WidthPlan, apply_width
+from tasks.surgery.width import WidthPlan, apply_width, set_output_weights
 
 
 class PruneError(UserError):
@@ -47,13 +48,16 @@ def prune_section(module: str) -> type[PruneSpec]:
 
 
 def prune_stage(model_path: str, blocks: tuple[str, ...], model: ModelSpec, prune: PruneSpec,
-                out_dir: Path, plan_json: str | None = None) -> ArtifactRef:
+                out_dir: Path, plan_json: str | None = None, width_weights: ArtifactRef | None = None) -> ArtifactRef:
     """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json):
-    the blocks removed, then the width plan (if any) applied to what is left."""
+    the blocks removed, then the width plan (if any) applied to what is left, with the output projections
+    a reconstructing width strategy refitted (`width_weights`)."""
     pruned = open_model(model_path, model)
     remove_blocks(pruned, list(blocks))
     if plan_json is not None:
         apply_width(pruned, WidthPlan.from_json(plan_json))
+    if width_weights is not None:
+        set_output_weights(pruned, load_file(width_weights.path))
     return write_checkpoint(pruned, model_path, out_dir / "checkpoint-pruned", prune.format, model.trust_remote_code)
 
 

@@ -8,10 +8,14 @@ Runs after `search` (whose blocks are removed first, so depth and width make one
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
 from pydantic import Field, field_validator, model_validator
 
@@ -21,8 +25,9 @@ from tasks.settings import Settings, misplaced_sections, with_method_sections
 from tasks.residual import perplexity
 from tasks.surgery import remove_blocks, total_params
 from tasks.surgery.width import WidthPlan, apply_width, dense_widths, layer_table
-from tasks.width import WIDTH_METRICS, WIDTH_STRATEGIES, PerLayerSettings, WidthShape
-from tasks.width.importance import width_metric_settings
+from tasks.width import WIDTH_METRICS, WIDTH_STRATEGIES, WidthShape
+from tasks.width.importance import UnitScores, width_metric_settings
+from tasks.width.plan import Calibration, PlanOutcome, width_strategy_settings
 from tasks.width.shapes import shapes_for_ratio
 from tasks.windows import load_windows
 
@@ -40,7 +45,8 @@ class WidthSpec(Settings):
                         "Minitron; taylor: LLM-Pruner; magnitude: weight norms).",
                         json_schema_extra=_names_of(WIDTH_METRICS))
     strategy: str = Field("uniform", description="How the plan is chosen: uniform (the shape in every layer, "
-                          "Minitron) or per_layer (the shape's totals by one ranking across layers, LLM-Pruner).",
+                          "Minitron), per_layer (the shape's totals by one ranking across layers, LLM-Pruner) or "
+                          "osscar (layer-wise reconstruction, AMD Quark's OSSCAR: it ranks units itself).",
                           json_schema_extra=_names_of(WIDTH_STRATEGIES))
     shape: WidthShape | None = Field(
         None, description="The widths every layer keeps (uniform), or keeps on average (per_layer).")
@@ -49,7 +55,6 @@ class WidthSpec(Settings):
         "(depth and width); the best of a few shapes that meet it, by calibration perplexity, is kept.")
     round_to: int = Field(64, ge=1, description="With params_ratio: MLP widths on multiples of this.")
     candidates: int = Field(4, ge=1, le=64, description="With params_ratio: how many shapes are scored.")
-    per_layer: PerLayerSettings | None = Field(None, description="Settings of strategy per_layer (only with it).")
 
     @field_validator("metric")
     @classmethod
@@ -71,25 +76,55 @@ class WidthSpec(Settings):
 
     @model_validator(mode="after")
     def _settings_of_the_strategy(self) -> "WidthSpec":
-        if self.per_layer is not None and self.strategy != "per_layer":
-            raise ValueError(f"width.per_layer applies only with width.strategy: per_layer (not '{self.strategy}')")
-        problems = misplaced_sections(self, "width", "metric", self.metric, width_metric_settings())
+        problems = misplaced_sections(self, "width", "strategy", self.strategy, width_strategy_settings())
+        problems += misplaced_sections(self, "width", "metric", self.metric, width_metric_settings())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _what_the_strategy_reads(self) -> "WidthSpec":
+        strategy = WIDTH_STRATEGIES[self.strategy]
+        if not strategy.prunes_hidden and self.shape is not None and self.shape.hidden_size is not None:
+            raise ValueError(f"width.shape.hidden_size: strategy {self.strategy} prunes heads and MLP channels, not "
+                             "the hidden size; remove hidden_size or use strategy uniform")
+        if self.scores_units:
+            return self
+        ranks = f"width.strategy {self.strategy} ranks the units itself"
+        if "metric" in self.model_fields_set:
+            raise ValueError(f"{ranks}: remove width.metric (given as '{self.metric}')")
+        if self.params_ratio is not None:
+            raise ValueError(f"{ranks} and reconstructs one shape: give width.shape instead of width.params_ratio")
+        return self
+
+    @property
+    def scores_units(self) -> bool:
+        """Whether the metric scores the units (False: the strategy ranks them itself)."""
+        return WIDTH_STRATEGIES[self.strategy].scores_units
+
+    @property
+    def scored_by(self) -> str:
+        """The name the unit scores are recorded under: the metric, or a self-ranking strategy."""
+        return self.metric if self.scores_units else self.strategy
 
     def metric_settings(self) -> Settings | None:
         """The chosen metric's own section (`width.<metric>`), when it takes settings."""
         return getattr(self, self.metric, None)
 
+    def outcome(self, model, scores, shape: WidthShape, calibration: Calibration) -> PlanOutcome:
+        return WIDTH_STRATEGIES[self.strategy].outcome(model, scores, shape, getattr(self, self.strategy, None),
+                                                       calibration)
+
     def plan(self, model, scores, shape: WidthShape) -> WidthPlan:
-        settings = (self.per_layer or PerLayerSettings()).model_dump() if self.strategy == "per_layer" else {}
-        return WIDTH_STRATEGIES[self.strategy](model, scores, shape, **settings)
+        """A plan from scores alone (the strategies that do not read calibration text)."""
+        return self.outcome(model, scores, shape, Calibration(torch.empty(0, 0, dtype=torch.long), 1)).plan
 
 
 def width_section(module: str) -> type[WidthSpec]:
-    """The `width` section with a field for each registered width metric that takes settings (`width.taylor`)."""
-    return with_method_sections(WidthSpec, "WidthSpec", "metric", width_metric_settings(), module)
+    """The `width` section with a field for each registered width metric (`width.taylor`) and strategy
+    (`width.per_layer`, `width.osscar`) that takes settings."""
+    metrics = with_method_sections(WidthSpec, "WidthSpec", "metric", width_metric_settings(), module)
+    return with_method_sections(metrics, "WidthSpec", "strategy", width_strategy_settings(), module)
 
 
 @dataclass(frozen=True)
@@ -100,29 +135,70 @@ class WidthResult:
     seconds: float
     shape: dict  # the widths asked, or chosen for a params_ratio
     tried: tuple[tuple[str, float], ...] = ()  # with a params_ratio: (shape id, calibration perplexity)
+    weights: ArtifactRef | None = None  # a reconstructing strategy's new weights (safetensors), for prune
+    # Per reconstructed unit (`layers.N.mlp`): its relative output error after each stage of the strategy.
+    errors: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
 
     def summary(self, width: "WidthSpec") -> dict:
-        return {"metric": width.metric, "strategy": width.strategy, "shape": self.shape,
-                "params_ratio": width.params_ratio, "layers": list(self.layers), "seconds": self.seconds}
+        out = {"metric": width.scored_by, "strategy": width.strategy, "shape": self.shape,
+               "params_ratio": width.params_ratio, "layers": list(self.layers), "seconds": self.seconds}
+        if self.errors:
+            out["reconstruction"] = [{"unit": unit, **dict(stages)} for unit, stages in self.errors]
+        return out
+
+    def error_rows(self) -> dict[str, list[tuple[str, float]]]:
+        """Per stage (`reconstruction.refit`, ...): (unit, error) rows for the catalog's unit scores."""
+        rows: dict[str, list[tuple[str, float]]] = {}
+        for unit, stages in self.errors:
+            for stage, value in stages:
+                rows.setdefault(f"reconstruction.{stage}", []).append((unit, value))
+        return rows
 
 
 def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ...], model: ModelSpec,
-                width: WidthSpec, batch_windows: int) -> WidthResult:
+                width: WidthSpec, batch_windows: int, out_dir: Path | None = None,
+                on_unit: Callable[[int, int], None] | None = None) -> WidthResult:
+    """`out_dir` receives a reconstructing strategy's weights (`width-weights.safetensors`)."""
     started = time.perf_counter()
     dense_model = open_model(model_path, model)
     dense_params = total_params(dense_model)
     pruned = remove_blocks(dense_model, list(blocks))
     windows = load_windows(calibration)
-    scores = WIDTH_METRICS.lookup(width.metric).scores(pruned, windows, batch_windows, width.metric_settings())
-    dense = dense_widths(pruned)
-    units = tuple(scores.rows(dense["heads"] // dense["kv_heads"]))
+    scores = None
+    if width.scores_units:
+        scores = WIDTH_METRICS.lookup(width.metric).scores(pruned, windows, batch_windows, width.metric_settings())
     shape, tried = width.shape, ()
     if shape is None:
         shape, tried = _best_shape(pruned, scores, width, dense_params, windows, batch_windows)
-    plan = width.plan(pruned, scores, shape)
-    layers = tuple(layer_table(apply_width(pruned, plan)))
-    return WidthResult(plan.to_json(), units, layers, time.perf_counter() - started,
-                       shape.model_dump(exclude_none=True), tried)
+    outcome = width.outcome(pruned, scores, shape, Calibration(windows, batch_windows, on_unit))
+    dense = dense_widths(pruned)
+    units = tuple((outcome.scores or scores or UnitScores()).rows(dense["heads"] // dense["kv_heads"]))
+    weights = _write_weights(outcome.weights, out_dir) if outcome.weights else None
+    layers = tuple(layer_table(apply_width(pruned, outcome.plan)))
+    errors = tuple((unit, tuple(stages.items())) for unit, stages in outcome.errors.items())
+    return WidthResult(outcome.plan.to_json(), units, layers, time.perf_counter() - started,
+                       _kept_shape(shape, outcome.plan, dense), tried, weights, errors)
+
+
+def _kept_shape(shape: WidthShape, plan: WidthPlan, dense: dict[str, int]) -> dict:
+    """The shape asked, with the MLP width the plan keeps where a strategy rounded it (OSSCAR's round_to)."""
+    asked = shape.model_dump(exclude_none=True)
+    kept = {len(layer.channels) for layer in plan.layers.values() if layer.channels is not None}
+    if "intermediate_size" in asked and len(kept) == 1:
+        asked["intermediate_size"] = kept.pop()
+    return asked
+
+
+def _write_weights(weights: dict[str, torch.Tensor], out_dir: Path | None) -> ArtifactRef:
+    """The reconstructed weights as one safetensors file, written whole or not at all."""
+    if out_dir is None:
+        raise ValueError("width_stage: a reconstructing strategy needs out_dir for its weights")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "width-weights.safetensors"
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    save_file({name: t.contiguous() for name, t in weights.items()}, str(tmp))
+    os.replace(tmp, target)
+    return ArtifactRef.of(target, "width-weights")
 
 
 def shape_unit(shape: WidthShape) -> str:

@@ -152,6 +152,35 @@ def apply_width(model: nn.Module, plan: WidthPlan) -> nn.Module:
     return model
 
 
+def output_projection(model: nn.Module, unit: str) -> nn.Linear:
+    """The projection that writes unit `layers.N.attn` / `layers.N.mlp` (original id N) to the residual
+    stream: the one whose columns are the unit's heads or channels."""
+    adapter, layout = architecture_of(model), width_layout(model)
+    _, lid, part = unit.split(".")
+    ids = layer_ids(model)
+    if part not in ("attn", "mlp") or int(lid) not in ids:
+        raise WidthError(f"width weights: no present unit '{unit}' (present layers: {ids})")
+    layer = adapter.decoder_layers(model)[ids.index(int(lid))]
+    module = getattr(layer, adapter.half(part).slot)
+    if is_removed(module):
+        raise WidthError(f"width weights: unit '{unit}' was removed by the depth search")
+    return getattr(module, layout.stream_io(part)[1])
+
+
+def set_output_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """Replace the output projection of each unit (`layers.N.mlp` -> its new down_proj weight) by a
+    reconstruction of the plan's kept units; every shape is checked before anything changes."""
+    targets = {unit: output_projection(model, unit) for unit in weights}
+    for unit, linear in targets.items():
+        if tuple(weights[unit].shape) != tuple(linear.weight.shape):
+            raise WidthError(f"width weights: '{unit}' has shape {tuple(weights[unit].shape)}, the pruned model's "
+                             f"projection {tuple(linear.weight.shape)}; the weights belong to another plan")
+    with torch.no_grad():
+        for unit, linear in targets.items():
+            linear.weight.copy_(weights[unit].to(linear.weight.dtype))
+    return model
+
+
 def _slice_norm(norm: nn.Module, index: torch.Tensor) -> None:
     norm.weight = nn.Parameter(norm.weight.data.index_select(0, index).contiguous())
     if getattr(norm, "bias", None) is not None:

@@ -12,6 +12,7 @@ across those layers, so a layer whose units matter less loses more; every layer 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -58,10 +59,10 @@ def resolved_heads(shape: WidthShape, dense: dict[str, int]) -> tuple[int, int]:
 
 def check_shape(shape: WidthShape, dense: dict[str, int]) -> None:
     resolved_heads(shape, dense)
-    for field, key in (("intermediate_size", "channels"), ("hidden_size", "hidden")):
-        asked = getattr(shape, field)
+    for name, key in (("intermediate_size", "channels"), ("hidden_size", "hidden")):
+        asked = getattr(shape, name)
         if asked is not None and asked > dense[key]:
-            raise WidthError(f"width.shape.{field} {asked} is above the model's {dense[key]}")
+            raise WidthError(f"width.shape.{name} {asked} is above the model's {dense[key]}")
 
 
 def hidden_plan(scores: UnitScores, shape: WidthShape, dense: dict[str, int]) -> tuple[int, ...] | None:
@@ -79,19 +80,65 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-PlanBuilder = Callable[..., WidthPlan]
-WIDTH_STRATEGIES: Registry[PlanBuilder] = Registry("width strategy", unknown=WidthError)
+@dataclass(frozen=True)
+class Calibration:
+    """What a strategy that reads activations itself (reconstruction) gets: the calibration windows."""
+
+    windows: torch.Tensor
+    batch_windows: int
+    on_unit: Callable[[int, int], None] | None = None  # (units done, units in all), for progress
 
 
-def register_width_strategy(name: str) -> Callable[[PlanBuilder], PlanBuilder]:
+@dataclass
+class PlanOutcome:
+    """A plan, and what a reconstructing strategy adds: new weights for the projections that read the pruned
+    units (`layers.N.mlp` / `layers.N.attn` -> the sliced weight) and, per such unit, its errors by stage."""
+
+    plan: WidthPlan
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    scores: UnitScores | None = None  # the strategy's own unit scores, when it ranks units itself
+
+
+PlanBuilder = Callable[..., "WidthPlan | PlanOutcome"]
+
+
+@dataclass(frozen=True)
+class WidthStrategy:
+    """A registered strategy: `build(model, scores, shape, **settings, calibration=...)`; `settings` is its
+    section class (`width.<name>`), if any; `scores_units` False: it ranks units itself (no width.metric)."""
+
+    build: PlanBuilder
+    settings: type[Settings] | None = None
+    scores_units: bool = True
+    description: str = ""
+    prunes_hidden: bool = True  # False: a shape with hidden_size is refused when the spec is read
+
+    def outcome(self, model: nn.Module, scores: UnitScores | None, shape: "WidthShape",
+                settings: Settings | None, calibration: Calibration) -> PlanOutcome:
+        given = {} if self.settings is None else (settings or self.settings()).model_dump()
+        result = self.build(model, scores, shape, calibration=calibration, **given)
+        return result if isinstance(result, PlanOutcome) else PlanOutcome(result)
+
+
+WIDTH_STRATEGIES: Registry[WidthStrategy] = Registry("width strategy", unknown=WidthError)
+
+
+def register_width_strategy(name: str, settings: type[Settings] | None = None, scores_units: bool = True,
+                            description: str = "", prunes_hidden: bool = True) -> Callable[[PlanBuilder], PlanBuilder]:
     def register(fn: PlanBuilder) -> PlanBuilder:
-        WIDTH_STRATEGIES.add(name, fn)
+        WIDTH_STRATEGIES.add(name, WidthStrategy(fn, settings, scores_units, description, prunes_hidden), origin=fn)
         return fn
     return register
 
 
-@register_width_strategy("uniform")
-def uniform_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, **_settings) -> WidthPlan:
+def width_strategy_settings() -> dict[str, type[Settings]]:
+    """The width strategies that take settings, and their section classes (`width.<strategy>`)."""
+    return {name: s.settings for name, s in WIDTH_STRATEGIES.items() if s.settings is not None}
+
+
+@register_width_strategy("uniform", description="the shape in every layer (Minitron)")
+def uniform_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, **_context) -> WidthPlan:
     dense = dense_widths(model)
     check_shape(shape, dense)
     heads, kv = resolved_heads(shape, dense)
@@ -131,9 +178,10 @@ class PerLayerSettings(Settings):
     protect_last: int = Field(0, ge=0, description="The last N present layers keep their full width.")
 
 
-@register_width_strategy("per_layer")
+@register_width_strategy("per_layer", PerLayerSettings,
+                         description="the shape's totals by one ranking across layers (LLM-Pruner)")
 def per_layer_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, floor: float = 0.1,
-                   protect_first: int = 0, protect_last: int = 0) -> WidthPlan:
+                   protect_first: int = 0, protect_last: int = 0, **_context) -> WidthPlan:
     dense = dense_widths(model)
     check_shape(shape, dense)
     heads, kv = resolved_heads(shape, dense)
