@@ -18,7 +18,7 @@ from flows.keys import derive_run_id, identity_hash
 from flows.locks import exclusive, folder_lock, run_lock
 from flows.outputs import check_owner, claim, run_dir, sweep_temporaries, write_json
 from flows.preflight import preflight
-from flows.plots import (perplexity_curve, reconstruction_errors, score_heatmap, scores_by_step,
+from flows.plots import (domain_weights, perplexity_curve, reconstruction_errors, score_heatmap, scores_by_step,
                          width_importance)
 from flows.progress import Fanout, SearchProgress
 from flows.ui import StepTables, artifact_key, publish_summary
@@ -218,7 +218,8 @@ def _record_run(spec, model, calibration, eval_data, run_id, catalog, fresh, log
     titles = {"plot-scores": "Score per block over search steps",
               "plot-perplexity": "Perplexity against parameters removed",
               "plot-width": "Channel importance per layer and the width kept",
-              "plot-reconstruction": "Reconstruction error per unit after each stage of the width strategy"}
+              "plot-reconstruction": "Reconstruction error per unit after each stage of the width strategy",
+              "plot-domains": "Dynamic batch loading: domain weights and losses over training"}
     publish_summary(summary, {titles[kind]: Path(path) for kind, path in outcome.pictures.items()},
                     spec.model.source, target_text(spec))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
@@ -296,7 +297,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
                                                         tuple(result.blocks))
     final = outcome.params_removed_ratio if width is not None else None
     outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl, trajectory, final,
-                                                                          width).items()}
+                                                                          width, recovered).items()}
     for kind, path in outcome.pictures.items():
         _record_artifact(catalog, run_id, "evaluate", ArtifactRef.of(Path(path), kind))
     return outcome
@@ -371,12 +372,13 @@ def _recovery_summary(recovered: Recovered | None) -> dict | None:
         "method": recovered.method, "checkpoint": str(Path(recovered.checkpoint.path).resolve()),
         "format": recovered.format, "seconds": recovered.seconds, "losses": list(recovered.losses),
         "fit": dict(recovered.fit), "trainable_params": recovered.trainable_params,
-        "resumed_from_step": recovered.resumed_from_step,
+        "resumed_from_step": recovered.resumed_from_step, "domains": list(recovered.domains),
     }
 
 
 def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory: tuple[float, ...],
-              final_removed: float | None, width: WidthResult | None = None) -> dict[str, Path]:
+              final_removed: float | None, width: WidthResult | None = None,
+              recovered: Recovered | None = None) -> dict[str, Path]:
     folder = run_dir(Path(spec.output_dir), run_id)
     steps, removed = scores_by_step(catalog, run_id)
     removed_ratio = [0.0, *(1 - p / result.dense_params for p in result.params_remaining)]
@@ -391,6 +393,8 @@ def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory
     if plan is not None:
         pictures["plot-width"] = width_importance(*_channel_scores(catalog, run_id, WidthPlan.from_json(plan)),
                                                   folder / "width_importance.png")
+    if recovered is not None and recovered.domains:
+        pictures["plot-domains"] = domain_weights(list(recovered.domains), folder / "domain_weights.png")
     if width is not None and width.errors:
         pictures["plot-reconstruction"] = reconstruction_errors(width.summary(spec.width)["reconstruction"],
                                                                 folder / "reconstruction_errors.png")

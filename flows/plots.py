@@ -181,6 +181,32 @@ def reconstruction_errors(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def domain_weights(trace: list[dict], path: Path) -> Path:
+    """Dynamic batch loading: each domain's weight over training steps (left) and its held-apart loss
+    against its reference (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    domains = list(trace[0]["weights"])
+    for n, domain in enumerate(domains):
+        colour = plt.get_cmap("tab10")(n % 10)
+        label = domain.removeprefix("builtin:")
+        left.plot([t["step"] for t in trace], [t["weights"][domain] for t in trace], color=colour, marker=".",
+                  label=label)
+        seen = [t for t in trace if t["losses"]]
+        right.plot([t["step"] for t in seen], [t["losses"][domain] for t in seen], color=colour, marker=".",
+                   label=label)
+        right.axhline(trace[0]["reference"][domain], color=colour, linestyle=":", linewidth=0.8)
+    left.set_xlabel("training step", fontsize=10)
+    left.set_ylabel("share of the training windows", fontsize=10)
+    left.set_title("domain weights", fontsize=11)
+    right.set_xlabel("training step", fontsize=10)
+    right.set_ylabel("held-apart loss (dotted: reference)", fontsize=10)
+    right.set_title("domain losses", fontsize=11)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _best(step: dict[str, CandidateScore], lowest_first: bool) -> float:
     exact = [s.value for s in step.values() if s.exact] or [s.value for s in step.values()]
     return min(exact) if lowest_first else max(exact)

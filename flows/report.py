@@ -140,6 +140,14 @@ def _recovery_lines(recovery: dict | None) -> list[str]:
     if fit:
         lines.append("- share of each removed block's output its adapter recovers (calibration data): "
                      + ", ".join(f"{u} {v:.3f}" for u, v in fit.items()))
+    domains = recovery.get("domains") or []
+    if domains:
+        names = list(domains[0]["weights"])
+        lines += ["", "Dynamic batch loading: domain weights after each update (held-apart loss; reference "
+                  + ", ".join(f"{n} {domains[0]['reference'][n]:.3f}" for n in names) + ")", ""]
+        lines += _table(["step", *names], [[str(d["step"]), *(
+            f"{d['weights'][n]:.3f}" + (f" ({d['losses'][n]:.3f})" if d["losses"] else "") for n in names)]
+            for d in domains])
     return lines + [""]
 
 

@@ -29,6 +29,7 @@ class Recovered:
     fit: dict[str, float] = field(default_factory=dict)
     trainable_params: int = 0
     resumed_from_step: int = 0
+    domains: tuple[dict, ...] = ()  # dynamic batch loading's updates of the domain weights
 
 
 def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, recover: Settings,
@@ -50,7 +51,7 @@ def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, r
     return Recovered(
         method=recover.method, checkpoint=ref, format=checkpoint_format(ref.path),
         seconds=time.perf_counter() - started, losses=tuple(run.losses), fit=dict(run.fit),
-        trainable_params=run.trainable_params, resumed_from_step=run.resumed_from_step,
+        trainable_params=run.trainable_params, resumed_from_step=run.resumed_from_step, domains=tuple(run.domains),
     )
 
 

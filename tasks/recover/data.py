@@ -15,25 +15,34 @@ from tasks.sources import load_texts
 
 
 class TrainingStreams:
+    """`held_apart` windows per source are cut from the front of its text before training draws from the
+    rest: a domain's loss can be watched on text the model never trains on (dynamic batch loading)."""
+
     def __init__(self, tokenizer_path: str, weights: dict[str, float], seq_len: int, tokens_needed: int,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, held_apart: int = 0):
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
         self.sources = sorted(weights)
         self.weights = torch.tensor([weights[s] for s in self.sources], dtype=torch.float64)
         self.seq_len = seq_len
-        self.streams = {}
+        self.streams: dict[str, torch.Tensor] = {}
+        self.held: dict[str, torch.Tensor] = {}
         for source in self.sources:
-            stream = leading_stream(load_texts(source, "calibration"), tokenizer, tokens_needed)
-            if stream.numel() < seq_len + 1:
+            stream = leading_stream(load_texts(source, "calibration"), tokenizer, tokens_needed + held_apart * seq_len)
+            cut = held_apart * seq_len
+            if stream.numel() < cut + seq_len + 1:
                 raise RecoveryError(
                     f"training source {source} has {stream.numel()} tokens, fewer than one window of "
-                    f"{seq_len}; use a shorter seq_len or more text"
+                    f"{seq_len}" + (f" after the {held_apart} held apart" if held_apart else "")
+                    + "; use a shorter seq_len or more text"
                 )
-            self.streams[source] = stream
+            self.held[source] = stream[:cut].view(held_apart, seq_len) if held_apart else stream[:0]
+            self.streams[source] = stream[cut:]
 
-    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    def batch(self, step: int, batch_size: int, seed: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The windows of `step`: sources drawn by `weights` (default: the mixture's), then a window of each."""
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        picks = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        picks = torch.multinomial(self.weights if weights is None else weights, batch_size, replacement=True,
+                                  generator=generator)
         rows = []
         for pick in picks.tolist():
             stream = self.streams[self.sources[pick]]

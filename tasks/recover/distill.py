@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from tasks.export import load_checkpoint
 from tasks.recover.registry import RecoveryMethod, RecoveryRun, register_recovery
-from tasks.recover.training import StepsTraining, check_training, train
+from tasks.recover.training import StepsTraining, check_training, load_teacher, train
 
 
 class DistillRecovery(StepsTraining):
@@ -73,14 +72,6 @@ def kl_to_teacher(student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
         total += float(loss) * ids.numel()
         positions += ids.numel()
     return total / positions
-
-
-def load_teacher(dense_path: str, student: nn.Module) -> nn.Module:
-    """The dense model, frozen, in the student's dtype and on its device."""
-    param = next(student.parameters())
-    teacher = load_checkpoint(dense_path, dtype=str(param.dtype).removeprefix("torch."), device=str(param.device))
-    teacher.requires_grad_(False)
-    return teacher.eval()
 
 
 @register_recovery

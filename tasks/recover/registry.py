@@ -39,6 +39,8 @@ class RecoveryRun:
     fit: dict[str, float] = field(default_factory=dict)  # per removed unit: share of its output the adapter recovers
     trainable_params: int = 0
     resumed_from_step: int = 0
+    # Dynamic batch loading: every update of the domain weights (step, weights, losses, reference).
+    domains: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from tasks.export import load_checkpoint
 from tasks.recover.data import TrainingStreams
 from tasks.recover.registry import RecoveryCheck, RecoveryError
 from tasks.settings import Settings
@@ -89,6 +90,24 @@ class TrainLog:
     seconds: float
 
 
+class StepHook(Protocol):
+    """Something that follows training and is resumed with it (dynamic batch loading's domain weights)."""
+
+    def after_step(self, done: int, model: nn.Module) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def load_teacher(dense_path: str, student: nn.Module) -> nn.Module:
+    """The dense model, frozen, in the student's dtype and on its device."""
+    param = next(student.parameters())
+    teacher = load_checkpoint(dense_path, dtype=str(param.dtype).removeprefix("torch."), device=str(param.device))
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
 def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
@@ -106,18 +125,20 @@ def _schedule(settings: TrainSettings) -> Callable[[int], float]:
 def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], settings: TrainSettings,
           state_dir: Path, fingerprint: str, log: Callable[[str], None] = print,
           on_step: Callable[[int, int, float], None] | None = None,
-          loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss) -> TrainLog:
+          loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss,
+          hook: StepHook | None = None) -> TrainLog:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
     `on_step(done, total, loss)` follows every step (the flow shows it as a Prefect progress artifact);
-    `loss_of(model, input_ids)` is the objective (default: the language-model loss)."""
+    `loss_of(model, input_ids)` is the objective (default: the language-model loss); `hook.after_step`
+    runs after every optimizer step, and its state is saved and resumed with the trainer's."""
     started = time.perf_counter()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{settings.label}: nothing to train (no parameter requires grad)")
     optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
-    start, losses = _resume(state_dir, fingerprint, params, optimizer, scheduler)
+    start, losses = _resume(state_dir, fingerprint, params, optimizer, scheduler, hook)
     if start:
         log(f"{settings.label}: resuming at step {start} of {settings.steps} from {state_dir / STATE_FILE}")
     device = next(iter(params.values())).device
@@ -137,6 +158,8 @@ def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], setti
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.item()))
+            if hook is not None:
+                hook.after_step(step + 1, model)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             done = step + 1
@@ -145,7 +168,7 @@ def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], setti
             if done % every == 0 or done == settings.steps:
                 log(f"{settings.label}: step {done}/{settings.steps} loss {losses[-1]:.4f}")
             if done % settings.checkpoint_every == 0 or done == settings.steps:
-                _save(state_dir, fingerprint, done, losses, params, optimizer, scheduler)
+                _save(state_dir, fingerprint, done, losses, params, optimizer, scheduler, hook)
     finally:
         bar.close()
         model.eval()
@@ -154,19 +177,20 @@ def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], setti
 
 
 def _save(state_dir: Path, fingerprint: str, step: int, losses: list[float], params: dict[str, nn.Parameter],
-          optimizer, scheduler) -> None:
+          optimizer, scheduler, hook: StepHook | None = None) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / f".{STATE_FILE}.tmp{os.getpid()}"
     torch.save({
         "fingerprint": fingerprint, "step": step, "losses": losses,
         "params": {n: p.detach().cpu() for n, p in params.items()},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "hook": None if hook is None else hook.state_dict(),
     }, tmp)
     os.replace(tmp, state_dir / STATE_FILE)
 
 
 def _resume(state_dir: Path, fingerprint: str, params: dict[str, nn.Parameter], optimizer,
-            scheduler) -> tuple[int, list[float]]:
+            scheduler, hook: StepHook | None = None) -> tuple[int, list[float]]:
     path = state_dir / STATE_FILE
     if not path.is_file():
         return 0, []
@@ -178,4 +202,6 @@ def _resume(state_dir: Path, fingerprint: str, params: dict[str, nn.Parameter], 
             param.copy_(state["params"][name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if hook is not None and state.get("hook") is not None:
+        hook.load_state_dict(state["hook"])
     return int(state["step"]), list(state["losses"])
