@@ -18,7 +18,7 @@ from flows.keys import derive_run_id, identity_hash
 from flows.locks import exclusive, folder_lock, run_lock
 from flows.outputs import check_owner, claim, run_dir, sweep_temporaries, write_json
 from flows.preflight import preflight
-from flows.plots import (domain_weights, perplexity_curve, reconstruction_errors, score_heatmap, scores_by_step,
+from flows.plots import (domain_weights, mask_training, perplexity_curve, reconstruction_errors, score_heatmap, scores_by_step,
                          width_importance)
 from flows.progress import Fanout, SearchProgress
 from flows.ui import StepTables, artifact_key, publish_summary
@@ -219,7 +219,8 @@ def _record_run(spec, model, calibration, eval_data, run_id, catalog, fresh, log
               "plot-perplexity": "Perplexity against parameters removed",
               "plot-width": "Channel importance per layer and the width kept",
               "plot-reconstruction": "Reconstruction error per unit after each stage of the width strategy",
-              "plot-domains": "Dynamic batch loading: domain weights and losses over training"}
+              "plot-domains": "Dynamic batch loading: domain weights and losses over training",
+              "plot-masks": "Learned masks: loss and expected sizes per step"}
     publish_summary(summary, {titles[kind]: Path(path) for kind, path in outcome.pictures.items()},
                     spec.model.source, target_text(spec))
     _record_artifact(catalog, run_id, "pruned", ArtifactRef.of(report, "report"))
@@ -267,7 +268,8 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     folder = run_dir(out_dir, run_id)
     width = None if spec.width is None else _width(spec, model, calibration, result.blocks, run_id, catalog, fresh,
                                                    clock, folder)
-    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, result.blocks, folder,
+    blocks = tuple(result.blocks) + (() if width is None else width.blocks)
+    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, blocks, folder,
                                                    None if width is None else width.plan_json,
                                                    None if width is None else width.weights)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
@@ -395,6 +397,8 @@ def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory
                                                   folder / "width_importance.png")
     if recovered is not None and recovered.domains:
         pictures["plot-domains"] = domain_weights(list(recovered.domains), folder / "domain_weights.png")
+    if width is not None and width.trace:
+        pictures["plot-masks"] = mask_training(list(width.trace), folder / "mask_training.png")
     if width is not None and width.errors:
         pictures["plot-reconstruction"] = reconstruction_errors(width.summary(spec.width)["reconstruction"],
                                                                 folder / "reconstruction_errors.png")

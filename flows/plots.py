@@ -207,6 +207,31 @@ def domain_weights(trace: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def mask_training(rows: list[dict], path: Path) -> Path:
+    """A mask-learning width strategy's steps: LM loss (left); each structure's expected size and its gap
+    to the ramped target (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    steps = [r["step"] for r in rows]
+    left.plot(steps, [r["loss"] for r in rows], color="tab:blue", linewidth=1, label="LM loss")
+    left.plot(steps, [r["loss"] + r["penalty"] for r in rows], color="tab:grey", linewidth=1, linestyle=":",
+              label="LM loss + penalty")
+    for n, key in enumerate(k for k in rows[0] if k.startswith("expected.")):
+        colour = plt.get_cmap("tab10")(n % 10)
+        name = key.removeprefix("expected.")
+        right.plot(steps, [r[key] for r in rows], color=colour, linewidth=1, label=name)
+        if f"gap.{name}" in rows[0]:
+            right.plot(steps, [r[key] - r[f"gap.{name}"] for r in rows], color=colour, linewidth=0.8, linestyle=":")
+    left.set_xlabel("step", fontsize=10)
+    left.set_title("training loss", fontsize=11)
+    right.set_xlabel("step", fontsize=10)
+    right.set_ylabel("share of the dense size (dotted: target)", fontsize=10)
+    right.set_title("expected sizes of the masks", fontsize=11)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _best(step: dict[str, CandidateScore], lowest_first: bool) -> float:
     exact = [s.value for s in step.values() if s.exact] or [s.value for s in step.values()]
     return min(exact) if lowest_first else max(exact)

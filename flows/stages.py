@@ -74,9 +74,10 @@ def search_task(sections: SearchSections, model: ModelRef, calibration: Artifact
 def width_task(width: WidthSpec, model_spec: ModelSpec, batch_windows: int, model: ModelRef,
                calibration: ArtifactRef, blocks: tuple[str, ...], out_dir: Path, pipeline: str) -> WidthResult:
     _executed()
-    progress = CountProgress(f"width ({width.strategy})", "units", artifact_key(pipeline, "width-progress"))
+    progress = CountProgress(f"width ({width.strategy})", "units" if width.scores_units else "steps",
+                             artifact_key(pipeline, "width-progress"))
     return width_stage(model.path, calibration, blocks, model_spec, width, batch_windows, out_dir,
-                       on_unit=lambda done, total: progress.update(done, total))
+                       on_unit=lambda done, total, detail="": progress.update(done, total, detail))
 
 
 @task(name="prune", cache_key_fn=cache_key_fn("prune"), **_COMMON)

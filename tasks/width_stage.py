@@ -138,12 +138,18 @@ class WidthResult:
     weights: ArtifactRef | None = None  # a reconstructing strategy's new weights (safetensors), for prune
     # Per reconstructed unit (`layers.N.mlp`): its relative output error after each stage of the strategy.
     errors: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+    blocks: tuple[str, ...] = ()  # whole layers the strategy removed besides the depth search's
+    trace: tuple[dict, ...] = ()  # a training strategy's steps: loss, expected sizes, constraint gaps
 
     def summary(self, width: "WidthSpec") -> dict:
         out = {"metric": width.scored_by, "strategy": width.strategy, "shape": self.shape,
                "params_ratio": width.params_ratio, "layers": list(self.layers), "seconds": self.seconds}
         if self.errors:
             out["reconstruction"] = [{"unit": unit, **dict(stages)} for unit, stages in self.errors]
+        if self.blocks:
+            out["blocks"] = list(self.blocks)
+        if self.trace:
+            out["training"] = list(self.trace)
         return out
 
     def error_rows(self) -> dict[str, list[tuple[str, float]]]:
@@ -170,14 +176,17 @@ def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ..
     shape, tried = width.shape, ()
     if shape is None:
         shape, tried = _best_shape(pruned, scores, width, dense_params, windows, batch_windows)
-    outcome = width.outcome(pruned, scores, shape, Calibration(windows, batch_windows, on_unit))
+    state_dir = None if out_dir is None else out_dir / "width-state"
+    outcome = width.outcome(pruned, scores, shape, Calibration(windows, batch_windows, on_unit, model_path,
+                                                               state_dir))
     dense = dense_widths(pruned)
     units = tuple((outcome.scores or scores or UnitScores()).rows(dense["heads"] // dense["kv_heads"]))
     weights = _write_weights(outcome.weights, out_dir) if outcome.weights else None
-    layers = tuple(layer_table(apply_width(pruned, outcome.plan)))
+    layers = tuple(layer_table(apply_width(remove_blocks(pruned, list(outcome.blocks)), outcome.plan)))
     errors = tuple((unit, tuple(stages.items())) for unit, stages in outcome.errors.items())
     return WidthResult(outcome.plan.to_json(), units, layers, time.perf_counter() - started,
-                       _kept_shape(shape, outcome.plan, dense), tried, weights, errors)
+                       _kept_shape(shape, outcome.plan, dense), tried, weights, errors, outcome.blocks,
+                       tuple(outcome.trace))
 
 
 def _kept_shape(shape: WidthShape, plan: WidthPlan, dense: dict[str, int]) -> dict:

@@ -126,17 +126,20 @@ def train(model: nn.Module, batch_for_step: Callable[[int], torch.Tensor], setti
           state_dir: Path, fingerprint: str, log: Callable[[str], None] = print,
           on_step: Callable[[int, int, float], None] | None = None,
           loss_of: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_loss,
-          hook: StepHook | None = None) -> TrainLog:
+          hook: StepHook | None = None,
+          groups: Callable[[dict[str, nn.Parameter]], list[dict]] | None = None) -> TrainLog:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
     `on_step(done, total, loss)` follows every step (the flow shows it as a Prefect progress artifact);
     `loss_of(model, input_ids)` is the objective (default: the language-model loss); `hook.after_step`
-    runs after every optimizer step, and its state is saved and resumed with the trainer's."""
+    runs after every optimizer step, and its state is saved and resumed with the trainer's; `groups(params)`
+    splits the trained parameters into optimizer groups with their own learning rates."""
     started = time.perf_counter()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{settings.label}: nothing to train (no parameter requires grad)")
-    optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(list(params.values()) if groups is None else groups(params), lr=settings.lr,
+                                  weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
     start, losses = _resume(state_dir, fingerprint, params, optimizer, scheduler, hook)
     if start:

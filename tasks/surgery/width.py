@@ -168,16 +168,26 @@ def output_projection(model: nn.Module, unit: str) -> nn.Linear:
 
 
 def set_output_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """Replace the output projection of each unit (`layers.N.mlp` -> its new down_proj weight) by a
-    reconstruction of the plan's kept units; every shape is checked before anything changes."""
-    targets = {unit: output_projection(model, unit) for unit in weights}
-    for unit, linear in targets.items():
-        if tuple(weights[unit].shape) != tuple(linear.weight.shape):
-            raise WidthError(f"width weights: '{unit}' has shape {tuple(weights[unit].shape)}, the pruned model's "
-                             f"projection {tuple(linear.weight.shape)}; the weights belong to another plan")
+    """Write a width strategy's weights into the pruned model: a unit id (`layers.N.mlp`) replaces that
+    unit's output projection (a reconstruction of its kept units), any other key the model's parameter or
+    buffer of that name (a strategy that trained the model). Every name and shape is checked first."""
+    state = model.state_dict()
+    targets = {}
+    for key in weights:
+        if key.startswith("layers.") and key.count(".") == 2:
+            targets[key] = output_projection(model, key).weight
+        elif key in state:
+            targets[key] = state[key]
+        else:
+            raise WidthError(f"width weights: the pruned model has no unit or parameter '{key}'; the weights "
+                             "belong to another plan")
+    for key, tensor in targets.items():
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            raise WidthError(f"width weights: '{key}' has shape {tuple(weights[key].shape)}, the pruned model's "
+                             f"{tuple(tensor.shape)}; the weights belong to another plan")
     with torch.no_grad():
-        for unit, linear in targets.items():
-            linear.weight.copy_(weights[unit].to(linear.weight.dtype))
+        for key, tensor in targets.items():
+            tensor.copy_(weights[key].to(tensor.dtype))
     return model
 
 

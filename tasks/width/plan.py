@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -82,11 +83,14 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What a strategy that reads activations itself (reconstruction) gets: the calibration windows."""
+    """What a strategy that reads activations or trains gets: the calibration windows, the model's folder
+    (its tokenizer) and a folder for resumable state."""
 
     windows: torch.Tensor
     batch_windows: int
-    on_unit: Callable[[int, int], None] | None = None  # (units done, units in all), for progress
+    on_unit: Callable[..., None] | None = None  # (done, in all[, detail]): units or steps, for progress
+    model_path: str | None = None
+    state_dir: Path | None = None
 
 
 @dataclass
@@ -95,9 +99,13 @@ class PlanOutcome:
     units (`layers.N.mlp` / `layers.N.attn` -> the sliced weight) and, per such unit, its errors by stage."""
 
     plan: WidthPlan
+    # `layers.N.mlp` / `layers.N.attn` -> its output projection's new weight, or a parameter name of the
+    # pruned model -> its new value (a strategy that trained the whole model).
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, dict[str, float]] = field(default_factory=dict)
     scores: UnitScores | None = None  # the strategy's own unit scores, when it ranks units itself
+    blocks: tuple[str, ...] = ()  # whole layers the strategy removes besides the depth search's
+    trace: list[dict] = field(default_factory=list)  # per training step: loss, expected sizes, gaps
 
 
 PlanBuilder = Callable[..., "WidthPlan | PlanOutcome"]
