@@ -151,6 +151,16 @@ def _check_width(spec: PipelineSpec, model_path: str) -> None:
         raise WidthError(f"width: model_type '{config.model_type}' has no heads and channels pruneflow can slice "
                          "(fused projections or experts); remove the width section")
     shape = spec.width.shape
+    sublayers = spec.score.granularity != "layer" and getattr(spec.search.target, "blocks", None) != 0
+    if spec.width.strategy == "sheared" and sublayers:
+        raise WidthError(f"width.strategy sheared learns masks on whole layers, but score.granularity "
+                         f"'{spec.score.granularity}' lets the depth search remove halves; use score.granularity: "
+                         "layer or search.target.blocks: 0")
+    if spec.width.strategy == "sheared" and spec.width.sheared is not None and spec.width.sheared.num_hidden_layers:
+        layers = config.num_hidden_layers
+        if spec.width.sheared.num_hidden_layers > layers:
+            raise WidthError(f"width.sheared.num_hidden_layers {spec.width.sheared.num_hidden_layers} is above the "
+                             f"model's {layers} layers")
     if spec.prune.format != "auto":
         problem = get_format(spec.prune.format).width_target_problem(
             {} if shape is None else shape.model_dump(exclude_none=True), spec.width.strategy, config_widths(config))
