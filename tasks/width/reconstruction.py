@@ -49,9 +49,12 @@ class Reconstruction:
     def costs(self, units: torch.Tensor) -> torch.Tensor:
         """Per unit (rows of column indices, [n, d]): the objective's rise when it alone is removed and the
         other kept columns are updated, tr(W_u [H⁻¹]_uu⁻¹ W_uᵀ)."""
-        blocks = self.hinv[units[:, :, None], units[:, None, :]]  # [n, d, d]
+        if units.shape[1] == 1:  # one column each: a division (a batched solve of 1x1 systems is ~100x slower)
+            cols = units[:, 0]
+            return self.w[:, cols].pow(2).sum(dim=0) / self.hinv[cols, cols]
+        blocks = torch.linalg.inv(self.hinv[units[:, :, None], units[:, None, :]])  # [n, d, d], d small
         wu = self.w[:, units].permute(1, 2, 0)  # [n, d, out]
-        return (wu * torch.linalg.solve(blocks, wu)).sum(dim=(1, 2))
+        return torch.einsum("nio,nij,njo->n", wu, blocks, wu)
 
     def remove(self, columns: torch.Tensor) -> None:
         """Remove `columns` at once, updating the kept weights and downdating H⁻¹ (the OBS step)."""
@@ -158,5 +161,8 @@ def _best_additions(state: Reconstruction, units: torch.Tensor, alive: torch.Ten
     p, d = cols.shape
     residual = (state.g[flat] - h_sp.T @ ws).view(p, d, -1)
     schur = state.hd[cols[:, :, None], cols[:, None, :]] - (h_sp.T.view(p, d, -1) @ m.T.view(p, d, -1).transpose(1, 2))
-    gains = (residual * torch.linalg.solve(schur, residual)).sum(dim=(1, 2))
+    if d == 1:
+        gains = residual.pow(2).sum(dim=(1, 2)) / schur[:, 0, 0]
+    else:
+        gains = torch.einsum("pio,pij,pjo->p", residual, torch.linalg.inv(schur), residual)
     return candidates[gains.argsort(descending=True, stable=True)[:size]]
