@@ -159,7 +159,8 @@ def test_no_text(cache: Path, tmp_path: Path, content: str) -> None:
 
 
 def test_empty_corpus_source(cache: Path) -> None:
-    with pytest.raises(SourceError, match="data.source is empty; accepted: builtin:wiki-vital-en"):
+    with pytest.raises(SourceError, match="data.source is empty; accepted: a builtin corpus \\(builtin:wiki-vital-en, "
+                                         "builtin:cmake-docs, builtin:sympy-code\\)"):
         load_texts("  ", "all")
 
 
