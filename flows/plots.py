@@ -195,15 +195,8 @@ def domain_weights(trace: list[dict], path: Path) -> Path:
         right.plot([t["step"] for t in seen], [t["losses"][domain] for t in seen], color=colour, marker=".",
                    label=label)
         right.axhline(trace[0]["reference"][domain], color=colour, linestyle=":", linewidth=0.8)
-    left.set_xlabel("training step", fontsize=10)
-    left.set_ylabel("share of the training windows", fontsize=10)
-    left.set_title("domain weights", fontsize=11)
-    right.set_xlabel("training step", fontsize=10)
-    right.set_ylabel("held-apart loss (dotted: reference)", fontsize=10)
-    right.set_title("domain losses", fontsize=11)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    _label(left, "training step", "share of the training windows", "domain weights")
+    _label(right, "training step", "held-apart loss (dotted: reference)", "domain losses")
     return _save(fig, path)
 
 
@@ -221,15 +214,17 @@ def mask_training(rows: list[dict], path: Path) -> Path:
         right.plot(steps, [r[key] for r in rows], color=colour, linewidth=1, label=name)
         if f"gap.{name}" in rows[0]:
             right.plot(steps, [r[key] - r[f"gap.{name}"] for r in rows], color=colour, linewidth=0.8, linestyle=":")
-    left.set_xlabel("step", fontsize=10)
-    left.set_title("training loss", fontsize=11)
-    right.set_xlabel("step", fontsize=10)
-    right.set_ylabel("share of the dense size (dotted: target)", fontsize=10)
-    right.set_title("expected sizes of the masks", fontsize=11)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    _label(left, "step", "", "training loss")
+    _label(right, "step", "share of the dense size (dotted: target)", "expected sizes of the masks")
     return _save(fig, path)
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel, fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=10)
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _best(step: dict[str, CandidateScore], lowest_first: bool) -> float:
