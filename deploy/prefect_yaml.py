@@ -16,10 +16,10 @@ from pipelines import PIPELINES_DIR, load_spec
 
 WORK_POOL = "pruneflow-process"
 OUT = Path(__file__).parent / "prefect.yaml"
-# Nightly starts spread evenly over 01:00-06:00 UTC, so no two deployments share a start and none lands
-# in the hour after a daytime `prefect deploy`.
+# Nightly starts spread evenly over 01:00-07:00 UTC, at least 30 minutes apart (a recipe runs in minutes),
+# so no two deployments share a start and none lands in the hour after a daytime `prefect deploy`.
 NIGHT_START_MINUTE = 60
-NIGHT_MINUTES = 300
+NIGHT_MINUTES = 360
 
 
 def ready_pipelines() -> list[Path]:

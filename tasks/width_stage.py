@@ -91,7 +91,8 @@ class WidthSpec(Settings):
         if self.scores_units:
             return self
         ranks = f"width.strategy {self.strategy} ranks the units itself"
-        if "metric" in self.model_fields_set:
+        # The default may stand (a spec dumped whole, as deployments and the UI send it, names it).
+        if self.metric != type(self).model_fields["metric"].default:
             raise ValueError(f"{ranks}: remove width.metric (given as '{self.metric}')")
         if self.params_ratio is not None:
             raise ValueError(f"{ranks} and reconstructs one shape: give width.shape instead of width.params_ratio")

@@ -117,7 +117,8 @@ def tiny_model_from(path):
 
 @pytest.mark.parametrize("change, message", [
     ({"datasets": [{"source": "builtin:wiki-vital-en"}]}, "two or more distinct recover.datasets"),
-    ({"dynamic": {"reference_losses": {"builtin:wiki-vital-en": 2.0}}}, "it needs exactly the sources"),
+    ({"dynamic": {"reference_losses": [{"source": "builtin:wiki-vital-en", "loss": 2.0}]}},
+     "it needs exactly the sources"),
 ])
 def test_dynamic_loading_refuses_what_it_cannot_balance(change, message):
     from pipelines import SpecError, validate_mapping

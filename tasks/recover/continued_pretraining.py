@@ -41,8 +41,8 @@ class ContinuedPretrainingRecovery(TrainingRecovery):
             return self
         if len(self.mixture()) < 2:
             raise ValueError("recover.dynamic balances domains: give two or more distinct recover.datasets")
-        given = self.dynamic.reference_losses
-        if given is not None and set(given) != set(self.mixture()):
+        given = self.dynamic.references()
+        if given is not None and (set(given) != set(self.mixture()) or len(given) != len(self.dynamic.reference_losses)):
             raise ValueError(f"recover.dynamic.reference_losses names {sorted(given)}; it needs exactly the "
                              f"sources of recover.datasets: {sorted(self.mixture())}")
         return self
@@ -75,7 +75,7 @@ class ContinuedPretrainingMethod(RecoveryMethod):
                                   ctx.trust_remote_code, held_apart=0 if dynamic is None else dynamic.eval_windows)
         hook = None
         if dynamic is not None:
-            hook = DomainWeights(streams, dynamic, dynamic.reference_losses or _dense_losses(model, ctx, streams))
+            hook = DomainWeights(streams, dynamic, dynamic.references() or _dense_losses(model, ctx, streams))
         model.requires_grad_(True)
         log = train(
             model, lambda step: streams.batch(step, settings.batch_size, settings.seed,

@@ -18,6 +18,11 @@ from tasks.recover.data import TrainingStreams
 from tasks.settings import Settings
 
 
+class DomainLoss(Settings):
+    source: str = Field(min_length=1, description="A source of recover.datasets.")
+    loss: float = Field(gt=0.0, description="Its reference loss (nats per token).")
+
+
 class DynamicLoading(Settings):
     """`recover.dynamic`: how the domain weights follow the domains' losses."""
 
@@ -25,9 +30,12 @@ class DynamicLoading(Settings):
     eta: float = Field(1.0, gt=0.0, le=100.0, description="Step size of the update (η).")
     smoothing: float = Field(0.05, ge=0.0, lt=1.0, description="Share of uniform mixed into the weights (c).")
     eval_windows: int = Field(4, ge=1, le=4096, description="Held-apart windows per domain the loss is measured on.")
-    reference_losses: dict[str, float] | None = Field(
+    reference_losses: tuple[DomainLoss, ...] | None = Field(
         None, description="Per domain (its source as in recover.datasets): the loss to reach; default: the "
         "dense model's on the same windows.")
+
+    def references(self) -> dict[str, float] | None:
+        return None if self.reference_losses is None else {r.source: r.loss for r in self.reference_losses}
 
 
 def domain_losses(model: nn.Module, streams: TrainingStreams, batch: int = 1) -> dict[str, float]:
