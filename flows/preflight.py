@@ -143,7 +143,7 @@ def _check_width(spec: PipelineSpec, model_path: str) -> None:
     from tasks.export.registry import get_format
     from tasks.surgery import architecture_for
     from tasks.surgery.width import WidthError, config_widths
-    from tasks.width import check_shape
+    from tasks.width import WIDTH_STRATEGIES, check_shape
 
     config = model_config(Path(model_path), spec.model.trust_remote_code)
     layout = architecture_for(config.model_type).width
@@ -151,16 +151,15 @@ def _check_width(spec: PipelineSpec, model_path: str) -> None:
         raise WidthError(f"width: model_type '{config.model_type}' has no heads and channels pruneflow can slice "
                          "(fused projections or experts); remove the width section")
     shape = spec.width.shape
+    strategy = WIDTH_STRATEGIES[spec.width.strategy]
     sublayers = spec.score.granularity != "layer" and getattr(spec.search.target, "blocks", None) != 0
-    if spec.width.strategy == "sheared" and sublayers:
-        raise WidthError(f"width.strategy sheared learns masks on whole layers, but score.granularity "
+    if strategy.whole_layers and sublayers:
+        raise WidthError(f"width.strategy {spec.width.strategy} works on whole layers, but score.granularity "
                          f"'{spec.score.granularity}' lets the depth search remove halves; use score.granularity: "
                          "layer or search.target.blocks: 0")
-    if spec.width.strategy == "sheared" and spec.width.sheared is not None and spec.width.sheared.num_hidden_layers:
-        layers = config.num_hidden_layers
-        if spec.width.sheared.num_hidden_layers > layers:
-            raise WidthError(f"width.sheared.num_hidden_layers {spec.width.sheared.num_hidden_layers} is above the "
-                             f"model's {layers} layers")
+    problem = strategy.check and strategy.check(getattr(spec.width, spec.width.strategy, None), config)
+    if problem:
+        raise WidthError(problem)
     if spec.prune.format != "auto":
         problem = get_format(spec.prune.format).width_target_problem(
             {} if shape is None else shape.model_dump(exclude_none=True), spec.width.strategy, config_widths(config))

@@ -124,7 +124,7 @@ CASES = [
      "width.shape.hidden_size: strategy osscar prunes heads and MLP channels"),
     ("sheared-after-a-sublayer-search", _no_setup,
      ["width.strategy=sheared", "width.shape.intermediate_size=64"],
-     "width.strategy sheared learns masks on whole layers"),
+     "width.strategy sheared works on whole layers"),
     ("sheared-more-layers-than-the-model", _no_setup,
      ["search.target.blocks=0", "width.strategy=sheared", "width.shape.intermediate_size=64",
       "width.sheared.num_hidden_layers=9"], "width.sheared.num_hidden_layers 9 is above the model's 4 layers"),

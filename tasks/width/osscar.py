@@ -26,9 +26,10 @@ from torch import nn
 
 from tasks.residual import ResidualRunner, Unit
 from tasks.settings import Settings
-from tasks.surgery.width import LayerWidth, WidthError, WidthPlan, dense_widths, output_projection, width_layout
+from tasks.surgery.width import LayerWidth, WidthError, WidthPlan, dense_widths, output_projection
 from tasks.width.importance import UnitScores
-from tasks.width.plan import Calibration, PlanOutcome, WidthShape, check_shape, register_width_strategy, resolved_heads
+from tasks.width.plan import (Calibration, PlanOutcome, WidthShape, check_shape, refuse_unprunable_heads,
+                              register_width_strategy, resolved_heads)
 from tasks.width.reconstruction import Problem, Reconstruction, eliminate, local_search
 
 
@@ -66,9 +67,7 @@ def osscar_plan(model: nn.Module, scores: UnitScores | None, shape: WidthShape, 
     heads, kv = resolved_heads(shape, dense)
     target = {"channels": kept_channels(shape.intermediate_size, options.round_to, dense["channels"]),
               "heads": heads, "kv_heads": kv}
-    if (heads, kv) != (dense["heads"], dense["kv_heads"]) and not width_layout(model).heads:
-        raise WidthError(f"width.shape: model_type '{model.config.model_type}' normalises queries and keys over "
-                         "all heads, so its heads cannot be pruned exactly; give intermediate_size only")
+    refuse_unprunable_heads(model, heads, kv)
     return _Pass(model, calibration, options, dense, target).run()
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from tasks.registry import Registry
 from tasks.settings import Settings
-from tasks.surgery.width import LayerWidth, WidthError, WidthPlan, dense_widths
+from tasks.surgery.width import LayerWidth, WidthError, WidthPlan, dense_widths, width_layout
 from tasks.width.importance import UnitScores
 
 
@@ -114,13 +114,17 @@ PlanBuilder = Callable[..., "WidthPlan | PlanOutcome"]
 @dataclass(frozen=True)
 class WidthStrategy:
     """A registered strategy: `build(model, scores, shape, **settings, calibration=...)`; `settings` is its
-    section class (`width.<name>`), if any; `scores_units` False: it ranks units itself (no width.metric)."""
+    section class (`width.<name>`), if any; `scores_units` False: it ranks units itself (no width.metric).
+    Preflight reads `whole_layers` (it needs every present layer whole: no depth search that removes halves)
+    and calls `check(settings, config)`, which returns why the model's config cannot take the settings."""
 
     build: PlanBuilder
     settings: type[Settings] | None = None
     scores_units: bool = True
     description: str = ""
     prunes_hidden: bool = True  # False: a shape with hidden_size is refused when the spec is read
+    whole_layers: bool = False
+    check: Callable[[Settings | None, object], str | None] | None = None
 
     def outcome(self, model: nn.Module, scores: UnitScores | None, shape: "WidthShape",
                 settings: Settings | None, calibration: Calibration) -> PlanOutcome:
@@ -132,12 +136,23 @@ class WidthStrategy:
 WIDTH_STRATEGIES: Registry[WidthStrategy] = Registry("width strategy", unknown=WidthError)
 
 
-def register_width_strategy(name: str, settings: type[Settings] | None = None, scores_units: bool = True,
-                            description: str = "", prunes_hidden: bool = True) -> Callable[[PlanBuilder], PlanBuilder]:
+def register_width_strategy(name: str, settings: type[Settings] | None = None, **needs) -> Callable[[PlanBuilder],
+                                                                                                   PlanBuilder]:
+    """`needs`: the other fields of `WidthStrategy` (scores_units, description, prunes_hidden, whole_layers,
+    check)."""
     def register(fn: PlanBuilder) -> PlanBuilder:
-        WIDTH_STRATEGIES.add(name, WidthStrategy(fn, settings, scores_units, description, prunes_hidden), origin=fn)
+        WIDTH_STRATEGIES.add(name, WidthStrategy(fn, settings, **needs), origin=fn)
         return fn
     return register
+
+
+def refuse_unprunable_heads(model: nn.Module, heads: int, kv: int) -> None:
+    """A strategy asked to change the heads of a family that cannot lose them exactly (OLMo-2), before any work."""
+    dense = dense_widths(model)
+    if (heads, kv) != (dense["heads"], dense["kv_heads"]) and not width_layout(model).heads:
+        raise WidthError(f"width.shape: model_type '{model.config.model_type}' normalises queries and keys over "
+                         "all heads, so its heads cannot be pruned exactly; leave num_attention_heads and "
+                         "num_key_value_heads out")
 
 
 def width_strategy_settings() -> dict[str, type[Settings]]:

@@ -20,6 +20,7 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from pydantic import Field
@@ -31,8 +32,8 @@ from tasks.settings import Settings
 from tasks.surgery import layer_ids, remove_blocks
 from tasks.surgery.width import WidthError, apply_width, dense_widths, width_layout
 from tasks.width.importance import UnitScores, present_layers
-from tasks.width.plan import Calibration, PlanOutcome, WidthShape, check_shape, register_width_strategy, \
-    resolved_heads, uniform_plan
+from tasks.width.plan import (Calibration, PlanOutcome, WidthShape, check_shape, refuse_unprunable_heads,
+                              register_width_strategy, resolved_heads, uniform_plan)
 
 LOW, HIGH, BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -178,17 +179,19 @@ class MaskedModel(nn.Module):
 class _Trace:
     """The trainer's step hook: the step counter the ramp reads, and every step's numbers (resumable)."""
 
-    def __init__(self, masked: MaskedModel, calibration: Calibration, steps: int):
-        self.masked, self.calibration, self.steps = masked, calibration, steps
+    def __init__(self, masked: MaskedModel, on_unit: Callable[..., None]):
+        self.masked, self.on_unit = masked, on_unit
         self.rows: list[dict] = []
 
     def after_step(self, done: int, model: nn.Module) -> None:
         self.masked.step = done
         self.rows.append({"step": done, **self.masked.last})
-        if self.calibration.on_unit is not None:
-            last = self.masked.last
-            self.calibration.on_unit(done, self.steps, f"loss {last['loss']:.3f}, expected params "
-                                     f"{last['expected.params']:.3f}, gap {last['gap.params']:+.3f}")
+
+    def report(self, done: int, total: int, _loss: float) -> None:
+        """The trainer's `on_step`: progress with the constraint's state, not just the loss."""
+        last = self.masked.last
+        self.on_unit(done, total, f"loss {last['loss']:.3f}, expected params {last['expected.params']:.3f}, "
+                                  f"gap {last['gap.params']:+.3f}")
 
     def state_dict(self) -> dict:
         return {"rows": self.rows}
@@ -218,7 +221,15 @@ def _targets(sizes: Sizes, shape: WidthShape, heads: int, kv: int, layers: int) 
     return {**{k: v for k, v in shares.items() if v < 1.0}, "params": params / dense}
 
 
-@register_width_strategy("sheared", ShearedSettings, scores_units=False,
+def _layers_problem(options: ShearedSettings | None, layers: int) -> str | None:
+    asked = None if options is None else options.num_hidden_layers
+    if asked is not None and asked > layers:
+        return f"width.sheared.num_hidden_layers {asked} is above the model's {layers} layers"
+    return None
+
+
+@register_width_strategy("sheared", ShearedSettings, scores_units=False, whole_layers=True,
+                         check=lambda options, config: _layers_problem(options, config.num_hidden_layers),
                          description="learned hard-concrete masks to the shape, with the weights (Sheared LLaMA)")
 def sheared_plan(model: nn.Module, scores: UnitScores | None, shape: WidthShape, calibration: Calibration,
                  **settings) -> PlanOutcome:
@@ -232,16 +243,15 @@ def sheared_plan(model: nn.Module, scores: UnitScores | None, shape: WidthShape,
     check_shape(shape, dense)
     heads, kv = resolved_heads(shape, dense)
     sizes = _sizes(model)
+    problem = _layers_problem(options, sizes.layers)
+    if problem:
+        raise WidthError(problem)
     layers = options.num_hidden_layers or sizes.layers
-    if layers > sizes.layers:
-        raise WidthError(f"width.sheared.num_hidden_layers {layers} is above the model's {sizes.layers} layers")
-    if (heads, kv) != (dense["heads"], dense["kv_heads"]) and not width_layout(model).heads:
-        raise WidthError(f"width.shape: model_type '{model.config.model_type}' normalises queries and keys over "
-                         "all heads, so its heads cannot be pruned exactly; give intermediate_size or hidden_size")
+    refuse_unprunable_heads(model, heads, kv)
     work = copy.deepcopy(model)
     torch.manual_seed(options.seed)
     masked = MaskedModel(work, sizes, _targets(sizes, shape, heads, kv, layers), options.warmup)
-    trace = _Trace(masked, calibration, options.steps)
+    trace = _Trace(masked, calibration.on_unit)
     streams = TrainingStreams(calibration.model_path, {options.dataset: 1.0}, options.seq_len,
                               options.steps * options.batch_size * options.seq_len)
     masked.requires_grad_(True)
@@ -250,7 +260,9 @@ def sheared_plan(model: nn.Module, scores: UnitScores | None, shape: WidthShape,
         train(masked, lambda step: streams.batch(step, options.batch_size, options.seed),
               TrainSettings(options.steps, options.lr, 0, options.seed, options.checkpoint_every, "sheared"),
               Path(calibration.state_dir), _fingerprint(options, shape), log=lambda _m: None,
-              on_step=lambda *_: None, loss_of=lambda m, ids: m.objective(ids), hook=trace,
+              # Without a caller following the steps, the trainer draws its own progress bar.
+              on_step=None if calibration.on_unit is None else trace.report,
+              loss_of=lambda m, ids: m.objective(ids), hook=trace,
               groups=lambda named: _groups(named, options.lr, lrs))
     finally:
         masked.remove_hooks()
