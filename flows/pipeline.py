@@ -18,8 +18,8 @@ from flows.keys import derive_run_id, identity_hash
 from flows.locks import exclusive, folder_lock, run_lock
 from flows.outputs import check_owner, claim, run_dir, sweep_temporaries, write_json
 from flows.preflight import preflight
-from flows.plots import (domain_weights, mask_training, perplexity_curve, reconstruction_errors, score_heatmap, scores_by_step,
-                         width_importance)
+from flows.plots import (domain_weights, mask_training, perplexity_curve, reconstruction_errors, score_heatmap,
+                         scores_by_step, width_importance)
 from flows.progress import Fanout, SearchProgress
 from flows.ui import StepTables, artifact_key, publish_summary
 from flows.recorder import CatalogRecorder, WallClock
@@ -400,7 +400,7 @@ def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory
     if width is not None and width.trace:
         pictures["plot-masks"] = mask_training(list(width.trace), folder / "mask_training.png")
     if width is not None and width.errors:
-        pictures["plot-reconstruction"] = reconstruction_errors(width.summary(spec.width)["reconstruction"],
+        pictures["plot-reconstruction"] = reconstruction_errors(width.reconstruction(),
                                                                 folder / "reconstruction_errors.png")
     return pictures
 

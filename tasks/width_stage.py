@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from tasks.load import ModelSpec, open_model
 from tasks.refs import ArtifactRef
@@ -44,9 +44,8 @@ class WidthSpec(Settings):
     metric: str = Field("activation", description="Unit importance: a registered width metric (activation: "
                         "Minitron; taylor: LLM-Pruner; magnitude: weight norms).",
                         json_schema_extra=_names_of(WIDTH_METRICS))
-    strategy: str = Field("uniform", description="How the plan is chosen: uniform (the shape in every layer, "
-                          "Minitron), per_layer (the shape's totals by one ranking across layers, LLM-Pruner) or "
-                          "osscar (layer-wise reconstruction, AMD Quark's OSSCAR: it ranks units itself).",
+    strategy: str = Field("uniform", description="How the plan is chosen: a registered width strategy (each is "
+                          "described in the composed section, `width_section`).",
                           json_schema_extra=_names_of(WIDTH_STRATEGIES))
     shape: WidthShape | None = Field(
         None, description="The widths every layer keeps (uniform), or keeps on average (per_layer).")
@@ -125,7 +124,11 @@ def width_section(module: str) -> type[WidthSpec]:
     """The `width` section with a field for each registered width metric (`width.taylor`) and strategy
     (`width.per_layer`, `width.osscar`) that takes settings."""
     metrics = with_method_sections(WidthSpec, "WidthSpec", "metric", width_metric_settings(), module)
-    return with_method_sections(metrics, "WidthSpec", "strategy", width_strategy_settings(), module)
+    composed = with_method_sections(metrics, "WidthSpec", "strategy", width_strategy_settings(), module)
+    # The strategies' own descriptions, read after plugins registered theirs (the parameter form shows them).
+    described = "; ".join(f"{name}: {s.description}" for name, s in WIDTH_STRATEGIES.items())
+    return create_model("WidthSpec", __base__=composed, __module__=module, strategy=(str, Field(
+        "uniform", description=f"How the plan is chosen ({described}).", json_schema_extra=_names_of(WIDTH_STRATEGIES))))
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,16 @@ class WidthResult:
         out = {"metric": width.scored_by, "strategy": width.strategy, "shape": self.shape,
                "params_ratio": width.params_ratio, "layers": list(self.layers), "seconds": self.seconds}
         if self.errors:
-            out["reconstruction"] = [{"unit": unit, **dict(stages)} for unit, stages in self.errors]
+            out["reconstruction"] = self.reconstruction()
         if self.blocks:
             out["blocks"] = list(self.blocks)
         if self.trace:
             out["training"] = list(self.trace)
         return out
+
+    def reconstruction(self) -> list[dict]:
+        """Per reconstructed unit, in model order: `{"unit": ..., "<stage>": error, ...}`."""
+        return [{"unit": unit, **dict(stages)} for unit, stages in self.errors]
 
     def error_rows(self) -> dict[str, list[tuple[str, float]]]:
         """Per stage (`reconstruction.refit`, ...): (unit, error) rows for the catalog's unit scores."""
@@ -164,8 +171,9 @@ class WidthResult:
 
 def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ...], model: ModelSpec,
                 width: WidthSpec, batch_windows: int, out_dir: Path | None = None,
-                on_unit: Callable[[int, int], None] | None = None) -> WidthResult:
-    """`out_dir` receives a reconstructing strategy's weights (`width-weights.safetensors`)."""
+                on_unit: Callable[..., None] | None = None) -> WidthResult:
+    """`out_dir` receives a reconstructing strategy's weights (`width-weights.safetensors`) and a training
+    strategy's resumable state; `on_unit(done, total[, detail])` follows the strategy's units or steps."""
     started = time.perf_counter()
     dense_model = open_model(model_path, model)
     dense_params = total_params(dense_model)

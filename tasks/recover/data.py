@@ -35,7 +35,7 @@ class TrainingStreams:
                     f"{seq_len}" + (f" after the {held_apart} held apart" if held_apart else "")
                     + "; use a shorter seq_len or more text"
                 )
-            self.held[source] = stream[:cut].view(held_apart, seq_len) if held_apart else stream[:0]
+            self.held[source] = stream[:cut].view(held_apart, seq_len)
             self.streams[source] = stream[cut:]
 
     def batch(self, step: int, batch_size: int, seed: int, weights: torch.Tensor | None = None) -> torch.Tensor:
