@@ -259,13 +259,15 @@ def test_format_choice_and_refusals():
 
 
 def test_auto_falls_back_to_pruneflow_without_a_modeling_template(monkeypatch):
-    from tasks.export import codegen
+    # An architecture adapter (a plugin's, say) for a model_type that transformers has no causal LM class for.
+    from transformers.models.auto import modeling_auto
 
-    monkeypatch.delitem(codegen.FAMILIES, "qwen2")
-    assert resolve_format("auto", _pruned("qwen2", MIXED)) == "pruneflow"
-    assert resolve_format("auto", _pruned("qwen2", ["layers.1"])) == "hf"
+    mixed, whole = _pruned("qwen2", MIXED), _pruned("qwen2", ["layers.1"])
+    monkeypatch.delitem(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "qwen2")
+    assert resolve_format("auto", mixed) == "pruneflow"
+    assert resolve_format("auto", whole) == "hf"
     with pytest.raises(ExportError, match="no modeling template for model_type 'qwen2'"):
-        resolve_format("remote_code", _pruned("qwen2", MIXED))
+        resolve_format("remote_code", mixed)
 
 
 def test_legacy_interim_checkpoints_still_load(tmp_path):

@@ -90,8 +90,9 @@ class ArchitectureAdapter(Plugin):
 
     model_types: ClassVar[tuple[str, ...]] = ()
     # Checkpoint formats the prune stage may write for this family: "hf" (only whole layers removed: the
-    # original architecture with fewer layers) and "pruneflow" (removed halves recorded in config.pruneflow).
-    export_formats: ClassVar[tuple[str, ...]] = ("hf", "pruneflow")
+    # original architecture with fewer layers), "remote_code" (any cut, with modeling code built on the
+    # family's transformers classes) and "pruneflow" (removed halves recorded in config.pruneflow).
+    export_formats: ClassVar[tuple[str, ...]] = ("hf", "pruneflow", "remote_code")
     attn: ClassVar[HalfLayout] = HalfLayout("self_attn", norms=("input_layernorm",))
     mlp: ClassVar[HalfLayout] = HalfLayout("mlp", norms=("post_attention_layernorm",))
     # Attention heads and MLP channels this family can lose (tasks/surgery/width.py); None: whole blocks only.

@@ -9,6 +9,7 @@ raises no deprecation warning on either side of the rename.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -48,3 +49,20 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
     for name in LAYER_CACHE_ARGS:
         kwargs.pop(name, None)
     return cache
+
+
+def cache_slots(keeps_attention: list[bool]) -> dict[int, int]:
+    """Layer position -> KV-cache slot, for the layers that keep their attention (slot j belongs to the j-th
+    kept attention); a model without any attention gives position 0 the one slot that counts tokens."""
+    kept = [p for p, keeps in enumerate(keeps_attention) if keeps] or [0]
+    return {position: slot for slot, position in enumerate(kept)}
+
+
+def slot_cache_config(config: Any, slots: dict[int, int]) -> Any:
+    """The config a cache is built from: one layer per slot, with that slot's layer type."""
+    cache_config = copy.copy(config)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        cache_config.layer_types = [layer_types[p] for p in slots]
+    cache_config.num_hidden_layers = len(slots)
+    return cache_config

@@ -1,11 +1,14 @@
-"""Parameter-free stand-ins for removed sub-blocks: the layer then adds zero to the residual stream."""
+"""Parameter-free stand-ins for removed sub-blocks: the layer then adds zero to the residual stream.
+
+This module needs only torch: pruneflow's in-memory models use it, and checkpoints whose modeling code
+keeps the family's own layers carry a copy of it (hence the relative import)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tasks.surgery.kv_cache import layer_cache
+from .kv_cache import layer_cache
 
 
 class RemovedAttention(nn.Module):
@@ -16,15 +19,19 @@ class RemovedAttention(nn.Module):
     would say 0 tokens and break cached decoding when that layer's attention was removed. The placeholder
     holds batch x tokens numbers (not heads x head_dim of them) and goes through the public `update`, so
     every cache type (dynamic, sliding, static, beam reordering) keeps its own length bookkeeping.
+
+    A checkpoint whose cache has slots for kept attention only passes `holds_length=False`, except for
+    one stand-in when no attention is kept at all (something must still count the cached tokens).
     """
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, layer_idx: int, holds_length: bool = True):
         super().__init__()
         self.layer_idx = layer_idx
+        self.holds_length = holds_length
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         cache = layer_cache(kwargs)
-        if cache is not None:
+        if cache is not None and self.holds_length:
             _hold_length(cache, hidden_states, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 

@@ -12,6 +12,7 @@ next to their modeling code, so both place adapters by the same rule (`placement
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -90,3 +91,61 @@ def apply_all(adapters: nn.ModuleDict, units: list[str], hidden: torch.Tensor) -
     for unit in units:
         hidden = adapters[adapter_key(unit)](hidden)
     return hidden
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    if args:
+        return args[0], True
+    return kwargs["hidden_states"], False
+
+
+# Hooks are objects holding the adapters, not closures: `copy.deepcopy(model)` then gives the copy
+# hooks that use the copy's own adapters.
+class _BeforeHook:
+    def __init__(self, adapters: nn.ModuleDict, units: list[str]):
+        self.adapters, self.units = adapters, units
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden, positional = _hidden_arg(args, kwargs)
+        hidden = apply_all(self.adapters, self.units, hidden)
+        if positional:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+
+class _SlotHook:
+    """The stand-in's norms are identities, so the hidden state it receives is the residual stream itself."""
+
+    def __init__(self, adapters: nn.ModuleDict, unit: str):
+        self.adapters, self.unit = adapters, unit
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden, _ = _hidden_arg(args, kwargs)
+        delta = self.adapters[adapter_key(self.unit)].delta(hidden)
+        return (delta, *output[1:]) if isinstance(output, tuple) else delta
+
+
+class _AfterHook:
+    def __init__(self, adapters: nn.ModuleDict, units: list[str]):
+        self.adapters, self.units = adapters, units
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (apply_all(self.adapters, self.units, output[0]), *output[1:])
+        return apply_all(self.adapters, self.units, output)
+
+
+def hook_adapters(layers: nn.ModuleList, stand_in: Callable[[nn.Module, str], nn.Module], adapters: nn.ModuleDict,
+                  plan: Placement) -> list:
+    """Make a family's own forward apply the adapters, where removed halves are parameter-free stand-ins
+    (`stand_in(layer, part)`) whose norms are identities; returns the hook handles."""
+    handles = []
+    for position, units in plan.before.items():
+        handles.append(layers[position].register_forward_pre_hook(_BeforeHook(adapters, units), with_kwargs=True))
+    for part, slots in (("attn", plan.attn), ("mlp", plan.mlp)):
+        for position, unit in slots.items():
+            handles.append(stand_in(layers[position], part).register_forward_hook(_SlotHook(adapters, unit),
+                                                                                  with_kwargs=True))
+    if plan.after:
+        handles.append(layers[len(layers) - 1].register_forward_hook(_AfterHook(adapters, plan.after), with_kwargs=True))
+    return handles

@@ -9,8 +9,6 @@ belongs to the j-th kept attention), so the cache holds keys and values for kept
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -18,26 +16,14 @@ from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecod
                                                       LlamaModel, LlamaPreTrainedModel, LlamaRMSNorm)
 
 from .configuration_pruned import PrunedLlamaConfig
-from .kv_cache import CACHE_ARG, cache_kwargs, pop_cache
+from .kv_cache import CACHE_ARG, cache_kwargs, cache_slots, pop_cache, slot_cache_config
 from .layer_widths import narrow_attention, narrow_mlp
 from .residual_adapters import ADAPTERS_ATTR, adapter_key, apply_all, build_adapters, placement
 
 
 def attention_cache_slots(config: PrunedLlamaConfig) -> dict[int, int]:
     """Layer position -> KV-cache slot, for the layers that keep their attention."""
-    kept = [p for p in range(config.num_hidden_layers) if config.keeps_attention(p)]
-    return {position: slot for slot, position in enumerate(kept)}
-
-
-def kv_cache_config(config: PrunedLlamaConfig) -> PrunedLlamaConfig:
-    """The config a cache is built from: one layer per kept attention, with that layer's type."""
-    slots = attention_cache_slots(config)
-    cache_config = copy.copy(config)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        cache_config.layer_types = [layer_types[p] for p in slots]
-    cache_config.num_hidden_layers = len(slots)
-    return cache_config
+    return cache_slots([config.keeps_attention(p) for p in range(config.num_hidden_layers)])
 
 
 class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
@@ -50,7 +36,7 @@ class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
         self.input_layernorm = self.self_attn = None
         self.post_attention_layernorm = self.mlp = None
         widths = config.layer_widths(layer_idx)
-        if cache_slot is not None:
+        if config.keeps_attention(layer_idx):
             self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.self_attn = narrow_attention(LlamaAttention(config=config, layer_idx=layer_idx), widths)
             self.self_attn.layer_idx = cache_slot
@@ -116,7 +102,7 @@ class PrunedLlamaModel(LlamaModel):
                                plan.mlp.get(position), plan.after if position == last else [])
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=kv_cache_config(self.config))
+        return DynamicCache(config=slot_cache_config(self.config, attention_cache_slots(self.config)))
 
 
 class PrunedLlamaForCausalLM(LlamaForCausalLM):
