@@ -21,7 +21,9 @@ from transformers import AutoModelForCausalLM
 from tasks.evaluation import Evaluation
 from tasks.export.registry import format_of
 from tasks.export.common import DTYPES
-from tasks.export.trust import TRUST_SETTING, TrustError, check_trusted, ships_own_code
+from tasks.export.trust import (TRUST_SETTING, TrustError, check_trusted, is_own_format, model_config,
+                                package_config, ships_own_code)
+from tasks.surgery.architecture import architecture_for
 from tasks.surgery.kv_cache import cache_kwargs, output_cache
 
 @dataclass(frozen=True)
@@ -52,9 +54,16 @@ def load_for_serving(path: str | Path, dtype: str = "float32", device: str = "cp
     if not own:
         check_trusted(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=own or trust_remote_code, attn_implementation="sdpa"
+        path, dtype=DTYPES[dtype], trust_remote_code=own or trust_remote_code, attn_implementation=family_kernel(path, trust_remote_code)
     )
     return model.to(device).eval()
+
+
+def family_kernel(path: Path, trusted: bool = False) -> str:
+    """The attention kernel of the checkpoint's family as pruneflow runs it (SDPA, or eager where transformers
+    refuses SDPA, as for Gemma 2's soft-capped attention), so dense and pruned models are timed alike."""
+    config = package_config(path) if is_own_format(path) else model_config(path, trusted)
+    return architecture_for(config.model_type).attn_implementation
 
 
 def _tokens(model: nn.Module, batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -262,22 +262,27 @@ def test_save_reload_in_a_fresh_process(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt_neox", "gemma3_text", "qwen2_moe"])
 def test_two_step_search_through_the_flow(family, tmp_path):
-    # Whole layers, so the checkpoint is the family's standard architecture whatever `prune.format: auto`
-    # picks for removed halves; halves are covered per family by the tests above.
+    # Sublayer search, so the checkpoint carries its own code; tests/test_family_cli.py runs every family
+    # through the command line, with whole-layer searches too.
     from flows import prune_pipeline
-    from tasks.surgery import load_model
+    from tasks.export import load_checkpoint
     from tests.flowkit import tiny_pipeline
 
     build(family).save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     tiny_corpus(tmp_path / "corpus.txt")
     path = tiny_pipeline(tmp_path, name=f"tiny-{family.replace('_', '-')}",
-                         score={"granularity": "layer"}, search={"target": {"blocks": 2}})
+                         score={"granularity": "sublayer"}, search={"target": {"blocks": 2}})
     summary = prune_pipeline(path)
     assert len(summary["blocks"]) == 2
-    pruned = AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
-    assert pruned.config.num_hidden_layers == LAYERS - 2
-    assert total_params(pruned) == summary["params_pruned"] == total_params(load_model(summary["checkpoint"]))
+    kernel = architecture_for(CONFIGS[family]().model_type).attn_implementation
+    pruned = AutoModelForCausalLM.from_pretrained(summary["checkpoint"], trust_remote_code=True,
+                                                  attn_implementation=kernel).eval()
+    ours = load_checkpoint(summary["checkpoint"])
+    assert total_params(pruned) == summary["params_pruned"] == total_params(ours)
+    windows = tiny_windows()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(windows).logits, ours(windows).logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
