@@ -34,6 +34,8 @@ from tasks.surgery import (
     total_params,
     units_of,
 )
+from tasks.export import export_model
+from tasks.surgery.adapted import install_adapters
 from tasks.surgery.architecture import UnsupportedArchitecture
 from tests.tiny import VOCAB, tiny_corpus, tiny_tokenizer, tiny_windows
 
@@ -219,6 +221,14 @@ torch.set_num_threads(int(sys.argv[2]))
 windows = torch.load(f"{root}/windows.pt")
 out = {}
 for name in json.load(open(f"{root}/cases.json")):
+    if name.endswith("-remote_code"):
+        # Transformers alone, running the checkpoint's own code (stand-ins and recovery adapters).
+        kernel = architecture_for(json.load(open(f"{root}/{name}/config.json"))["pruneflow"]["base_model_type"]).attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(f"{root}/{name}", trust_remote_code=True,
+                                                     attn_implementation=kernel).eval()
+        with torch.no_grad():
+            out[name] = {"logits": model(windows).logits}
+        continue
     model = load_model(f"{root}/{name}")
     with torch.no_grad():
         out[name] = {"logits": model(windows).logits, "nll": ResidualRunner(model).nll(windows)}
@@ -236,13 +246,22 @@ torch.save(out, f"{root}/reloaded.pt")
 def test_save_reload_in_a_fresh_process(tmp_path):
     windows = tiny_windows()
     torch.save(windows, tmp_path / "windows.pt")
-    cuts = {"hf": ["layers.0", "layers.2"], "pruneflow": ["layers.0", "layers.1.attn", "layers.3.mlp"]}
+    cuts = {"hf": ["layers.0", "layers.2"], "pruneflow": ["layers.0", "layers.1.attn", "layers.3.mlp"],
+            "remote_code": ["layers.0", "layers.1.attn", "layers.3"]}
     expected = {}
     for family in FAMILIES:
         for fmt, blocks in cuts.items():
             model = remove_blocks(build(family), blocks)
             name = f"{family}-{fmt}"
-            save_model(model, None, tmp_path / name)
+            if fmt == "remote_code":
+                # Recovery adapters before the first kept layer, in a removed half's slot, after the last layer.
+                torch.manual_seed(5)
+                with torch.no_grad():
+                    for param in install_adapters(model, {u: 2 for u in units_of(blocks)}).parameters():
+                        param.normal_(0.0, 0.2)
+                export_model(model, tmp_path / name, "remote_code")
+            else:
+                save_model(model, None, tmp_path / name)
             with torch.no_grad():
                 expected[name] = {"logits": model(windows).logits, "nll": ResidualRunner(model).nll(windows)}
     (tmp_path / "cases.json").write_text(json.dumps(sorted(expected)))
@@ -253,6 +272,9 @@ def test_save_reload_in_a_fresh_process(tmp_path):
     reloaded = torch.load(tmp_path / "reloaded.pt")
     for name, want in expected.items():
         got = reloaded[name]
+        if name.endswith("-remote_code"):
+            torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5, msg=name)
+            continue
         torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(got["nll"], want["nll"], rtol=0, atol=0, msg=name)
         if name.endswith("-hf"):

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tasks.export.registry import ExportError, ExportFormat, read_config
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tasks.surgery import architecture_for, layer_ids, remove_blocks, removed_units
 from tasks.surgery.adapted import adapter_ranks, install_adapters
@@ -93,7 +94,33 @@ def write_weights(model: nn.Module, out_dir: Path) -> dict:
     Removed halves are parameter-free stand-ins, so they contribute no tensors."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    _restore_adapter_names(model, out_dir)
     return json.loads((out_dir / "config.json").read_text())
+
+
+def _restore_adapter_names(model: nn.Module, out_dir: Path) -> None:
+    """Writes the recovery adapters under their own names. save_pretrained renames keys by the family's
+    weight conversions, whose patterns are regular expressions with unescaped dots: Mixtral's `.mlp.` also
+    matches `layers_0_mlp.` in an adapter's name, which then no reader finds."""
+    prefix = ADAPTERS_ATTR + "."
+    adapters = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(prefix)}
+    if not adapters:
+        return
+    index_file = out_dir / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    shards = ["model.safetensors"]
+    if index is not None:
+        shards = sorted({f for k, f in index["weight_map"].items() if k.startswith(prefix)}) or [
+            sorted(set(index["weight_map"].values()))[-1]]
+    for position, name in enumerate(shards):
+        with safe_open(str(out_dir / name), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith(prefix)}
+        save_file({**tensors, **(adapters if position == 0 else {})}, str(out_dir / name), metadata=metadata)
+    if index is not None:
+        weight_map = {k: f for k, f in index["weight_map"].items() if not k.startswith(prefix)}
+        index["weight_map"] = {**weight_map, **{k: shards[0] for k in adapters}}
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def write_config(out_dir: Path, config: dict) -> None:
