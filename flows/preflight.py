@@ -63,7 +63,9 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     except TokenizerError as exc:
         raise TokenizerError(f"model.source: {exc}") from exc
     cal = spec.calibration
-    _check_lengths(spec, model_config(Path(model.path), spec.model.trust_remote_code))
+    config = model_config(Path(model.path), spec.model.trust_remote_code)
+    _check_lengths(spec, config)
+    _check_format(spec, config, tokenizer)
     for source, count in cal.sources():
         _enough_tokens(
             _texts(source, "calibration", "calibration.dataset"), tokenizer, count * cal.seq_len,
@@ -85,6 +87,16 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
 
 class WindowTooLong(UserError):
     pass
+
+
+def _check_format(spec: PipelineSpec, config, tokenizer) -> None:
+    """A format that cannot hold this model's pruned form at all is refused now, not after the search."""
+    from tasks.export import ExportError, get_format
+
+    if spec.prune.format != "auto":
+        problem = get_format(spec.prune.format).source_problem(config, tokenizer)
+        if problem:
+            raise ExportError(f"prune.format: {problem}")
 
 
 def _check_lengths(spec: PipelineSpec, config) -> None:

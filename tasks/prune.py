@@ -71,8 +71,9 @@ def write_checkpoint(model, source_path: str, target: Path, requested_format: st
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        export_model(model.to("cpu"), tmp, fmt)
+        # The tokenizer first: a format that carries it inside its file (gguf) reads it from the folder.
         load_tokenizer(source_path, trust_remote_code).save_pretrained(tmp)
+        export_model(model.to("cpu"), tmp, fmt)
         _copy_generation_config(source_path, tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -57,6 +57,23 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
 
 
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer like GPT-2's (one token per byte, a few merges, `</s>`), the kind GGUF carries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = [("a", "b"), ("c", "d"), ("ab", "cd")]
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+    tokenizer.add_special_tokens({"eos_token": "</s>"})
+    return tokenizer
+
+
 def tiny_checkpoint(path, family: str = "llama", layers: int = 4, seed: int = 0):
     """A tiny random model with its tokenizer, saved as a Hugging Face directory."""
     model = tiny_model(family, layers, seed)

@@ -2,7 +2,7 @@
 
 Formats (`prune.format`): `hf` (original architecture, whole layers only), `remote_code` (modeling code
 in the checkpoint, any removed blocks), `nemotron_nas` (DeciLM block_configs that vLLM serves),
-`pruneflow` (weights and record only, read by pruneflow). `auto` picks `hf` when only whole layers went,
+`pruneflow` (weights and record only, read by pruneflow), `gguf` (one file llama.cpp serves). `auto` picks `hf` when only whole layers went,
 else `remote_code`, or `pruneflow` for an architecture that has no modeling template.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tasks.export import hf, nemotron_nas, pruneflow_format, remote_code  # noqa: F401  (register the formats)
+from tasks.export import gguf_format, hf, nemotron_nas, pruneflow_format, remote_code  # noqa: F401  (register the formats)
 from tasks.export.codegen import write_code
 from tasks.export.trust import (TokenizerError, TrustError, check_trusted, is_own_format, model_config,
                                 package_config)

@@ -203,17 +203,26 @@ def load_recorded(path: Path, dtype: str, device: str) -> nn.Module:
     )
 
 
-def load_width_pruned(path: Path, record: dict, values: dict, dtype: str, device: str) -> nn.Module:
-    """A checkpoint with a width plan: the dense shape of the kept layers is built, the removed blocks and
-    the plan's units cut from it as the prune stage cut them, then the checkpoint's weights fill it."""
+def empty_recorded_model(record: dict, values: dict, dtype: str) -> nn.Module:
+    """pruneflow's model of a recorded checkpoint, shaped as the prune stage left it, weights not loaded: the
+    dense shape of the kept layers (the plan's sizes, where the record has a plan), the removed blocks and
+    the plan's units cut from it."""
     kept, removed = record["layer_ids"], record["removed"]
-    config = AutoConfig.for_model(record["base_model_type"], **{**values, **record["dense"]})
+    config = AutoConfig.for_model(record["base_model_type"], **{**values, **(record.get("dense") or {})})
     config.pruneflow = {"layer_ids": list(kept), "removed": sorted(u for u in removed if int(u.split(".")[1]) not in kept)}
     model = AutoModelForCausalLM.from_config(
         config, dtype=DTYPES[dtype],
         attn_implementation=getattr(architecture_for(record["base_model_type"]), "attn_implementation", "sdpa"))
     remove_blocks(model, [u for u in removed if int(u.split(".")[1]) in kept])
-    apply_width(model, WidthPlan.model_validate(record["plan"]))
+    if record.get("plan"):
+        apply_width(model, WidthPlan.model_validate(record["plan"]))
+    return model
+
+
+def load_width_pruned(path: Path, record: dict, values: dict, dtype: str, device: str) -> nn.Module:
+    """A checkpoint with a width plan: the dense shape of the kept layers is built, the removed blocks and
+    the plan's units cut from it as the prune stage cut them, then the checkpoint's weights fill it."""
+    model = empty_recorded_model(record, values, dtype)
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:

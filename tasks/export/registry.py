@@ -34,6 +34,11 @@ class ExportFormat(Plugin):
         """Why this format cannot express `model`, or None when it can."""
         return None
 
+    def source_problem(self, config, tokenizer) -> str | None:
+        """Why this format cannot hold a pruned model of this source (its transformers config and tokenizer),
+        checked before a run starts; None when it can, or when only the pruned model can tell."""
+        return None
+
     def width_target_problem(self, shape: dict[str, int], strategy: str, dense: dict[str, int]) -> str | None:
         """Why this format cannot hold the plans a width target makes (checked before a run starts), or None.
         `shape`: the sizes asked (model config names), `dense`: the model's (heads, kv_heads, channels)."""

@@ -1,0 +1,163 @@
+"""`prune.format: gguf`: one file in llama.cpp's llama or deci architecture, with the tokenizer, read back by
+pruneflow exactly, and (marker `llama_cpp`) served by llama.cpp with transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from tasks.export import ExportError, checkpoint_format, export_model, load_checkpoint, resolve_format
+from tasks.export.gguf_format import GGUF_FILE, ZERO_FFN_CHANNELS, rotary_halves, rotary_pairs
+from tasks.surgery import remove_blocks
+from tasks.surgery.adapted import install_adapters
+from tasks.surgery.width import LayerWidth, WidthPlan, apply_width
+from tests.tiny import tiny_bpe_tokenizer, tiny_model, tiny_tokenizer
+
+VOCAB = 264  # the tokenizer's 260 tokens, padded
+CASES = {
+    # name: (blocks removed, width plan, architecture written)
+    "layers": (["layers.1"], None, "llama"),
+    "halves": (["layers.0.attn", "layers.2.mlp"], None, "deci"),
+    "uniform": ([], {lid: LayerWidth(heads=(0, 1), kv_heads=(0,), channels=tuple(range(0, 96, 2))) for lid in range(4)},
+                "llama"),
+    "per_layer": (["layers.3.attn"], {0: LayerWidth(channels=tuple(range(40))),
+                                      1: LayerWidth(heads=(2, 3), kv_heads=(1,))}, "deci"),
+}
+
+
+def build(blocks: list[str], plan: dict | None, seed: int = 0) -> torch.nn.Module:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, eos_token_id=259)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.mul_(1.0 + torch.rand(()) * 4.0)
+    remove_blocks(model, blocks)
+    return apply_width(model, WidthPlan(layers=plan)) if plan else model
+
+
+def export(model, path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    tiny_bpe_tokenizer().save_pretrained(path)
+    assert export_model(model, path, "gguf") == "gguf"
+    return path
+
+
+def fields(path: Path) -> dict:
+    reader = gguf.GGUFReader(str(path / GGUF_FILE))
+    out = {}
+    for key, field in reader.fields.items():
+        values = [field.parts[i] for i in field.data]
+        if field.types and field.types[0] == gguf.GGUFValueType.STRING:
+            values = [bytes(v).decode() for v in values]
+        else:
+            values = [v.tolist()[0] if len(v) == 1 else v.tolist() for v in values]
+        out[key] = values[0] if len(values) == 1 and field.types[0] != gguf.GGUFValueType.ARRAY else values
+    out["tensors"] = {t.name: list(reversed(t.shape.tolist())) for t in reader.tensors}
+    return out
+
+
+def test_rotary_rows_interleave_and_back():
+    weight = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of 8 rows
+    paired = rotary_pairs(weight, 2)
+    # Head 0's rows 0..3 (first half) and 4..7 (second half) alternate: 0, 4, 1, 5, ...
+    assert paired[:8, 0].tolist() == [0.0, 12.0, 3.0, 15.0, 6.0, 18.0, 9.0, 21.0]
+    assert torch.equal(rotary_halves(paired, 2), weight)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_written_file_reads_back_as_the_pruned_model(name, tmp_path):
+    blocks, plan, arch = CASES[name]
+    model = build(blocks, plan)
+    path = export(model, tmp_path / name)
+    assert sorted(p.name for p in path.iterdir() if p.suffix in (".gguf", ".safetensors")) == [GGUF_FILE]
+    assert checkpoint_format(path) == "gguf"
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path)(ids).logits, model(ids).logits)
+    meta = fields(path)
+    assert meta["general.architecture"] == arch
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    assert len(meta["tokenizer.ggml.tokens"]) == VOCAB and meta["tokenizer.ggml.eos_token_id"] == 259
+    assert meta[f"{arch}.block_count"] == 4 - len([b for b in blocks if b.count(".") == 1])
+
+
+def test_deci_arrays_give_each_layer_its_sizes(tmp_path):
+    blocks, plan, _ = CASES["per_layer"]
+    meta = fields(export(build(blocks, plan), tmp_path / "ckpt"))
+    assert meta["deci.attention.head_count"] == [4, 2, 4, 0]  # layer 3's attention is gone
+    assert meta["deci.attention.head_count_kv"] == [2, 1, 2, 0]
+    assert meta["deci.feed_forward_length"] == [40, 96, 96, 96]
+    assert meta["deci.attention.key_length"] == 16
+    assert "blk.3.attn_q.weight" not in meta["tensors"] and "blk.3.attn_norm.weight" not in meta["tensors"]
+    assert meta["tensors"]["blk.1.attn_q.weight"] == [32, 64] and meta["tensors"]["blk.1.attn_k.weight"] == [16, 64]
+
+    # A removed MLP is written as zero channels: llama.cpp's deci graph would drop the attention of an
+    # FFN-free layer.
+    meta = fields(export(build(*CASES["halves"][:2]), tmp_path / "halves"))
+    assert meta["deci.feed_forward_length"] == [96, 96, ZERO_FFN_CHANNELS, 96]
+    reader = gguf.GGUFReader(str(tmp_path / "halves" / GGUF_FILE))
+    down = next(t for t in reader.tensors if t.name == "blk.2.ffn_down.weight")
+    assert not np.array(down.data).any()
+
+
+def test_what_gguf_cannot_hold_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="writes Llama models.*'qwen2'"):
+        resolve_format("gguf", remove_blocks(tiny_model("qwen2"), ["layers.1.attn"]))
+    adapted = build(["layers.1.attn"], None)
+    install_adapters(adapted, {"layers.1.attn": 2})
+    with pytest.raises(ExportError, match="format 'gguf' has no place for the recovery adapters"):
+        resolve_format("gguf", adapted)
+    path = tmp_path / "char-tokenizer"
+    path.mkdir()
+    tiny_tokenizer().save_pretrained(path)
+    with pytest.raises(ExportError, match="byte-level BPE tokenizers.*WordLevel"):
+        export_model(build(["layers.1"], None), path, "gguf")
+
+
+def test_config_records_the_format_and_no_safetensors(tmp_path):
+    path = export(build(*CASES["halves"][:2]), tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    assert config["pruneflow"]["format"] == "gguf"
+    assert config["pruneflow"]["removed"] == ["layers.0.attn", "layers.2.mlp"]
+
+
+def test_cli_run_writes_a_gguf_checkpoint_and_refuses_what_it_cannot_hold(tmp_path, capsys):
+    from catalog import Catalog
+    from flows.cli import main as cli
+    from tests.flowkit import tiny_pipeline
+    from tests.tiny import tiny_corpus
+
+    root = tmp_path / "bpe"
+    build([], None).save_pretrained(root / "model")
+    tiny_bpe_tokenizer().save_pretrained(root / "model")
+    tiny_corpus(root / "corpus.txt")
+    path = tiny_pipeline(root, search={"target": {"blocks": 2}}, prune={"format": "gguf"})
+    assert cli(["run", str(path)]) == 0
+    run_id = capsys.readouterr().out.split()[1]
+    catalog = Catalog(root / "out" / "catalog.duckdb")
+    checkpoint = Path(next(a.path for a in catalog.artifacts(run_id) if a.kind == "checkpoint"))
+    assert (checkpoint / GGUF_FILE).is_file() and checkpoint_format(checkpoint) == "gguf"
+    blocks = [s.block for s in catalog.steps(run_id)]
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(checkpoint)(ids).logits, remove_blocks(build([], None), blocks)(ids).logits)
+    assert {("pruned", "perplexity")} <= {(e.stage, e.metric) for e in catalog.evaluations(run_id)}
+
+    # The tiny character-level tokenizer has no GGUF form: refused before anything is written.
+    refused = tmp_path / "chars"
+    path = tiny_pipeline(refused, prune={"format": "gguf"})
+    assert cli(["run", str(path)]) == 2
+    assert "prune.format: format 'gguf' writes byte-level BPE tokenizers" in capsys.readouterr().err
+    assert not (refused / "out").exists()
