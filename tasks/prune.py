@@ -28,7 +28,8 @@ class PruneError(UserError):
 FORMAT_HELP = (
     "auto: a standard checkpoint when only whole layers go, else a self-contained one; "
     "hf: original architecture (whole layers only); remote_code: modeling code in the checkpoint; "
-    "nemotron_nas: DeciLM block_configs that vLLM serves; or any export format a plugin registers."
+    "nemotron_nas: DeciLM block_configs that vLLM serves; gguf: one file that llama.cpp serves (Llama); "
+    "pruneflow: weights and record only; or any export format a plugin registers."
 )
 
 

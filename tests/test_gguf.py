@@ -24,7 +24,7 @@ VOCAB = 264  # the tokenizer's 260 tokens, padded
 CASES = {
     # name: (blocks removed, width plan, architecture written)
     "layers": (["layers.1"], None, "llama"),
-    "halves": (["layers.0.attn", "layers.2.mlp"], None, "deci"),
+    "halves": (["layers.1.attn", "layers.2.mlp"], None, "deci"),
     "uniform": ([], {lid: LayerWidth(heads=(0, 1), kv_heads=(0,), channels=tuple(range(0, 96, 2))) for lid in range(4)},
                 "llama"),
     "per_layer": (["layers.3.attn"], {0: LayerWidth(channels=tuple(range(40))),
@@ -88,7 +88,7 @@ def test_written_file_reads_back_as_the_pruned_model(name, tmp_path):
         assert torch.equal(load_checkpoint(path)(ids).logits, model(ids).logits)
     meta = fields(path)
     assert meta["general.architecture"] == arch
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     assert len(meta["tokenizer.ggml.tokens"]) == VOCAB and meta["tokenizer.ggml.eos_token_id"] == 259
     assert meta[f"{arch}.block_count"] == 4 - len([b for b in blocks if b.count(".") == 1])
 
@@ -113,6 +113,8 @@ def test_deci_arrays_give_each_layer_its_sizes(tmp_path):
 
 
 def test_what_gguf_cannot_hold_is_refused(tmp_path):
+    with pytest.raises(ExportError, match=r"first kept layer \(layers.0\) has no attention"):
+        resolve_format("gguf", build(["layers.0.attn"], None))
     with pytest.raises(ExportError, match="writes Llama models.*'qwen2'"):
         resolve_format("gguf", remove_blocks(tiny_model("qwen2"), ["layers.1.attn"]))
     adapted = build(["layers.1.attn"], None)
@@ -130,7 +132,7 @@ def test_config_records_the_format_and_no_safetensors(tmp_path):
     path = export(build(*CASES["halves"][:2]), tmp_path / "ckpt")
     config = json.loads((path / "config.json").read_text())
     assert config["pruneflow"]["format"] == "gguf"
-    assert config["pruneflow"]["removed"] == ["layers.0.attn", "layers.2.mlp"]
+    assert config["pruneflow"]["removed"] == ["layers.1.attn", "layers.2.mlp"]
 
 
 def test_cli_run_writes_a_gguf_checkpoint_and_refuses_what_it_cannot_hold(tmp_path, capsys):
@@ -143,7 +145,9 @@ def test_cli_run_writes_a_gguf_checkpoint_and_refuses_what_it_cannot_hold(tmp_pa
     build([], None).save_pretrained(root / "model")
     tiny_bpe_tokenizer().save_pretrained(root / "model")
     tiny_corpus(root / "corpus.txt")
-    path = tiny_pipeline(root, search={"target": {"blocks": 2}}, prune={"format": "gguf"})
+    # llama.cpp needs the first layer's attention (see test_what_gguf_cannot_hold_is_refused).
+    path = tiny_pipeline(root, search={"target": {"blocks": 2}, "protect": ["layers.0.attn"]},
+                         prune={"format": "gguf"})
     assert cli(["run", str(path)]) == 0
     run_id = capsys.readouterr().out.split()[1]
     catalog = Catalog(root / "out" / "catalog.duckdb")
@@ -161,3 +165,56 @@ def test_cli_run_writes_a_gguf_checkpoint_and_refuses_what_it_cannot_hold(tmp_pa
     assert cli(["run", str(path)]) == 2
     assert "prune.format: format 'gguf' writes byte-level BPE tokenizers" in capsys.readouterr().err
     assert not (refused / "out").exists()
+
+
+SERVE = r"""
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+root = sys.argv[1]
+out = {}
+for name in json.load(open(f"{root}/cases.json")):
+    llm = Llama(model_path=f"{root}/{name}/model.gguf", n_ctx=128, n_threads=1, logits_all=True, verbose=False,
+                type_k=0, type_v=0,  # an fp32 KV cache (llama.cpp keeps fp16 by default)
+                n_batch=128)
+    prompts = json.load(open(f"{root}/prompts.json"))
+    greedy = []
+    for prompt in prompts:
+        llm.reset()
+        tokens = []
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            tokens.append(int(token))
+            if len(tokens) == 32:
+                break
+        greedy.append(tokens)
+    llm.reset()
+    llm.eval(prompts[0])
+    out[name] = {"greedy": greedy, "logits": np.asarray(llm.scores[: len(prompts[0])]).tolist()}
+json.dump(out, open(f"{root}/served.json", "w"))
+"""
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_serves_every_layout_as_transformers_computes_it(tmp_path):
+    """llama-cpp-python (built from source once; see README) loads each file: greedy tokens for 3 prompts x 32
+    equal the in-memory pruned model's, and the prompt's logits agree within 1e-4 of their range (fp32)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp", reason="install llama-cpp-python (README: Serving engines)")
+    prompts = [torch.randint(0, 259, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    models = {name: build(*CASES[name][:2]) for name in CASES}
+    for name, model in models.items():
+        export(model, tmp_path / name)
+    (tmp_path / "cases.json").write_text(json.dumps(sorted(models)))
+    subprocess.run([sys.executable, "-c", SERVE, str(tmp_path)], check=True, cwd=tmp_path)
+    served = json.loads((tmp_path / "served.json").read_text())
+    for name, model in models.items():
+        with torch.no_grad():
+            expected = [model.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                       eos_token_id=None)[0, 12:].tolist() for p in prompts]
+            logits = model(torch.tensor([prompts[0]])).logits[0]
+        assert served[name]["greedy"] == expected, name
+        # fp32 in both, summed in another order: within 1e-4 of the logits' range.
+        assert (torch.tensor(served[name]["logits"]) - logits).abs().max() <= 1e-4 * logits.abs().max(), name

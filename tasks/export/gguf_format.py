@@ -46,7 +46,7 @@ _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight"
            "lm_head.weight": "output.weight"}
 # tokenizer.json's byte-level pre-tokenizer -> llama.cpp's name for the same splitting.
 _PRE_TOKENIZERS = {json.dumps({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                               "use_regex": True}, sort_keys=True): "gpt2"}
+                               "use_regex": True}, sort_keys=True): "gpt-2"}
 
 
 def rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -80,6 +80,12 @@ class GGUFFormat(ExportFormat):
     servable = False  # llama.cpp serves it; transformers does not read the folder (pruneflow does)
 
     def problem(self, model: nn.Module) -> str | None:
+        first = layer_ids(model)[0] if layer_ids(model) else None
+        if first is not None and f"layers.{first}.attn" in removed_units(model):
+            # llama.cpp reads the head size only when layer 0 has heads, and takes the model for one without
+            # attention otherwise.
+            return (f"format 'gguf': the first kept layer (layers.{first}) has no attention, which llama.cpp "
+                    "cannot load; keep its attention (search.protect) or use format 'remote_code'")
         return self.source_problem(model.config, None) or adapters_problem(model, self.name)
 
     def source_problem(self, config, tokenizer) -> str | None:
