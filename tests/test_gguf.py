@@ -218,3 +218,71 @@ def test_llama_cpp_serves_every_layout_as_transformers_computes_it(tmp_path):
         assert served[name]["greedy"] == expected, name
         # fp32 in both, summed in another order: within 1e-4 of the logits' range.
         assert (torch.tensor(served[name]["logits"]) - logits).abs().max() <= 1e-4 * logits.abs().max(), name
+
+
+SERVE_REAL = r"""
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+root = sys.argv[1]
+case = json.load(open(f"{root}/case.json"))
+llm = Llama(model_path=case["path"], n_ctx=1024, n_threads=2, logits_all=True, verbose=False, n_batch=512,
+            type_k=0, type_v=0)
+greedy = []
+for prompt in case["prompts"]:
+    llm.reset()
+    tokens = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        tokens.append(int(token))
+        if len(tokens) == 32:
+            break
+    greedy.append(tokens)
+llm.reset()
+window = case["window"]
+llm.eval(window)
+logits = np.asarray(llm.scores[: len(window)], dtype=np.float64)
+logits -= logits.max(axis=1, keepdims=True)
+logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+nll = -logprobs[np.arange(len(window) - 1), window[1:]].mean()
+json.dump({"greedy": greedy, "ppl": float(np.exp(nll)), "text": llm.detokenize(greedy[0]).decode("utf-8", "replace")},
+          open(f"{root}/served.json", "w"))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.llama_cpp
+def test_the_pruned_demo_model_serves_in_llama_cpp(tmp_path):
+    """SmolLM2-135M without a middle attention, a late MLP and a whole layer (llama.cpp's deci layout), with its
+    own tokenizer: llama.cpp gives transformers' greedy 32 tokens on 3 prompts, and the same perplexity on 512
+    held-out tokens of the encyclopedia."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from tasks.sources import load_texts, resolve_model
+    from tasks.surgery import load_model
+    from tasks.windows import leading_windows, tokenize_stream
+
+    pytest.importorskip("llama_cpp", reason="install llama-cpp-python (README: Serving engines)")
+    source = resolve_model("builtin:smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model = remove_blocks(load_model(source.path), ["layers.12.attn", "layers.24.mlp", "layers.28"])
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    tokenizer.save_pretrained(path)
+    assert export_model(model, path, "gguf") == "gguf"
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+    ids = [tokenizer(p).input_ids for p in prompts]
+    window = leading_windows(tokenize_stream(load_texts("builtin:wiki-vital-en", "evaluation")[:20], tokenizer),
+                             512, 512)[0]
+    (tmp_path / "case.json").write_text(json.dumps({"path": str(path / GGUF_FILE), "prompts": ids,
+                                                    "window": window.tolist()}))
+    subprocess.run([sys.executable, "-c", SERVE_REAL, str(tmp_path)], check=True, cwd=tmp_path)
+    served = json.loads((tmp_path / "served.json").read_text())
+    with torch.no_grad():
+        expected = [model.generate(torch.tensor([i]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                   eos_token_id=None)[0, len(i):].tolist() for i in ids]
+        ppl = float(torch.exp(model(window[None], labels=window[None]).loss))
+    assert served["greedy"] == expected
+    assert served["ppl"] == pytest.approx(ppl, rel=1e-4)
