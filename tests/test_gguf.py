@@ -260,3 +260,17 @@ def test_the_pruned_demo_model_serves_in_llama_cpp(tmp_path):
     assert got["greedy"] == want["greedy"]
     ppl = {k: float(np.exp(-np.mean(v["logprobs"]))) for k, v in (("served", got), ("transformers", want))}
     assert ppl["served"] == pytest.approx(ppl["transformers"], rel=1e-4), ppl
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_tensors_stay_half(dtype, tmp_path):
+    model = build(*CASES["per_layer"][:2]).to(getattr(torch, dtype))
+    path = export(model, tmp_path / dtype)
+    reader = gguf.GGUFReader(str(path / GGUF_FILE))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.ffn_down.weight"] == {"float16": "F16", "bfloat16": "BF16"}[dtype]
+    assert kinds["blk.0.attn_norm.weight"] == "F32"  # norms in fp32, as llama.cpp's converter writes them
+    assert fields(path)["general.file_type"] == {"float16": 1, "bfloat16": 32}[dtype]
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path, dtype=dtype)(ids).logits, model(ids).logits)
