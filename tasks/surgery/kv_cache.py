@@ -13,6 +13,7 @@ import copy
 import inspect
 from typing import Any
 
+from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerationMixin
 
 
@@ -51,18 +52,29 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
     return cache
 
 
-def cache_slots(keeps_attention: list[bool]) -> dict[int, int]:
-    """Layer position -> KV-cache slot, for the layers that keep their attention (slot j belongs to the j-th
-    kept attention); a model without any attention gives position 0 the one slot that counts tokens."""
-    kept = [p for p, keeps in enumerate(keeps_attention) if keeps] or [0]
+def cache_slots(config: Any) -> dict[int, int]:
+    """Layer position -> KV-cache slot of a pruned checkpoint's config (its `keeps_attention(position)`):
+    slot j belongs to the j-th kept attention; a model without any attention gives position 0 the one slot
+    that counts tokens."""
+    kept = [p for p in range(config.num_hidden_layers) if config.keeps_attention(p)] or [0]
     return {position: slot for slot, position in enumerate(kept)}
 
 
-def slot_cache_config(config: Any, slots: dict[int, int]) -> Any:
-    """The config a cache is built from: one layer per slot, with that slot's layer type."""
+def slot_cache(config: Any) -> DynamicCache:
+    """A cache with one layer per slot of `cache_slots(config)`, each of that layer's type (sliding or full)."""
+    slots = cache_slots(config)
     cache_config = copy.copy(config)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         cache_config.layer_types = [layer_types[p] for p in slots]
     cache_config.num_hidden_layers = len(slots)
-    return cache_config
+    return DynamicCache(config=cache_config)
+
+
+def use_slot_cache(generation_config: Any, model_kwargs: dict[str, Any], config: Any) -> None:
+    """For `_prepare_cache_for_generation`: generate() sizes its default cache by num_hidden_layers; a cache
+    the caller chose (or another implementation) stays, the default one becomes `slot_cache(config)`."""
+    cache = model_kwargs.get(CACHE_ARG)
+    default = generation_config.cache_implementation in (None, "dynamic")
+    if default and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+        model_kwargs[CACHE_ARG] = slot_cache(config)

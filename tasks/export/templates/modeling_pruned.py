@@ -10,20 +10,14 @@ belongs to the j-th kept attention), so the cache holds keys and values for kept
 from __future__ import annotations
 
 from torch import nn
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
                                                       LlamaModel, LlamaPreTrainedModel, LlamaRMSNorm)
 
 from .configuration_pruned import PrunedLlamaConfig
-from .kv_cache import CACHE_ARG, cache_kwargs, cache_slots, pop_cache, slot_cache_config
+from .kv_cache import cache_kwargs, cache_slots, pop_cache, slot_cache, use_slot_cache
 from .layer_widths import narrow_attention, narrow_mlp
 from .residual_adapters import ADAPTERS_ATTR, adapter_key, apply_all, build_adapters, placement
-
-
-def attention_cache_slots(config: PrunedLlamaConfig) -> dict[int, int]:
-    """Layer position -> KV-cache slot, for the layers that keep their attention."""
-    return cache_slots([config.keeps_attention(p) for p in range(config.num_hidden_layers)])
 
 
 class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
@@ -79,7 +73,7 @@ class PrunedLlamaModel(LlamaModel):
     def __init__(self, config: PrunedLlamaConfig):
         # The parent builds full layers (on the meta device under from_pretrained); replace them.
         super().__init__(config)
-        slots = attention_cache_slots(config)
+        slots = cache_slots(config)
         self.layers = nn.ModuleList(
             [PrunedLlamaDecoderLayer(config, p, slots.get(p)) for p in range(config.num_hidden_layers)]
         )
@@ -90,7 +84,7 @@ class PrunedLlamaModel(LlamaModel):
         cache = pop_cache(kwargs)
         wants_cache = self.config.use_cache if use_cache is None else use_cache
         if wants_cache and cache is None and not (self.gradient_checkpointing and self.training):
-            cache = self.new_cache()
+            cache = slot_cache(self.config)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, use_cache=use_cache, **cache_kwargs(cache), **kwargs)
 
@@ -100,9 +94,6 @@ class PrunedLlamaModel(LlamaModel):
         for position, layer in enumerate(self.layers):
             layer.use_adapters(adapters, plan.before.get(position, []), plan.attn.get(position),
                                plan.mlp.get(position), plan.after if position == last else [])
-
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=slot_cache_config(self.config, attention_cache_slots(self.config)))
 
 
 class PrunedLlamaForCausalLM(LlamaForCausalLM):
@@ -123,10 +114,7 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() sizes a default cache by num_hidden_layers; give it one slot per kept attention instead.
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get(CACHE_ARG)
-        default = generation_config.cache_implementation in (None, "dynamic")
-        if default and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs[CACHE_ARG] = self.model.new_cache()
+        use_slot_cache(generation_config, model_kwargs, self.config)
 
 
 __all__ = ["PrunedLlamaDecoderLayer", "PrunedLlamaForCausalLM", "PrunedLlamaModel"]

@@ -14,20 +14,14 @@ from __future__ import annotations
 import inspect
 
 from torch import nn
-from transformers.cache_utils import DynamicCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from .configuration_pruned import PrunedLlamaConfig
-from .kv_cache import CACHE_ARG, cache_kwargs, cache_slots, pop_cache, slot_cache_config
+from .kv_cache import cache_kwargs, cache_slots, pop_cache, slot_cache, use_slot_cache
 from .layer_widths import narrow_attention, narrow_mlp
 from .removed_halves import RemovedAttention, RemovedMLP
 from .residual_adapters import ADAPTERS_ATTR, build_adapters, hook_adapters, placement
-
-
-def attention_cache_slots(config: PrunedLlamaConfig) -> dict[int, int]:
-    """Layer position -> KV-cache slot, for the layers that keep their attention."""
-    return cache_slots([config.keeps_attention(p) for p in range(config.num_hidden_layers)])
 
 
 def cut_layer(layer: nn.Module, config: PrunedLlamaConfig, position: int, slots: dict[int, int]) -> None:
@@ -73,7 +67,7 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         layout = config.pruneflow["layout"]
         layers = self.get_submodule(layout["layers"])
-        slots = attention_cache_slots(config)
+        slots = cache_slots(config)
         for position, layer in enumerate(layers):
             cut_layer(layer, config, position, slots)
         ranks = config.pruneflow.get("adapters") or {}
@@ -83,24 +77,18 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
                           placement(config.pruneflow["layer_ids"], list(ranks)))
         self.post_init()
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=slot_cache_config(self.config, attention_cache_slots(self.config)))
-
     def forward(self, input_ids=None, use_cache=None, logits_to_keep=0, **kwargs):
         # The family's forward would size a default cache by num_hidden_layers; give it one slot per kept attention.
         cache = pop_cache(kwargs)
         wants_cache = self.config.use_cache if use_cache is None else use_cache
         if wants_cache and cache is None and not self.training:
-            cache = self.new_cache()
+            cache = slot_cache(self.config)
         return super().forward(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
                                **cache_kwargs(cache), **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get(CACHE_ARG)
-        default = generation_config.cache_implementation in (None, "dynamic")
-        if default and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs[CACHE_ARG] = self.new_cache()
+        use_slot_cache(generation_config, model_kwargs, self.config)
 
 
 # generate() reads the forward's parameters to decide what to pass it (logits_to_keep, position_ids, ...):
