@@ -80,11 +80,11 @@ class GGUFFormat(ExportFormat):
     servable = False  # llama.cpp serves it; transformers does not read the folder (pruneflow does)
 
     def problem(self, model: nn.Module) -> str | None:
-        first = layer_ids(model)[0] if layer_ids(model) else None
-        if first is not None and f"layers.{first}.attn" in removed_units(model):
+        kept = layer_ids(model)
+        if kept and f"layers.{kept[0]}.attn" in removed_units(model):
             # llama.cpp reads the head size only when layer 0 has heads, and takes the model for one without
             # attention otherwise.
-            return (f"format 'gguf': the first kept layer (layers.{first}) has no attention, which llama.cpp "
+            return (f"format 'gguf': the first kept layer (layers.{kept[0]}) has no attention, which llama.cpp "
                     "cannot load; keep its attention (search.protect) or use format 'remote_code'")
         return self.source_problem(model.config, None) or adapters_problem(model, self.name)
 
@@ -139,7 +139,7 @@ class GGUFFormat(ExportFormat):
                 continue  # the embedding's own tensor, loaded under token_embd
             if key not in stored:
                 raise ExportError(f"{path}/{GGUF_FILE} lacks {key} (for {name})")
-            state[name] = _unpermuted(name, _read(stored[key]).reshape(param.shape), model)
+            state[name] = _reordered(name, _read(stored[key]).reshape(param.shape), model, rotary_halves)
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys or [k for k in result.missing_keys if k != "lm_head.weight"]:
             raise ExportError(f"{path}/{GGUF_FILE}: tensors do not match the record ({result})")
@@ -199,9 +199,16 @@ def _write_hparams(writer, model: nn.Module, deci: bool) -> None:
     writer.add_file_type(file_types[next(model.parameters()).dtype])
 
 
+def _pre_tokenizer(spec: dict) -> str | None:
+    """llama.cpp's name for a tokenizer's (tokenizer.json's content) splitting, None where it has none here."""
+    if spec["model"]["type"] != "BPE":
+        return None
+    return _PRE_TOKENIZERS.get(json.dumps(spec.get("pre_tokenizer"), sort_keys=True))
+
+
 def tokenizer_problem(spec: dict) -> str | None:
     """Why a tokenizer (tokenizer.json's content) has no GGUF form here, or None."""
-    if spec["model"]["type"] == "BPE" and json.dumps(spec.get("pre_tokenizer"), sort_keys=True) in _PRE_TOKENIZERS:
+    if _pre_tokenizer(spec) is not None:
         return None
     return ("format 'gguf' writes byte-level BPE tokenizers (GPT-2's pre-tokenizer); this tokenizer is "
             f"{spec['model']['type']} with pre-tokenizer {spec.get('pre_tokenizer')}")
@@ -214,10 +221,9 @@ def _write_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     if not file.is_file():
         raise ExportError(f"format 'gguf' carries the tokenizer: {folder} has no tokenizer.json")
     spec = json.loads(file.read_text())
-    problem = tokenizer_problem(spec)
-    if problem:
-        raise ExportError(problem)
-    pre = _PRE_TOKENIZERS[json.dumps(spec.get("pre_tokenizer"), sort_keys=True)]
+    pre = _pre_tokenizer(spec)
+    if pre is None:
+        raise ExportError(tokenizer_problem(spec))
     vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
     if max(vocab.values()) >= vocab_size:
         raise ExportError(f"format 'gguf': the tokenizer has ids up to {max(vocab.values())}, the model "
@@ -259,7 +265,7 @@ def _tensors(model: nn.Module, deci: bool):
         key = gguf_name(name)
         if key is None:
             raise ExportError(f"format 'gguf' has no name for the weight {name}")
-        value = _permuted(name, value.detach().cpu(), model)
+        value = _reordered(name, value.detach().cpu(), model, rotary_pairs)
         yield key, (value.float() if value.dim() == 1 else value).contiguous()
     if deci:
         yield from _zero_ffns(model)
@@ -284,13 +290,8 @@ def _heads_of(name: str, model: nn.Module) -> int:
     return proj.out_features // layer.head_dim
 
 
-def _permuted(name: str, value: torch.Tensor, model: nn.Module) -> torch.Tensor:
+def _reordered(name: str, value: torch.Tensor, model: nn.Module, reorder) -> torch.Tensor:
+    """`reorder` (rotary_pairs to write, rotary_halves to read) applied to query and key rows; others as they are."""
     if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
-        return rotary_pairs(value, _heads_of(name, model))
-    return value
-
-
-def _unpermuted(name: str, value: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
-        return rotary_halves(value, _heads_of(name, model))
+        return reorder(value, _heads_of(name, model))
     return value
