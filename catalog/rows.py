@@ -82,7 +82,8 @@ class ScoreRow(_FromDb):
     exact: bool
     created_at: datetime
     # Standard error of `value` when the metric is a sampling estimate (Shapley); for a candidate that
-    # left a race, the standard error of its gap to the leader (log-perplexity per token). None otherwise.
+    # left a race, the standard error of its gap to the leader, or to the reference it was least surely
+    # behind when a strategy keeps several (log-perplexity per token). None otherwise.
     std_error: float | None = None
     # Racing: the confidence interval of that gap when the candidate left (gap_low > 0); None otherwise.
     gap_low: float | None = None

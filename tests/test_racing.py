@@ -1,5 +1,6 @@
-"""Racing (`search.mode: racing`): candidates leave once they are behind the leader with confidence; the
-rest run every window, so the chosen blocks and the winners' scores are those of exact mode."""
+"""Racing (`search.mode: racing`): candidates leave once they are behind the leader (or, for a strategy
+that keeps several, as many references) with confidence; the rest run every window, so the chosen blocks
+and the winners' scores are those of exact mode, for every perplexity-driven strategy."""
 
 from __future__ import annotations
 
@@ -109,6 +110,74 @@ def test_resumed_race_reuses_recorded_scores(trained):
     assert again == full == first and resumed.reused == 3
 
 
+def test_a_race_for_the_best_k_drops_only_those_behind_k_references():
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(24, generator=generator) * 5
+    nll = {name: shared + shift + torch.randn(24, generator=generator) * 0.1
+           for name, shift in [("a", 0.0), ("b", 0.05), ("c", 2.0), ("d", 2.0), ("e", 4.0)]}
+    assert set(leavers(nll, 0.001, keep=1)) == {"c", "d", "e"}
+    assert set(leavers(nll, 0.001, keep=2)) == {"c", "d", "e"}
+    # c and d are the third and fourth: keeping three, only e is behind all three references.
+    left = leavers(nll, 0.001, keep=3)
+    assert set(left) == {"e"} and 1.5 < left["e"].mean < 2.5 and left["e"].low > 0  # least sure: behind c or d
+    assert leavers(nll, 0.001, keep=5) == {}
+
+
+def _raced_and_exact(model, windows, strategy: str, target: Target, **kwargs):
+    """(records, unit windows, scores) of an exact search and of the same search raced."""
+    runs = []
+    for racing in (None, RacingOptions(confidence=0.99)):
+        ctx = search_context(model, windows, target=target, racing=racing, **kwargs)
+        records = run_search(ctx, strategy)
+        runs.append(([(r.block, r.value) for r in records], ctx.scorer.work.unit_windows, ctx.recorder.scores))
+    return runs
+
+
+@pytest.mark.parametrize("strategy, target, kwargs", [
+    ("one_shot", Target(blocks=3), {}),
+    ("one_shot", Target(params_ratio=0.2), {}),
+    ("beam", Target(blocks=2), {"strategy_settings": {"width": 2}}),
+    ("consecutive", Target(blocks=2), {"granularity": "layer"}),
+    ("iterative", Target(params_ratio=0.2), {"objective": "ppl_per_param"}),
+])
+def test_every_perplexity_strategy_races_to_the_exact_choice(trained, strategy, target, kwargs):
+    model, windows = trained
+    (exact, exact_work, _), (raced, raced_work, scores) = _raced_and_exact(model, windows, strategy, target, **kwargs)
+    assert raced == exact  # the same plan, with the same floats
+    left = [s for step in scores.values() for s in step.values() if not s.exact]
+    assert raced_work <= exact_work
+    if strategy != "consecutive":  # three segments of two layers: too close to tell apart on 32 windows
+        assert left and raced_work < exact_work
+    for score in left:
+        assert score.gap_low > 0 and score.n_tokens < 32 * 15
+
+
+def test_one_shot_keeps_as_many_as_its_plan_may_take(trained):
+    model, windows = trained
+    ctx = search_context(model, windows, target=Target(params_ratio=0.2))
+    candidates = ctx.candidates([])
+    most = ctx.goal.most_blocks(candidates)
+    smallest = sorted(candidates, key=lambda c: ctx.goal.params_of([c]))
+    assert ctx.target_met(smallest[:most]) and not ctx.target_met(smallest[: most - 1])
+    assert ctx.goal.most_blocks(candidates) >= 2  # attention halves are the smaller ones: more than one
+
+
+def test_round_entry_states_keep_memory_to_a_round(trained):
+    """A budget too small for every entry state: the race computes them per round, with the same result."""
+    model, windows = trained
+    runs = []
+    for budget in (None, 1e-6):
+        ctx = search_context(model, windows, target=Target(blocks=2), racing=RacingOptions(), memory_budget_gb=budget)
+        records = run_search(ctx, "iterative")
+        runs.append(([(r.block, r.value) for r in records], ctx.scorer))
+    (whole, whole_scorer), (rounds, round_scorer) = runs
+    assert rounds == whole and round_scorer.per_round and not whole_scorer.per_round
+    state = windows[:1].numel() * model.config.hidden_size * 4  # one window's hidden states, float32
+    units = len(round_scorer.runner.units)
+    assert round_scorer.work.stored_bytes <= units * 8 * state < whole_scorer.work.stored_bytes
+    assert round_scorer.current_perplexity(set()) == whole_scorer.current_perplexity(set())
+
+
 def _cli(*args: str):
     import subprocess
     import sys
@@ -125,9 +194,15 @@ def test_racing_through_the_command_line(tmp_path):
 
     pipeline = tiny_pipeline(tmp_path, calibration={"samples": 16, "seq_len": 16},
                              search={"target": {"blocks": 2}, "mode": "racing", "racing": {"min_windows": 4}})
-    refused = _cli("validate", str(pipeline), "--set", "search.strategy=one_shot")
-    assert refused.returncode == 2 and "search.mode 'racing'" in refused.stderr and "iterative" in refused.stderr
-    per_param = _cli("validate", str(pipeline), "--set", "search.objective=ppl_per_param")
+    for strategy in ("one_shot", "beam", "consecutive"):
+        assert _cli("validate", str(pipeline), "--set", f"search.strategy={strategy}",
+                    "--set", "score.granularity=layer").returncode == 0
+    refused = _cli("validate", str(pipeline), "--set", "score.metric=block_influence",
+                   "--set", "score.granularity=layer")
+    assert refused.returncode == 2 and "search.mode 'racing'" in refused.stderr and "'perplexity'" in refused.stderr
+    assert _cli("validate", str(pipeline), "--set", "search.objective=ppl_per_param").returncode == 0
+    per_param = _cli("validate", str(pipeline), "--set", "search.objective=ppl_per_param",
+                     "--set", "search.strategy=one_shot")
     assert per_param.returncode == 2 and "search.objective ppl_per_param" in per_param.stderr
     clash = _cli("validate", str(pipeline), "--set", "search.exact_scores=true")
     assert clash.returncode == 2 and "contradicts search.exact_scores" in clash.stderr

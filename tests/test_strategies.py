@@ -311,6 +311,10 @@ def spec(**sections):
     ({"score": {"granularity": "layer"}, "search": {"strategy": "one_shot", "exact_scores": False}},
      "ranks candidates, so their scores must be exact"),
     ({"score": {"metric": "cosine"}, "search": {"exact_scores": False}}, "set exact_scores: true"),
+    ({"score": {"metric": "angular_distance", "granularity": "layer"}, "search": {"strategy": "consecutive",
+                                                                                 "mode": "racing"}},
+     "search.mode 'racing' drops candidates once they are behind with confidence, which needs score.metric "
+     "'perplexity'"),
     ({"score": {"shapley": {"samples": 4}}}, "score.shapley applies only with score.metric: shapley"),
     ({"score": {"metric": "shapley", "shapley": {"estimator": "leave_one_out", "seed": 1}}},
      "seed apply only to estimator 'sampled'"),

@@ -22,7 +22,8 @@ class CandidateScore:
     seconds: float
     exact: bool = True  # False: evaluation stopped early, `value` is a lower bound
     std_error: float | None = None  # sampling estimates (Shapley): the standard error of `value`
-    # Racing: the confidence interval of the gap to the leader in log-perplexity when the candidate left.
+    # Racing: the confidence interval of the gap to the leader (or, when a strategy keeps several, to the
+    # reference it was least surely behind) in log-perplexity when the candidate left.
     gap_low: float | None = None
     gap_high: float | None = None
 

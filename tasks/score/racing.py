@@ -1,21 +1,28 @@
 """Racing (`search.mode: racing`): a perplexity step whose cost grows slower than its calibration set.
 
 Windows go in rounds, in a seeded order. After each round every candidate still in the race is compared
-with the current leader (the lowest NLL so far) on the same windows: the per-window NLL difference has a
-far smaller spread than the windows' own NLLs, so a few windows tell most candidates apart. A candidate
-leaves once the lower end of a one-sided Student-t confidence bound on its mean difference is above zero;
-the rest run over every window, so the winner's score is exact and the same float as in exact mode.
+with the references (the `keep` lowest totals so far; one, the leader, for a search that takes the best
+candidate) on the same windows: the per-window NLL difference has a far smaller spread than the windows'
+own NLLs, so a few windows tell most candidates apart. A candidate leaves once the lower end of a
+one-sided Student-t confidence bound on its mean difference to each reference is above zero; the rest
+run over every window, so their scores are exact and the same floats as in exact mode.
 
-The guarantee: the exact best candidate b leaves only if, at some look, the bound on (b - leader) lies
-above zero although its true mean over the whole calibration set is not. Each look and leader is one such
-event of probability at most alpha' (a t bound, sound as the windows' mean becomes normal, hence the
-minimum number of windows), and there are at most (candidates - 1) x looks of them: alpha' is set so
-that they add up to 1 - confidence. With probability at least `confidence` the exact best stays in the
-race, and then it wins, exactly as in exact mode.
+The guarantee: a candidate among the exact best `keep` (over the whole calibration set) leaves only if,
+at some look, it is found behind `keep` references, and at most `keep - 1` candidates are truly ahead of
+it, so at least one of those findings is wrong: a bound above zero although the true mean difference over
+the whole set is not. Each look and partner is one such event of probability at most alpha' (a t bound,
+sound as the windows' mean becomes normal, hence the minimum number of windows), and there are at most
+keep x (candidates - 1) x looks of them for the best `keep`: alpha' is set so that they add up to
+1 - confidence. With probability at least `confidence` the exact best `keep` all stay in the race, and
+then the strategy's choice is exactly exact mode's.
+
+With the ppl_per_param objective the race compares each window's NLL rise over the current model divided
+by the parameters the candidate removes, the objective's own terms, with the same bound.
 
 A candidate that left is stored with `exact = False`, the perplexity of the windows it saw (not a bound),
-the windows' predictions as `n_tokens`, and the gap to the leader on those windows in log-perplexity
-(per token): its mean's standard error and its confidence interval, whose lower end is above zero.
+the windows' predictions as `n_tokens`, and the gap to the reference it is least surely behind, per token
+(in log-perplexity; per parameter with ppl_per_param): its mean's standard error and its confidence
+interval, whose lower end is above zero.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -98,23 +105,45 @@ class Gap:
         return self.mean + self.factor * self.error
 
 
-def leavers(nll: dict[str, torch.Tensor], alpha: float) -> dict[str, Gap]:
-    """The candidates that leave at one look, given each one's NLL on the same windows (in the same
-    order): those whose gap to the leader is above zero at level `alpha`. The lowest total leads; ties
-    go to the earlier candidate, and the leader never leaves."""
+def leavers(nll: dict[str, torch.Tensor], alpha: float, keep: int = 1) -> dict[str, Gap]:
+    """The candidates that leave at one look, given each one's per-window values on the same windows (in
+    the same order; lower is better): those behind each of the `keep` best totals (the references) at
+    level `alpha`. Ties go to the earlier candidate; a reference never leaves, so `keep` always stay.
+
+    Each leaver's Gap is the one to the reference it is least surely behind (the smallest lower end)."""
     names = list(nll)
-    leader = min(names, key=lambda name: (float(nll[name].sum()), names.index(name)))
-    n = nll[leader].numel()
+    ranked = sorted(names, key=lambda name: (float(nll[name].sum()), names.index(name)))
+    references = ranked[:keep]
+    n = nll[references[0]].numel()
     factor = t_quantile(1 - alpha, n - 1)
     out = {}
-    for name in names:
-        if name == leader:
-            continue
-        diff = (nll[name] - nll[leader]).double()
-        gap = Gap(float(diff.mean()), float(diff.std()) / math.sqrt(n), factor)
-        if gap.low > 0:
-            out[name] = gap
+    for name in ranked[keep:]:
+        gaps = []
+        for ref in references:
+            diff = (nll[name] - nll[ref]).double()
+            gaps.append(Gap(float(diff.mean()), float(diff.std()) / math.sqrt(n), factor))
+        weakest = min(gaps, key=lambda g: g.low)
+        if weakest.low > 0:
+            out[name] = weakest
     return out
+
+
+CURRENT = ""  # the name a race gives the current model (no block dropped): ppl_per_param's baseline
+
+
+@dataclass(frozen=True)
+class Race:
+    """What one scoring call races for: the `keep` best candidates stay (1: the winner alone; one_shot
+    needs as many as its plan may take, beam its width), ranked by perplexity or, with `per_param`
+    (parameters each candidate removes), by the rise in NLL over the current model's per parameter."""
+
+    keep: int = 1
+    per_param: dict[str, int] | None = None
+
+
+# (names, batch indices) -> per name: the per-window NLL of each batch (float64), and the seconds it took.
+# Names may include CURRENT. Where the windows are evaluated is the caller's: this process or Dask shards.
+Evaluate = Callable[[list[str], list[int]], dict[str, tuple[dict[int, torch.Tensor], float]]]
 
 
 @dataclass
@@ -122,75 +151,81 @@ class Runner:
     """One candidate's windows so far: per micro-batch, the NLL of each of its windows."""
 
     block: str
-    per_batch: dict[int, torch.Tensor]
+    per_batch: dict[int, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
     def seen(self, order: list[int]) -> torch.Tensor:
         return torch.cat([self.per_batch[i] for i in order])
 
 
-class RacingScorer(PrefixReuseScorer):
-    """A perplexity scorer that races candidates over the calibration windows (see the module docs)."""
+class Racer:
+    """One race's rounds, looks and scores, given per-batch window NLLs from wherever they are computed:
+    the local scorer and the Dask scorer (tasks.distributed) run the same race and get the same floats."""
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, options: RacingOptions,
-                 memory_budget_bytes: float = math.inf):
-        super().__init__(model, windows, batch_windows, True, memory_budget_bytes)
+    def __init__(self, options: RacingOptions, batch_windows: list[int], batch_predictions: list[int]):
         self.options = options
-        self.order = list(range(len(self.batches)))
-        random.Random(options.seed).shuffle(self.order)
-        self.tokens_per_window = predictions(windows) / windows.shape[0]
+        self.batch_windows = batch_windows
+        self.batch_predictions = batch_predictions
+        self.n_predictions = sum(batch_predictions)
+        self.tokens_per_window = self.n_predictions / sum(batch_windows)
+        order = list(range(len(batch_windows)))
+        random.Random(options.seed).shuffle(order)
+        self.rounds = self._cut(order)
 
-    @torch.inference_mode()
-    def score(self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore],
-              on_score: OnScore) -> dict[str, CandidateScore]:
-        return score_streamed(candidates, known, on_score, lambda todo: self._race(removed, todo))
-
-    def _race(self, removed: set[str], todo: list[str]) -> Iterator[CandidateScore]:
-        start = time.perf_counter()
-        active = self.runner.active(removed)
-        entries = self.entry_states(active)
-        self.work.add(prefix_seconds=time.perf_counter() - start)
-        racing = [Runner(block, {}) for block in todo]
-        alpha = self._alpha(len(todo))
-        total = sum(b.shape[0] for b in self.batches)
-        seen: list[int] = []
+    def _cut(self, order: list[int]) -> list[list[int]]:
+        """The seeded batch order cut where looks happen: the first round reaches `min_windows`, each
+        later one adds `round_windows`."""
+        rounds: list[list[int]] = [[]]
         windows, next_look = 0, self.options.min_windows
-        for index in self.order:
-            for runner in racing:
-                self._run_batch(runner, active, entries, index)
-            seen.append(index)
-            windows += self.batches[index].shape[0]
-            if alpha is not None and next_look <= windows < total and len(racing) > 1:
-                racing, left = self._look(racing, seen, alpha)
-                yield from left
+        for index in order:
+            rounds[-1].append(index)
+            windows += self.batch_windows[index]
+            if windows >= next_look:
+                rounds.append([])
                 next_look = windows + self.options.round_windows
+        return [r for r in rounds if r]
+
+    def alpha(self, candidates: int, keep: int) -> float | None:
+        """The error each look may make for one pair, or None when no look can happen."""
+        count = looks(sum(self.batch_windows), self.options)
+        if count == 0 or candidates <= keep:
+            return None
+        return (1 - self.options.confidence) / (keep * (candidates - 1) * count)
+
+    def run(self, names: list[str], race: Race, evaluate: Evaluate) -> Iterator[CandidateScore]:
+        """Scores of `names` as the race settles them: those that leave at each look, then the rest."""
+        racing = [Runner(name) for name in names]
+        alpha = self.alpha(len(racing), race.keep)
+        base = Runner(CURRENT)
+        seen: list[int] = []
+        for number, indices in enumerate(self.rounds):
+            asked = [r.block for r in racing] + ([CURRENT] if race.per_param is not None else [])
+            for name, (per_batch, seconds) in evaluate(asked, indices).items():
+                runner = base if name == CURRENT else next(r for r in racing if r.block == name)
+                runner.per_batch.update(per_batch)
+                runner.seconds += seconds
+            seen += indices
+            if alpha is not None and number < len(self.rounds) - 1 and len(racing) > race.keep:
+                racing, left = self._look(racing, seen, alpha, race, base)
+                yield from left
         for runner in racing:
             yield self._exact(runner)
 
-    def _alpha(self, candidates: int) -> float | None:
-        """The error each look may make for one leader, or None when no look can happen."""
-        count = looks(sum(b.shape[0] for b in self.batches), self.options)
-        if count == 0 or candidates < 2:
-            return None
-        return (1 - self.options.confidence) / ((candidates - 1) * count)
-
-    def _run_batch(self, runner: Runner, active: list[Unit], entries, index: int) -> None:
-        began = time.perf_counter()
-        hidden = self._final(active, entries, units_of([runner.block]), index)
-        batch = self.batches[index]
-        self.work.add(head_windows=batch.shape[0])
-        runner.per_batch[index] = self.runner.window_nll(hidden, batch)
-        runner.seconds += time.perf_counter() - began
-
-    def _look(self, racing: list[Runner], seen: list[int], alpha: float) -> tuple[list[Runner], list[CandidateScore]]:
+    def _look(self, racing: list[Runner], seen: list[int], alpha: float, race: Race,
+              base: Runner) -> tuple[list[Runner], list[CandidateScore]]:
         """The candidates still in the race after this look, and the scores of those that left."""
-        gaps = leavers({r.block: r.seen(seen) for r in racing}, alpha)
+        if race.per_param is None:
+            values = {r.block: r.seen(seen) for r in racing}
+        else:
+            current = base.seen(seen)
+            values = {r.block: (r.seen(seen) - current) / race.per_param[r.block] for r in racing}
+        gaps = leavers(values, alpha, race.keep)
         left = [self._partial(r, seen, gaps[r.block]) for r in racing if r.block in gaps]
         return [r for r in racing if r.block not in gaps], left
 
     def _partial(self, runner: Runner, seen: list[int], gap: Gap) -> CandidateScore:
         tokens = self.tokens_per_window
-        covered = sum(predictions(self.batches[i]) for i in seen)
+        covered = sum(self.batch_predictions[i] for i in seen)
         per_token = float(runner.seen(seen).sum()) / covered
         return CandidateScore(
             block=runner.block, value=math.exp(per_token), n_tokens=covered, seconds=runner.seconds, exact=False,
@@ -199,8 +234,92 @@ class RacingScorer(PrefixReuseScorer):
 
     def _exact(self, runner: Runner) -> CandidateScore:
         total = 0.0
-        for index in range(len(self.batches)):  # batch order from 0.0, as exact mode adds them
+        for index in range(len(self.batch_windows)):  # batch order from 0.0, as exact mode adds them
             total += float(runner.per_batch[index].sum())
         return CandidateScore(block=runner.block, value=math.exp(total / self.n_predictions),
                               n_tokens=self.n_predictions, seconds=runner.seconds)
 
+
+class RacingScorer(PrefixReuseScorer):
+    """A perplexity scorer that races candidates over the calibration windows (see the module docs).
+
+    When every entry state of the calibration set does not fit the memory budget, a step computes them
+    per round, for that round's windows only, and drops them after it: memory then grows with a round,
+    not with the calibration set, at the cost of one pass of the current model per step (the states are
+    not reused across steps)."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_windows: int, options: RacingOptions,
+                 memory_budget_bytes: float = math.inf):
+        super().__init__(model, windows, batch_windows, True, memory_budget_bytes)
+        self.options = options
+        self.racer = Racer(options, [b.shape[0] for b in self.batches], [predictions(b) for b in self.batches])
+        self.per_round = self.stride > 1
+        if self.per_round:
+            self.stride = 1
+
+    @torch.inference_mode()
+    def score(self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore],
+              on_score: OnScore, race: Race = Race()) -> dict[str, CandidateScore]:
+        return self.score_groups(removed, {c: (c,) for c in candidates}, known, on_score, race)
+
+    @torch.inference_mode()
+    def score_groups(self, removed: set[str], groups: dict[str, tuple[str, ...]], known: dict[str, CandidateScore],
+                     on_score: OnScore, race: Race = Race()) -> dict[str, CandidateScore]:
+        """Like `score`, for candidates that each drop a group of blocks (a segment of layers), named by
+        the keys of `groups`."""
+        drops = {name: units_of(list(group)) for name, group in groups.items()}
+        drops[CURRENT] = set()
+        active = self.runner.active(removed)
+        entries = [] if self.per_round else self._timed_entries(active)
+
+        def evaluate(names: list[str], indices: list[int]) -> dict[str, tuple[dict[int, torch.Tensor], float]]:
+            states = self._round_entries(active, indices) if self.per_round else entries
+            out: dict[str, tuple[dict[int, torch.Tensor], float]] = {name: ({}, 0.0) for name in names}
+            for index in indices:
+                for name in names:
+                    began = time.perf_counter()
+                    nll = self._batch_nll(active, states, drops[name], index)
+                    out[name][0][index] = nll
+                    out[name] = (out[name][0], out[name][1] + time.perf_counter() - began)
+            return out
+
+        return score_streamed(list(groups), known, on_score, lambda todo: self.racer.run(todo, race, evaluate))
+
+    @torch.inference_mode()
+    def current_perplexity(self, removed: set[str]) -> float:
+        if not self.per_round:
+            return super().current_perplexity(removed)
+        active = self.runner.active(removed)
+        total = 0.0
+        for index in range(len(self.batches)):  # batch by batch, summed in the same order as exact mode
+            entries = self._round_entries(active, [index])
+            total += float(self._batch_nll(active, entries, set(), index).sum())
+        return math.exp(total / self.n_predictions)
+
+    def _timed_entries(self, active: list[Unit]):
+        start = time.perf_counter()
+        entries = self.entry_states(active)
+        self.work.add(prefix_seconds=time.perf_counter() - start)
+        return entries
+
+    def _round_entries(self, active: list[Unit], indices: list[int]) -> list[dict[int, torch.Tensor]]:
+        """Per active unit, the states entering it for this round's batches only (same floats as the
+        whole set's: each batch runs the same units alone)."""
+        start = time.perf_counter()
+        current = {i: self.runner.embed(self.batches[i]) for i in indices}
+        entries = [current]
+        for unit in active[:-1]:
+            self.work.add(unit_windows=sum(h.shape[0] for h in current.values()))
+            current = {i: self.runner.apply(unit, h, self._context(i, h)) for i, h in current.items()}
+            entries.append(current)
+        self.work.stored_bytes = max(self.work.stored_bytes, sum(
+            t.numel() * t.element_size() for states in entries for t in states.values()))
+        self.work.add(prefix_seconds=time.perf_counter() - start)
+        return entries
+
+    def _batch_nll(self, active: list[Unit], entries, drop: set[str], index: int) -> torch.Tensor:
+        """Micro-batch `index`'s per-window NLL without the units in `drop`."""
+        hidden = self._final(active, entries, drop, index)
+        batch = self.batches[index]
+        self.work.add(head_windows=batch.shape[0])
+        return self.runner.window_nll(hidden, batch)

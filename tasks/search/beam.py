@@ -41,7 +41,7 @@ def expected_candidates(first: int, steps: int, settings: BeamSettings) -> int:
     return first + sum(settings.width * max(first - t, 0) for t in range(1, steps))
 
 
-@register_strategy("beam", StrategyNeeds(measures=frozenset({"removal"})), settings=BeamSettings,
+@register_strategy("beam", StrategyNeeds(measures=frozenset({"removal"}), races=True), settings=BeamSettings,
                    expected=expected_candidates)
 def beam(ctx: SearchContext) -> list[StepRecord]:
     width = BeamSettings(**ctx.strategy_settings).width
@@ -54,7 +54,9 @@ def beam(ctx: SearchContext) -> list[StepRecord]:
         step_scores: dict[str, CandidateScore] = {}
         for parent in frontier:
             candidates = ctx.candidates(list(parent.blocks))
-            scores = ctx.score_sets(depth, list(parent.blocks), candidates)
+            # A child outside its parent's best `width` is outside the depth's best `width` too, so a
+            # race per parent may drop it.
+            scores = ctx.score_sets(depth, list(parent.blocks), candidates, keep=width)
             for block in ctx.ranked(scores, candidates):
                 child = Path((*parent.blocks, block), (*parent.values, scores[block].value))
                 children.setdefault(child.key, child)

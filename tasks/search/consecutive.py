@@ -33,7 +33,7 @@ def segments_of(ctx: SearchContext) -> list[tuple[str, ...]]:
 
 
 @register_strategy("consecutive", StrategyNeeds(measures=frozenset({"removal", "segment"}),
-                                                granularities=frozenset({"layer"})),
+                                                granularities=frozenset({"layer"}), races=True),
                    expected=lambda first, steps, settings: max(first - steps + 1, 0))  # every segment, once
 def consecutive(ctx: SearchContext) -> list[StepRecord]:
     segments = segments_of(ctx)

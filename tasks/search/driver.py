@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tasks.score import CandidateScore, ScoringOptions, StepScorer
+from tasks.score.racing import Race
 from tasks.search.goal import SearchError, SearchGoal, SearchRules, Target, check_reachable, edge_layers, rules_for
 from tasks.search.log import MemoryRecorder, OnScore, OnStep, Recorder, SearchLog, StepRecord
 from tasks.search.scoring import MetricChoice, Scoring
@@ -136,11 +137,24 @@ class SearchContext:
         return current(set())
 
     # --- scoring, with what the log already holds ----------------------------------------------
-    def score_step(self, step: int, removed: list[str], candidates: list[str]) -> dict[str, CandidateScore]:
-        known = self.log.known_scores(step, candidates)
-        return self.scorer.score(units_of(removed), candidates, known, self.log.recording(step))
+    def _race(self, candidates: list[str], keep: int) -> dict[str, Race]:
+        """The race a racing scorer runs for a call that keeps `keep` candidates (nothing otherwise)."""
+        if self.scoring.mode != "racing":
+            return {}
+        per_param = ({c: self.goal.params_of([c]) for c in candidates}
+                     if self.objective == "ppl_per_param" else None)
+        return {"race": Race(keep, per_param)}
 
-    def score_sets(self, step: int, parent: list[str], candidates: list[str]) -> dict[str, CandidateScore]:
+    def score_step(self, step: int, removed: list[str], candidates: list[str], keep: int = 1
+                   ) -> dict[str, CandidateScore]:
+        """Scores of the candidates once `removed` are gone. `keep`: how many of the best the strategy may
+        use (a race may drop the others; every other mode scores all alike)."""
+        known = self.log.known_scores(step, candidates)
+        return self.scorer.score(units_of(removed), candidates, known, self.log.recording(step),
+                                 **self._race(candidates, keep))
+
+    def score_sets(self, step: int, parent: list[str], candidates: list[str], keep: int = 1
+                   ) -> dict[str, CandidateScore]:
         """Scores of the removal sets parent + [c] (a "removal" metric), recorded under their `set_key`.
 
         Keyed by candidate; each score's `block` is the set key. A set reached earlier from another parent
@@ -151,7 +165,8 @@ class SearchContext:
         known = {c: dataclasses.replace(recorded[k], block=c) for c, k in keys.items() if k in recorded}
         record: OnScore = self.log.recording(step)  # type: ignore[assignment]
         scores = self.scorer.score(
-            units_of(parent), candidates, known, lambda s: record(dataclasses.replace(s, block=keys[s.block]))
+            units_of(parent), candidates, known, lambda s: record(dataclasses.replace(s, block=keys[s.block])),
+            **self._race(candidates, keep),
         )
         return {c: dataclasses.replace(scores[c], block=keys[c]) for c in candidates}
 
@@ -163,6 +178,8 @@ class SearchContext:
         record = self.log.recording(step)
         if self.scoring.measures == "segment":
             return self.scorer.score_segments(units_of(removed), by_first, known, record)  # type: ignore[attr-defined]
+        if self.scoring.mode == "racing":  # the segments race as groups of blocks, for the best one
+            return self.scorer.score_groups(units_of(removed), by_first, known, record)  # type: ignore[attr-defined]
         # A "removal" metric scores the model without the segment: the rest of it joins `removed`.
         scores: dict[str, CandidateScore] = {}
         for first, segment in by_first.items():

@@ -58,12 +58,13 @@ def combination_problems(metric: str, granularity: str, strategy: str, mode: str
             f"search.strategy '{strategy}' needs score.granularity {_names(needs.granularities)}, not '{granularity}'"
         )
     if mode != "exact":
-        lower_bound_strategies = [s for s, n in NEEDS.items() if n.lower_bounds]
-        if not needs.lower_bounds:
+        fits = needs.lower_bounds if mode == "bounded" else needs.races
+        if not fits:
+            fitting = [s for s, n in NEEDS.items() if (n.lower_bounds if mode == "bounded" else n.races)]
+            kind = "keeps only the best candidate of a step" if mode == "bounded" else "says how many candidates it keeps"
             problems.append(
-                f"{MODE_TEXT[mode]}, so it needs a strategy that keeps only the best candidate of a step "
-                f"({_names(lower_bound_strategies)}); search.strategy '{strategy}' ranks candidates, "
-                f"so their scores must be exact: {USE_EXACT}"
+                f"{MODE_TEXT[mode]}, so it needs a strategy that {kind} ({_names(fitting)}); "
+                f"search.strategy '{strategy}' ranks candidates, so their scores must be exact: {USE_EXACT}"
             )
         elif measure != "removal" or (mode == "racing" and metric != "perplexity"):
             problems.append(

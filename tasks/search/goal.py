@@ -85,6 +85,14 @@ class SearchGoal:
     def params_of(self, blocks: list[str]) -> int:
         return sum(self.unit_params[u] for u in units_of(blocks))
 
+    def most_blocks(self, candidates: list[str]) -> int:
+        """The most of `candidates` that a plan taking them in any order needs to meet the target: for
+        params_ratio, as many as the smallest ones take (all of them when they cannot)."""
+        if self.target.blocks is not None:
+            return min(self.target.blocks, len(candidates))
+        smallest = sorted(candidates, key=lambda c: self.params_of([c]))
+        return next((n for n in range(1, len(smallest) + 1) if self.target_met(smallest[:n])), len(smallest))
+
     def params_remaining(self, removed: list[str]) -> int:
         return self.dense_params - self.params_of(removed)
 

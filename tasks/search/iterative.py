@@ -7,7 +7,7 @@ from tasks.search.log import StepRecord
 from tasks.search.registry import StrategyNeeds, register_strategy
 
 
-@register_strategy("iterative", StrategyNeeds(lower_bounds=True))
+@register_strategy("iterative", StrategyNeeds(lower_bounds=True, races=True))
 def iterative(ctx: SearchContext) -> list[StepRecord]:
     records = ctx.resumed()
     removed = [r.block for r in records]

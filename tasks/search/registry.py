@@ -23,6 +23,10 @@ class StrategyNeeds:
     # True when only the best candidate of each scoring call matters, so candidates stopped early
     # (lower bounds, `search.exact_scores: false`) cannot change the result.
     lower_bounds: bool = False
+    # True when the strategy tells the driver how many candidates of each scoring call it may keep
+    # (`keep`: the best one, a beam's width, the most blocks a plan takes), so `search.mode: racing` may
+    # drop the others once they are behind that many with confidence.
+    races: bool = False
 
 
 STRATEGIES: Registry[Callable] = Registry("strategy")

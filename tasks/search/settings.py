@@ -191,7 +191,8 @@ class SearchSection(Settings):
     mode: Literal["exact", "bounded", "racing"] | None = Field(
         None,
         description="How a step scores its candidates: exact (every window), bounded (stop those that cannot win, "
-                    "store lower bounds), racing (drop those behind the leader with confidence; racing.*). "
+                    "store lower bounds), racing (drop those behind the leader, or behind the best k a strategy "
+                    "keeps, with confidence; racing.*). "
                     "Default: exact_scores decides.",
     )
     racing: RacingSettings | None = Field(None, description="Settings of search.mode: racing.")
@@ -317,10 +318,10 @@ def check_combination(score: ScoreSection, search: SearchSection) -> None:
 
     problems = combination_problems(score.metric, score.granularity, search.strategy, search.scoring_mode())
     if search.objective == "ppl_per_param":
-        if score.metric != "perplexity" or search.strategy != "iterative" or search.scoring_mode() != "exact":
+        if score.metric != "perplexity" or search.strategy != "iterative" or search.scoring_mode() == "bounded":
             problems.append(
                 "search.objective ppl_per_param compares exact perplexities of one step per parameter: it needs "
-                f"score.metric 'perplexity', search.strategy 'iterative' and search.mode 'exact' (given "
+                f"score.metric 'perplexity', search.strategy 'iterative' and search.mode 'exact' or 'racing' (given "
                 f"'{score.metric}', '{search.strategy}', '{search.scoring_mode()}')")
     if problems:
         raise ValueError("; ".join(problems))
