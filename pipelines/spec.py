@@ -71,10 +71,6 @@ class PipelineSpec(Settings):
         from tasks.distributed.shards import DISTRIBUTED_METRICS
 
         score = info.data.get("score")
-        search = info.data.get("search")
-        if execution.runner == "dask" and search is not None and search.scoring_mode() == "racing":
-            raise ValueError("execution.runner: dask does not race candidates yet; use search.mode 'exact' or "
-                             "'bounded' with dask, or execution.runner: local with racing")
         if execution.runner == "dask" and score is not None and score.metric not in DISTRIBUTED_METRICS:
             raise ValueError(
                 f"execution.runner: dask shards the metrics {', '.join(DISTRIBUTED_METRICS)} only, "

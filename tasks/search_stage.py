@@ -80,7 +80,8 @@ def _scorer(model_path: str, calibration: ArtifactRef, sections: SearchSections,
     from tasks.distributed.runner import distributed_scorer
 
     with distributed_scorer(model_path, calibration, sections.model, sections.score, sections.search.exact_scores,
-                            execution, windows.shape[0], predictions(windows)) as scorer:
+                            execution, windows.shape[0], predictions(windows),
+                            sections.search.racing_options()) as scorer:
         yield windows, scorer
 
 

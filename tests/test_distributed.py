@@ -31,6 +31,7 @@ from tasks.distributed.shards import shard_layout
 from tasks.distributed.worker import ShardJob, score_shard
 from tasks.residual import predictions
 from tasks.score import CandidateScore
+from tasks.score.racing import RacingOptions, Racer
 from tasks.search import Target, run_search
 from tests.searchkit import search_context
 from tests.flowkit import tiny_pipeline
@@ -129,16 +130,19 @@ def test_shard_layout_covers_every_batch_once():
 class InProcessShards:
     """Runs the real worker function on each shard in turn, in this process."""
 
-    def __init__(self, template: ShardJob, shards: int):
-        batches = math.ceil(8 / template.batch_windows)
+    def __init__(self, template: ShardJob, shards: int, windows: int = 8):
+        self.windows = windows
+        batches = math.ceil(self.windows / template.batch_windows)
         self.template, self.shards = template, shard_layout(batches, shards)
 
-    def run(self, removed, candidates, bound):
+    def run(self, removed, candidates, bound, batches=()):
         threads = torch.get_num_threads()  # a worker sets its own; this process keeps what it had
         try:
             return [score_shard(replace(self.template, shard=s.index, first_batch=s.first_batch,
-                                        stop_batch=s.stop_batch, removed=removed, candidates=candidates, bound=bound))
-                    for s in self.shards]
+                                        stop_batch=s.stop_batch, removed=removed, candidates=candidates, bound=bound,
+                                        batches=tuple(b for b in batches if s.first_batch <= b < s.stop_batch)))
+                    for s in self.shards
+                    if not batches or any(s.first_batch <= b < s.stop_batch for b in batches)]
         finally:
             torch.set_num_threads(threads)
 
@@ -172,6 +176,42 @@ def test_sharded_search_equals_local(tmp_path, exact):
         assert scorer.rounds == (4 if exact else 8)  # early abort: the bound's round, then the rest
         if exact:
             assert stopped == 0
+
+
+@pytest.mark.parametrize("strategy, granularity, objective, target", [
+    ("iterative", "sublayer", "ppl", Target(blocks=3)),
+    ("iterative", "sublayer", "ppl_per_param", Target(params_ratio=0.25)),
+    ("one_shot", "sublayer", "ppl", Target(blocks=1)),
+    ("consecutive", "layer", "ppl", Target(blocks=2)),
+])
+def test_sharded_race_equals_local_race(tmp_path, strategy, granularity, objective, target):
+    """The flow races on per-window NLLs from the shards: same choices, same exact scores, and the same
+    candidates leave with the same partial values and intervals as in a local race."""
+    model, windows = tiny_model("llama", layers=4), tiny_windows(samples=16, seq_len=32)
+    model.save_pretrained(tmp_path / "model")
+    ref = save_windows(windows, tmp_path / "windows.safetensors", "calibration")
+    # A loose confidence, so that candidates of a random model leave on 16 windows.
+    racing = RacingOptions(confidence=0.5, min_windows=2, round_windows=2)
+    settings = dict(metric="perplexity", granularity=granularity, target=target, batch_windows=2, racing=racing,
+                    objective=objective)
+    local = search_context(model, windows, exact=False, **settings)
+    local_records = [(r.block, r.value) for r in run_search(local, strategy)]
+    assert any(not s.exact for scores in local.recorder.scores.values() for s in scores.values())
+    template = ShardJob(str(tmp_path / "model"), ref.path, ref.sha256, "float32", "cpu", 1, 2, math.inf,
+                        0, 0, 0, (), ())
+    racer = Racer(racing, [2] * 8, [2 * 31] * 8)
+    for shards in (1, 3):
+        scorer = DistributedScorer(InProcessShards(template, shards, 16), predictions(windows), False, racer)
+        ctx = search_context(model, windows, exact=False, scorer=scorer, **settings)
+        assert [(r.block, r.value) for r in run_search(ctx, strategy)] == local_records, shards
+        assert ctx.recorder.scores == _without_seconds(local.recorder.scores, ctx.recorder.scores)
+        assert scorer.rounds >= 2  # the race went round by round
+
+
+def _without_seconds(local: dict, sharded: dict) -> dict:
+    """`local` with the seconds that `sharded` measured, so that only the numbers that matter compare."""
+    return {step: {block: replace(score, seconds=sharded[step][block].seconds) for block, score in scores.items()}
+            for step, scores in local.items()}
 
 
 def test_a_candidate_past_the_bound_stops_on_every_shard(tmp_path):
@@ -228,6 +268,25 @@ def test_two_dask_workers_choose_and_score_as_local(tmp_path, cluster, local_out
     # Both workers served a shard and kept the model between tasks (one per process).
     loaded = client.run(lambda: __import__("tasks.distributed.worker", fromlist=["_STATE"])._STATE.run_key is not None)
     assert sorted(loaded.values()) == [True, True]
+
+
+def test_two_dask_workers_race_as_local(tmp_path, cluster):
+    """search.mode: racing on Dask: the flow takes the race's decisions from the shards' per-window NLLs."""
+    local_cluster, _ = cluster
+
+    def raced(root: Path, execution: dict | None) -> Path:
+        path = tiny_pipeline(root, calibration={"samples": 12, "seq_len": 48}, search={
+            "mode": "racing", "racing": {"confidence": 0.6, "min_windows": 3, "round_windows": 1}})
+        if execution is not None:
+            spec = yaml.safe_load(path.read_text())
+            spec["execution"] = execution
+            path.write_text(yaml.safe_dump(spec))
+        return path
+
+    local = _outcome(prune_pipeline(str(raced(tmp_path / "local", None))))
+    assert any(not exact for _, exact, _ in local[1].values())  # some candidates left the race
+    sharded = prune_pipeline(str(raced(tmp_path / "dask", {"runner": "dask", "address": local_cluster.scheduler_address})))
+    _assert_same(_outcome(sharded), local)
 
 
 @pytest.mark.integration

@@ -30,6 +30,7 @@ from tasks.distributed.worker import ShardJob, score_shard
 from tasks.execution import ExecutionSpec
 from tasks.load import ModelSpec
 from tasks.refs import ArtifactRef
+from tasks.score.racing import RacingOptions, Racer
 from tasks.search.settings import ScoreSection
 
 # How long to wait for an existing scheduler to have at least one worker.
@@ -74,11 +75,12 @@ class DaskShardBackend:
                 self.home[shard.index] = min(alive, key=lambda w: (load[w], alive.index(w)))
         return self.home
 
-    def run(self, removed: tuple[str, ...], candidates: tuple[str, ...], bound: float) -> list[ShardResult]:
+    def run(self, removed: tuple[str, ...], candidates: tuple[str, ...], bound: float,
+            batches: tuple[int, ...] = ()) -> list[ShardResult]:
         start = time.perf_counter()
         homes = self._homes()
         with _portable_task_context():
-            futures, sent = self._submit(homes, removed, candidates, bound)
+            futures, sent = self._submit(homes, removed, candidates, bound, batches)
         results = [f.result() for f in futures]
         self.rounds.append(RoundStats(
             candidates=len(candidates), bound=bound, seconds=time.perf_counter() - start, bytes_sent=sent,
@@ -87,18 +89,24 @@ class DaskShardBackend:
         ))
         return results
 
-    def _submit(self, homes: dict[int, str], removed: tuple[str, ...], candidates: tuple[str, ...], bound: float):
+    def _submit(self, homes: dict[int, str], removed: tuple[str, ...], candidates: tuple[str, ...], bound: float,
+                batches: tuple[int, ...]):
         from dataclasses import replace
 
         from prefect_dask.task_runners import PrefectDaskFuture
 
         futures, sent = [], 0
         for shard in self.shards:
+            own = tuple(b for b in batches if shard.first_batch <= b < shard.stop_batch)
+            if batches and not own:
+                continue  # a race's round holds none of this shard's windows
             job = replace(self.template, shard=shard.index, first_batch=shard.first_batch,
-                          stop_batch=shard.stop_batch, removed=removed, candidates=candidates, bound=bound)
+                          stop_batch=shard.stop_batch, removed=removed, candidates=candidates, bound=bound,
+                          batches=own)
             sent += len(pickle.dumps(job))
             label = (f"score-shard {shard.index + 1}/{len(self.shards)} | {len(removed)} removed | "
-                     f"{len(candidates)} candidates" + ("" if bound == math.inf else " | bounded"))
+                     f"{len(candidates)} candidates" + ("" if bound == math.inf else " | bounded")
+                     + (f" | race round of {len(own)} batches" if own else ""))
             future = self.client.submit(
                 score_shard_task, parameters={"job": job, "label": label}, return_type="state",
                 workers=[homes[shard.index]], allow_other_workers=True, pure=False,
@@ -171,7 +179,7 @@ def dask_client(execution: ExecutionSpec) -> Iterator[object]:
 @contextmanager
 def distributed_scorer(
     model_path: str, calibration: ArtifactRef, model: ModelSpec, score: ScoreSection, exact: bool,
-    execution: ExecutionSpec, n_windows: int, n_predictions: int,
+    execution: ExecutionSpec, n_windows: int, n_predictions: int, racing: RacingOptions | None = None,
 ) -> Iterator[DistributedScorer]:
     """A DistributedScorer for one search: the cluster lives as long as the `with` block."""
     with dask_client(execution) as client:
@@ -186,4 +194,13 @@ def distributed_scorer(
             shard=0, first_batch=0, stop_batch=0, removed=(), candidates=(),
         )
         backend = DaskShardBackend(client, template, shards)
-        yield DistributedScorer(backend, n_predictions, exact)
+        yield DistributedScorer(backend, n_predictions, exact, racer_for(racing, n_windows, n_predictions, score))
+
+
+def racer_for(racing: RacingOptions | None, n_windows: int, n_predictions: int, score: ScoreSection) -> Racer | None:
+    """The flow's race over the run's micro-batches (as the local scorer cuts them), or None without racing."""
+    if racing is None:
+        return None
+    per_window = n_predictions // n_windows
+    sizes = [min(score.batch_windows, n_windows - start) for start in range(0, n_windows, score.batch_windows)]
+    return Racer(racing, sizes, [size * per_window for size in sizes])

@@ -14,6 +14,11 @@ running sum passes B. The winner's total is at most B, so no shard ever stops it
 is the local one. A candidate stopped on any shard is stored as a lower bound (the sum of what every
 shard evaluated); which candidates stop, and their bounds, depend on the shard layout, as the local
 ones depend on the order candidates are tried. With a known exact score (resume) B needs no first round.
+
+Racing (`search.mode: racing`): the race (tasks.score.racing.Racer) runs here, in the flow. Each round is
+one call: the shards holding that round's micro-batches evaluate the candidates still racing on them
+and return per-window NLLs; the flow looks, drops, and sends the next round. The windows, order and
+looks are the local race's, so the choices, scores and left candidates are the same floats.
 """
 
 from __future__ import annotations
@@ -21,21 +26,27 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import torch
+
 from tasks.distributed.shards import ShardResult, combine
-from tasks.score.base import CandidateScore, OnScore
+from tasks.score.base import CandidateScore, OnScore, score_streamed
 from tasks.score.prefix_reuse import WorkCounter
+from tasks.score.racing import Race, Racer
 
 
 class ShardBackend(Protocol):
-    def run(self, removed: tuple[str, ...], candidates: tuple[str, ...], bound: float) -> list[ShardResult]:
-        """Every shard's result for these candidates, one per shard, once all have finished."""
+    def run(self, removed: tuple[str, ...], candidates: tuple[str, ...], bound: float,
+            batches: tuple[int, ...] = ()) -> list[ShardResult]:
+        """Every shard's result for these candidates, one per shard, once all have finished; with
+        `batches` (a race's round) only the shards holding those micro-batches, per window."""
 
 
 class DistributedScorer:
-    def __init__(self, backend: ShardBackend, n_predictions: int, exact: bool):
+    def __init__(self, backend: ShardBackend, n_predictions: int, exact: bool, racer: Racer | None = None):
         self.backend = backend
         self.n_predictions = n_predictions
         self.exact = exact
+        self.racer = racer
         self.work = WorkCounter()
         self.rounds = 0  # calls to the backend: one per step when exact, two with early abort
         self._previous: dict[str, float] = {}
@@ -63,8 +74,11 @@ class DistributedScorer:
         return scores, totals
 
     def score(
-        self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore
+        self, removed: set[str], candidates: list[str], known: dict[str, CandidateScore], on_score: OnScore,
+        race: Race | None = None,
     ) -> dict[str, CandidateScore]:
+        if race is not None:
+            return self.score_groups(removed, {c: (c,) for c in candidates}, known, on_score, race)
         results = {c: known[c] for c in candidates if c in known}
         todo = [c for c in candidates if c not in results]
         if todo:
@@ -89,3 +103,35 @@ class DistributedScorer:
                 on_score(fresh[block])
         self._previous = {c: s.value for c, s in results.items()}
         return results
+
+    def current_perplexity(self, removed: set[str]) -> float:
+        """Calibration perplexity of the current model, summed over the shards as candidates are."""
+        return math.exp(combine("", self.backend.run(tuple(sorted(removed)), ("",), math.inf)).total
+                        / self.n_predictions)
+
+    def score_groups(self, removed: set[str], groups: dict[str, tuple[str, ...]], known: dict[str, CandidateScore],
+                     on_score: OnScore, race: Race = Race()) -> dict[str, CandidateScore]:
+        """A race (search.mode: racing) over candidates that each drop a group of blocks, round by round."""
+        if self.racer is None:
+            raise ValueError("this distributed scorer was made without racing options: it cannot race")
+        wire = {name: "+".join(group) for name, group in groups.items()}
+        wire[""] = ""  # the current model (ppl_per_param's baseline)
+        back = {v: k for k, v in wire.items()}
+
+        def evaluate(names: list[str], indices: list[int]) -> dict[str, tuple[dict[int, torch.Tensor], float]]:
+            results = self.backend.run(tuple(sorted(removed)), tuple(wire[n] for n in names), math.inf,
+                                       tuple(sorted(indices)))
+            self.rounds += 1
+            self.work.unit_windows += sum(r.unit_windows for r in results)
+            self.work.head_windows += sum(r.head_windows for r in results)
+            self.work.stored_bytes = max(self.work.stored_bytes, sum(r.stored_bytes for r in results))
+            out: dict[str, tuple[dict[int, torch.Tensor], float]] = {name: ({}, 0.0) for name in names}
+            for result in results:
+                for sent, part in result.candidates.items():
+                    per_batch, seconds = out[back[sent]]
+                    for index, values in zip(part.batches, part.windows):
+                        per_batch[index] = torch.tensor(values, dtype=torch.float64)
+                    out[back[sent]] = (per_batch, seconds + part.seconds)
+            return out
+
+        return score_streamed(list(groups), known, on_score, lambda todo: self.racer.run(todo, race, evaluate))

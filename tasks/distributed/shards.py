@@ -44,6 +44,9 @@ class CandidateSums:
     tokens: int
     complete: bool
     seconds: float
+    # A race's round (search.mode: racing): the global micro-batches evaluated, and each one's per-window NLL.
+    batches: tuple[int, ...] = ()
+    windows: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True)

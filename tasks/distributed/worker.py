@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tasks.distributed.shards import CandidateSums, ShardResult
+from tasks.residual import predictions
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class ShardJob:
     removed: tuple[str, ...]
     candidates: tuple[str, ...]  # evaluated in this order
     bound: float = math.inf  # a candidate stops once its shard sum exceeds this (the global best total)
+    # A race's round: the global micro-batches of this shard to evaluate, per window (empty: all, summed).
+    batches: tuple[int, ...] = ()
 
 
 class _WorkerState:
@@ -94,16 +97,32 @@ def score_shard(job: ShardJob) -> ShardResult:
     with _STATE.lock:
         scorer = _STATE.scorer(job)
         before = (scorer.work.unit_windows, scorer.work.head_windows)
-        sums = scorer.batch_sums(set(job.removed), list(job.candidates), job.bound)
+        if job.batches:
+            candidates = _race_round(scorer, job)
+        else:
+            sums = scorer.batch_sums(set(job.removed), list(job.candidates), job.bound)
+            candidates = {block: CandidateSums(tuple(parts), done, complete, seconds)
+                          for block, (parts, done, complete, seconds) in sums.items()}
         return ShardResult(
             shard=job.shard,
-            candidates={
-                block: CandidateSums(tuple(parts), done, complete, seconds)
-                for block, (parts, done, complete, seconds) in sums.items()
-            },
+            candidates=candidates,
             unit_windows=scorer.work.unit_windows - before[0],
             head_windows=scorer.work.head_windows - before[1],
             stored_bytes=scorer.work.stored_bytes,
             worker=f"{socket.gethostname()}:{os.getpid()}",
             seconds=time.perf_counter() - start,
         )
+
+
+def _race_round(scorer, job: ShardJob) -> dict[str, CandidateSums]:
+    """A race's round on this shard: every candidate's per-window NLL on the round's micro-batches."""
+    local = [b - job.first_batch for b in job.batches]
+    values = scorer.window_nlls(set(job.removed), list(job.candidates), local)
+    out = {}
+    for name, (per_batch, seconds) in values.items():
+        nll = [per_batch[i] for i in local]
+        out[name] = CandidateSums(
+            sums=tuple(float(t.sum()) for t in nll), tokens=sum(predictions(scorer.batches[i]) for i in local),
+            complete=True, seconds=seconds, batches=job.batches, windows=tuple(tuple(t.tolist()) for t in nll),
+        )
+    return out

@@ -216,7 +216,8 @@ class PrefixReuseScorer:
         self, removed: set[str], candidates: list[str], bound: float = math.inf
     ) -> dict[str, tuple[list[float], int, bool, float]]:
         """Per candidate, in the order given: its NLL sum per micro-batch, predictions covered, whether it
-        ran to the end, and seconds. A candidate stops once its running total exceeds `bound`.
+        ran to the end, and seconds. A candidate stops once its running total exceeds `bound`. A candidate
+        is a block, blocks joined by '+', or '' for the current model.
 
         This is a shard's work under distributed execution (tasks.distributed): the caller owns the
         bound and adds the sums up, so this scorer's own `exact` setting and ordering do not apply."""
@@ -225,8 +226,29 @@ class PrefixReuseScorer:
         out: dict[str, tuple[list[float], int, bool, float]] = {}
         for block in candidates:
             start = time.perf_counter()
-            parts, done, complete = self._evaluate(active, entries, units_of([block]), bound)
+            drop = units_of(block.split("+")) if block else set()  # '' is the current model
+            parts, done, complete = self._evaluate(active, entries, drop, bound)
             out[block] = (parts, done, complete, time.perf_counter() - start)
+        return out
+
+    @torch.inference_mode()
+    def window_nlls(self, removed: set[str], names: list[str], indices: list[int]
+                    ) -> dict[str, tuple[dict[int, torch.Tensor], float]]:
+        """Per name, the per-window NLL of each micro-batch in `indices` and the seconds they took: a race's
+        work on a shard (tasks.distributed). A name is a block, blocks joined by '+' (a segment), or ''
+        for the current model."""
+        active = self.runner.active(removed)
+        entries = self.entry_states(active)
+        out: dict[str, tuple[dict[int, torch.Tensor], float]] = {}
+        for name in names:
+            start = time.perf_counter()
+            drop = units_of(name.split("+")) if name else set()
+            per_batch = {}
+            for index in indices:
+                hidden = self._final(active, entries, drop, index)
+                self.work.add(head_windows=self.batches[index].shape[0])
+                per_batch[index] = self.runner.window_nll(hidden, self.batches[index])
+            out[name] = (per_batch, time.perf_counter() - start)
         return out
 
     @torch.inference_mode()
