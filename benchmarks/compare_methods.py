@@ -8,6 +8,9 @@ No recovery: these are the pruned models as the search leaves them.
 
     .venv/bin/python -m benchmarks.compare_methods                     # every recipe, 10% and 20%
     .venv/bin/python -m benchmarks.compare_methods --only shortgpt gromov --budgets 0.1
+    # more calibration (32 x 256), racing BlockPruner with both objectives, a second evaluation domain:
+    .venv/bin/python -m benchmarks.compare_methods --samples 32 --with-racing \
+        --eval-tokens 16384 --second-domain builtin:cmake-docs --out benchmarks/results/compare_methods_32x256
 
 Writes benchmarks/results/compare_methods.md, .json and .png.
 """
@@ -58,6 +61,13 @@ METHODS = (
     # Last: by far the most expensive search. Early abort picks the same blocks, faster.
     Method("BlockPruner", "smollm2-blockpruner.yaml", ("search.exact_scores=false",)),
 )
+# BlockPruner raced over its calibration windows (search.mode: racing), with either objective: the
+# search whose cost grows slower than its calibration set, for runs with more calibration data.
+RACING_METHODS = (
+    Method("BlockPruner racing", "smollm2-blockpruner.yaml", ("search.mode=racing", "search.exact_scores=false")),
+    Method("BlockPruner racing ppl/param", "smollm2-blockpruner.yaml",
+           ("search.mode=racing", "search.exact_scores=false", "search.objective=ppl_per_param")),
+)
 
 # Strategies whose removal order at a larger budget starts with the order at a smaller one: a run at
 # the larger budget resumes from the smaller one's recorder instead of scoring again.
@@ -78,6 +88,7 @@ class Row:
     evaluated: int | None = None
     reused: int | None = None
     eval_ppl: float | None = None
+    second_ppl: float | None = None  # on --second-domain, a corpus the calibration never saw
     note: str = ""
 
 
@@ -86,13 +97,17 @@ def data(spec: PipelineSpec, model_path: str, eval_tokens: int, eval_seq_len: in
     calib = spec.calibration
     stream = tokenize_stream(load_texts(calib.dataset, "calibration"), tokenizer)
     windows = sample_windows(stream, calib.seq_len, calib.samples, calib.seed)
-    dataset = spec.evaluate.datasets[0]
-    held_out = leading_windows(leading_stream(load_texts(dataset, "evaluation"), tokenizer, eval_tokens),
-                               eval_seq_len, eval_tokens)
-    return windows, held_out
+    return windows, held_out_windows(spec.evaluate.datasets[0], tokenizer, eval_tokens, eval_seq_len)
 
 
-def run_one(model, windows, held_out, spec: PipelineSpec, budget: float, row: Row, recorder: MemoryRecorder) -> Row:
+def held_out_windows(dataset: str, tokenizer, eval_tokens: int, eval_seq_len: int) -> torch.Tensor:
+    """The first `eval_tokens` tokens of the dataset's evaluation split, in windows of `eval_seq_len`."""
+    return leading_windows(leading_stream(load_texts(dataset, "evaluation"), tokenizer, eval_tokens),
+                           eval_seq_len, eval_tokens)
+
+
+def run_one(model, windows, held_out, spec: PipelineSpec, budget: float, row: Row, recorder: MemoryRecorder,
+            second: torch.Tensor | None = None) -> Row:
     try:
         search = spec.search.model_copy(update={"target": ParamsRatioTarget(params_ratio=budget)})
         ctx = SearchContext.of(model, windows, spec.score, search, log=SearchLog(recorder))
@@ -108,25 +123,32 @@ def run_one(model, windows, held_out, spec: PipelineSpec, budget: float, row: Ro
     row.params_removed = 1 - total_params(pruned) / ctx.dense_params
     with torch.inference_mode():
         row.eval_ppl = perplexity(pruned, held_out, batch_windows=1)
+        if second is not None:
+            row.second_ppl = perplexity(pruned, second, batch_windows=1)
     del pruned
     return row
 
 
-def table(rows: list[Row], dense_ppl: float) -> str:
+def table(rows: list[Row], dense_ppl: float, dense_second: float | None = None, second: str = "") -> str:
+    two = dense_second is not None
     lines = [
-        f"Dense SmolLM2-135M: evaluation perplexity {dense_ppl:.2f}.",
+        f"Dense SmolLM2-135M: evaluation perplexity {dense_ppl:.2f}"
+        + (f"; on {second} {dense_second:.2f}." if two else "."),
         "",
-        "| method | metric / strategy / granularity | budget | params removed | eval ppl | search s | blocks removed |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | metric / strategy / granularity | budget | params removed | eval ppl | "
+        + (f"{second} ppl | " if two else "") + "search s | blocks removed |",
+        "| --- | --- | --- | --- | --- | " + ("--- | " if two else "") + "--- | --- |",
     ]
     for r in rows:
         how = f"{r.metric} / {r.strategy} / {r.granularity}"
         if r.eval_ppl is None:
-            lines.append(f"| {r.method} | {how} | {r.budget:.0%} | - | - | - | {r.note} |")
+            lines.append(f"| {r.method} | {how} | {r.budget:.0%} | - | - | " + ("- | " if two else "")
+                         + f"- | {r.note} |")
             continue
         blocks = ", ".join(b.removeprefix("layers.") for b in r.blocks)
+        extra = f"{r.second_ppl:.2f} | " if two else ""
         lines.append(f"| {r.method} | {how} | {r.budget:.0%} | {100 * r.params_removed:.1f}% | {r.eval_ppl:.2f} | "
-                     f"{r.search_seconds:.0f} | {blocks} |")
+                     f"{extra}{r.search_seconds:.0f} | {blocks} |")
     return "\n".join(lines)
 
 
@@ -162,6 +184,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2], help="params_ratio targets")
     parser.add_argument("--only", nargs="+", default=None, help="pipelines whose file name contains one of these")
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: the pipelines')")
+    parser.add_argument("--with-racing", action="store_true", help="add BlockPruner raced, with both objectives")
+    parser.add_argument("--second-domain", default=None, help="also evaluate on this corpus's evaluation split")
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--out", default=str(RESULTS / "compare_methods"), help="results path without extension")
@@ -173,18 +198,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    methods = [m for m in METHODS if not args.only or any(o in m.pipeline or o in m.label for o in args.only)]
-    specs = {m: load_spec(ROOT / "pipelines" / m.pipeline, list(m.overrides)) for m in methods}
+    candidates = METHODS + (RACING_METHODS if args.with_racing else ())
+    methods = [m for m in candidates if not args.only or any(o in m.pipeline or o in m.label for o in args.only)]
+    samples = [f"calibration.samples={args.samples}"] if args.samples else []
+    specs = {m: load_spec(ROOT / "pipelines" / m.pipeline, [*m.overrides, *samples]) for m in methods}
     base = next(iter(specs.values()))
     model_path = str(resolve_model(base.model.source).path)
     model = load_model(model_path, dtype=base.model.dtype).eval()
     windows, held_out = data(base, model_path, args.eval_tokens, args.eval_seq_len)
+    second = (held_out_windows(args.second_domain, AutoTokenizer.from_pretrained(model_path), args.eval_tokens,
+                               args.eval_seq_len) if args.second_domain else None)
     for spec in specs.values():  # one calibration and evaluation set for every method
         if spec.section_json("model", "calibration") != base.section_json("model", "calibration"):
             raise SystemExit(f"{spec.name} uses other model or calibration settings than {base.name}")
     started = time.perf_counter()
     with torch.inference_mode():
         dense_ppl = perplexity(model, held_out, batch_windows=1)
+        dense_second = None if second is None else perplexity(model, second, batch_windows=1)
     print(f"dense evaluation perplexity {dense_ppl:.3f} on {held_out.numel()} tokens "
           f"({held_out.shape[0]} x {held_out.shape[1]}); calibration {windows.shape[0]} x {windows.shape[1]}",
           flush=True)
@@ -199,12 +229,13 @@ def main() -> None:
                 recorder = MemoryRecorder()
             row = Row(method.label, method.pipeline, spec.score.metric, spec.search.strategy,
                       spec.score.granularity, budget)
-            rows.append(run_one(model, windows, held_out, spec, budget, row, recorder))
+            rows.append(run_one(model, windows, held_out, spec, budget, row, recorder, second))
             print(f"{row.method:22s} {budget:.0%}: ppl {row.eval_ppl if row.eval_ppl else float('nan'):9.2f}  "
                   f"removed {100 * (row.params_removed or 0):5.1f}%  search {row.search_seconds or 0:6.1f}s  "
                   f"{row.note or ' '.join(row.blocks)}", flush=True)
             # Written after every row, so an interrupted run still leaves what it measured.
-            write(out, rows, dense_ppl, windows, held_out, base, time.perf_counter() - started)
+            write(out, rows, dense_ppl, windows, held_out, base, time.perf_counter() - started,
+                  dense_second=dense_second, second=args.second_domain or "")
     print(f"wrote {out.with_suffix('.md')}, .json and .png")
 
 
@@ -214,11 +245,13 @@ def replot(out: Path) -> None:
     shapes = saved["calibration"], saved["evaluation"]
     windows, held_out = (torch.zeros(shape, dtype=torch.int64) for shape in shapes)
     base = load_spec(ROOT / "pipelines" / METHODS[0].pipeline)
-    write(out, rows, saved["dense_ppl"], windows, held_out, base, saved["seconds"], saved.get("threads", 1))
+    write(out, rows, saved["dense_ppl"], windows, held_out, base, saved["seconds"], saved.get("threads", 1),
+          dense_second=saved.get("dense_second"), second=saved.get("second", ""))
 
 
 def write(out: Path, rows: list[Row], dense_ppl: float, windows: torch.Tensor, held_out: torch.Tensor,
-          base: PipelineSpec, seconds: float, threads: int | None = None) -> None:
+          base: PipelineSpec, seconds: float, threads: int | None = None, dense_second: float | None = None,
+          second: str = "") -> None:
     threads = threads or torch.get_num_threads()
     header = (
         f"# Block-pruning recipes on SmolLM2-135M\n\n"
@@ -229,9 +262,10 @@ def write(out: Path, rows: list[Row], dense_ppl: float, windows: torch.Tensor, h
         f"iterative method's larger budget resumes from its smaller budget's recorded scores, hence ~0 s of "
         f"search. Wall time so far {seconds:.0f} s, {threads} torch thread(s).\n\n"
     )
-    out.with_suffix(".md").write_text(header + table(rows, dense_ppl) + "\n")
+    out.with_suffix(".md").write_text(header + table(rows, dense_ppl, dense_second, second) + "\n")
     out.with_suffix(".json").write_text(json.dumps(
-        {"dense_ppl": dense_ppl, "calibration": list(windows.shape), "evaluation": list(held_out.shape),
+        {"dense_ppl": dense_ppl, "dense_second": dense_second, "second": second,
+         "calibration": list(windows.shape), "evaluation": list(held_out.shape),
          "seconds": seconds, "threads": threads, "rows": [asdict(r) for r in rows]}, indent=2))
     plot(rows, dense_ppl, out.with_suffix(".png"))
 
