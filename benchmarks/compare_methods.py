@@ -187,6 +187,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: the pipelines')")
     parser.add_argument("--with-racing", action="store_true", help="add BlockPruner raced, with both objectives")
     parser.add_argument("--second-domain", default=None, help="also evaluate on this corpus's evaluation split")
+    parser.add_argument("--race", action="store_true",
+                        help="score every perplexity recipe in search.mode racing (the exact choice with 99%% "
+                             "confidence, for much less work at large calibration sets)")
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--out", default=str(RESULTS / "compare_methods"), help="results path without extension")
@@ -202,6 +205,11 @@ def main() -> None:
     methods = [m for m in candidates if not args.only or any(o in m.pipeline or o in m.label for o in args.only)]
     samples = [f"calibration.samples={args.samples}"] if args.samples else []
     specs = {m: load_spec(ROOT / "pipelines" / m.pipeline, [*m.overrides, *samples]) for m in methods}
+    if args.race:
+        raced = ["search.mode=racing", "search.exact_scores=false"]
+        specs = {m: load_spec(ROOT / "pipelines" / m.pipeline, [*m.overrides, *samples, *raced])
+                 if spec.score.metric == "perplexity" and spec.search.mode is None else spec
+                 for m, spec in specs.items()}
     base = next(iter(specs.values()))
     model_path = str(resolve_model(base.model.source).path)
     model = load_model(model_path, dtype=base.model.dtype).eval()
