@@ -216,3 +216,17 @@ def test_racing_through_the_command_line(tmp_path):
     assert len(rows) == 2 and all(exact and low is None for _, exact, low, _ in rows)  # winners are exact
     spec = db.execute("select spec_json from runs where run_id = ?", [run_id]).fetchone()[0]
     assert '"mode":"racing"' in spec.replace(" ", "") and '"min_windows":4' in spec.replace(" ", "")
+
+
+def test_hundreds_of_calibration_windows_race_within_the_memory_budget(tmp_path):
+    """256 windows whose entry states (8 units x 256 x 16 tokens x 64 values) do not fit a 1 MB budget:
+    the race keeps a round's states at a time and still runs through the flow."""
+    from flows import prune_pipeline
+    from tests.flowkit import tiny_pipeline
+
+    pipeline = tiny_pipeline(tmp_path, calibration={"samples": 256, "seq_len": 16},
+                             score={"memory_budget_gb": 1e-3}, search={"target": {"blocks": 1}, "mode": "racing"})
+    summary = prune_pipeline(str(pipeline))
+    one_window = 16 * 64 * 4  # float32 hidden states of one window
+    every_state = 8 * 256 * one_window
+    assert 0 < summary["search"]["stored_bytes"] <= 8 * 8 * one_window < 1e-3 * 2**30 < every_state
