@@ -270,18 +270,22 @@ class RacingScorer(PrefixReuseScorer):
         drops = {name: units_of(list(group)) for name, group in groups.items()}
         drops[CURRENT] = set()
         active = self.runner.active(removed)
-        entries = [] if self.per_round else self._timed_entries(active)
+        whole: list = []  # every batch's entry states, computed at the first round (none when all are known)
 
         def evaluate(names: list[str], indices: list[int]) -> dict[str, tuple[dict[int, torch.Tensor], float]]:
-            states = self._round_entries(active, indices) if self.per_round else entries
-            out: dict[str, tuple[dict[int, torch.Tensor], float]] = {name: ({}, 0.0) for name in names}
+            if self.per_round:
+                states = self._round_entries(active, indices)
+            else:
+                whole[:] = whole or self._timed_entries(active)
+                states = whole
+            per_batch: dict[str, dict[int, torch.Tensor]] = {name: {} for name in names}
+            seconds = dict.fromkeys(names, 0.0)
             for index in indices:
                 for name in names:
                     began = time.perf_counter()
-                    nll = self._batch_nll(active, states, drops[name], index)
-                    out[name][0][index] = nll
-                    out[name] = (out[name][0], out[name][1] + time.perf_counter() - began)
-            return out
+                    per_batch[name][index] = self._batch_nll(active, states, drops[name], index)
+                    seconds[name] += time.perf_counter() - began
+            return {name: (per_batch[name], seconds[name]) for name in names}
 
         return score_streamed(list(groups), known, on_score, lambda todo: self.racer.run(todo, race, evaluate))
 
