@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tasks.score.racing import RacingOptions, RacingScorer, leavers, looks, t_quantile
+from tasks.score.racing import Racer, RacingOptions, RacingScorer, leavers, looks, t_quantile
 from tasks.search import MemoryRecorder, Target, run_search
 from tests.searchkit import search_context
 from tests.tiny import VOCAB, tiny_model
@@ -121,6 +121,28 @@ def test_a_race_for_the_best_k_drops_only_those_behind_k_references():
     left = leavers(nll, 0.001, keep=3)
     assert set(left) == {"e"} and 1.5 < left["e"].mean < 2.5 and left["e"].low > 0  # least sure: behind c or d
     assert leavers(nll, 0.001, keep=5) == {}
+
+
+def test_a_fixed_reference_drops_with_its_own_level():
+    """A yardstick chosen before the windows were drawn needs no correction for which candidate leads, so
+    its level is far looser: a candidate behind it leaves where the leader test at its level keeps it."""
+    generator = torch.Generator().manual_seed(1)
+    shared = torch.randn(12, generator=generator) * 5
+    nll = {"a": shared + torch.randn(12, generator=generator) * 0.5,
+           "b": shared + 0.05 + torch.randn(12, generator=generator) * 0.5,
+           "c": shared + 1.0 + torch.randn(12, generator=generator) * 0.5}
+    assert "c" not in leavers(nll, 1e-7)
+    left = leavers(nll, 1e-7, fixed="b", fixed_alpha=1e-3)
+    assert set(left) == {"c"} and left["c"].low > 0 and 0.5 < left["c"].mean < 1.5  # the gap to b decided
+    assert leavers(nll, 1e-7, fixed="missing", fixed_alpha=1e-3) == leavers(nll, 1e-7)
+
+
+def test_every_step_draws_its_own_window_order():
+    racer = Racer(RacingOptions(seed=3, min_windows=4, round_windows=2), [1] * 16, [15] * 16)
+    first, second = racer.rounds(0), racer.rounds(1)
+    assert first == racer.rounds(0) and first != second
+    assert sorted(i for r in first for i in r) == sorted(i for r in second for i in r) == list(range(16))
+    assert [len(r) for r in first] == [4, 2, 2, 2, 2, 2, 2]
 
 
 def _raced_and_exact(model, windows, strategy: str, target: Target, **kwargs):

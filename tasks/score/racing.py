@@ -16,6 +16,14 @@ keep x (candidates - 1) x looks of them for the best `keep`: alpha' is set so th
 1 - confidence. With probability at least `confidence` the exact best `keep` all stay in the race, and
 then the strategy's choice is exactly exact mode's.
 
+The leaders are chosen by the same windows that test against them, hence the correction over every
+candidate. A reference chosen before the windows were drawn needs none: the iterative search passes the
+previous step's best exact score as a fixed reference, every step draws its own window order (so what
+earlier steps decided is independent of it), and the error is split in two halves: 1/2 over
+(candidates - 1) x looks for the leader test, 1/2 over looks alone for the fixed one. The exact best
+can be wrongly found behind the fixed reference only at one of the looks, so the guarantee stands, and
+the fixed test's level is about (candidates - 1) / 2 times looser: most candidates leave sooner.
+
 With the ppl_per_param objective the race compares each window's NLL rise over the current model divided
 by the parameters the candidate removes, the objective's own terms, with the same bound.
 
@@ -105,24 +113,34 @@ class Gap:
         return self.mean + self.factor * self.error
 
 
-def leavers(nll: dict[str, torch.Tensor], alpha: float, keep: int = 1) -> dict[str, Gap]:
-    """The candidates that leave at one look, given each one's per-window values on the same windows (in
-    the same order; lower is better): those behind each of the `keep` best totals (the references) at
-    level `alpha`. Ties go to the earlier candidate; a reference never leaves, so `keep` always stay.
+def _gap(values: torch.Tensor, reference: torch.Tensor, factor: float) -> Gap:
+    diff = (values - reference).double()
+    return Gap(float(diff.mean()), float(diff.std()) / math.sqrt(diff.numel()), factor)
 
-    Each leaver's Gap is the one to the reference it is least surely behind (the smallest lower end)."""
+
+def leavers(nll: dict[str, torch.Tensor], alpha: float, keep: int = 1, fixed: str | None = None,
+            fixed_alpha: float | None = None) -> dict[str, Gap]:
+    """The candidates that leave at one look, given each one's per-window values on the same windows (in
+    the same order; lower is better): those behind each of the `keep` best totals so far (the leaders) at
+    level `alpha`, or, with `fixed` (a reference chosen before this race's windows were drawn), behind it
+    at level `fixed_alpha`. Ties go to the earlier candidate; a leader never leaves, so `keep` always stay.
+
+    Each leaver's Gap is the one that decided: to the fixed reference, or to the leader it is least surely
+    behind (the smallest lower end)."""
     names = list(nll)
     ranked = sorted(names, key=lambda name: (float(nll[name].sum()), names.index(name)))
-    references = ranked[:keep]
-    n = nll[references[0]].numel()
+    leaders = ranked[:keep]
+    n = nll[leaders[0]].numel()
     factor = t_quantile(1 - alpha, n - 1)
+    fixed_factor = None if fixed not in nll or fixed_alpha is None else t_quantile(1 - fixed_alpha, n - 1)
     out = {}
     for name in ranked[keep:]:
-        gaps = []
-        for ref in references:
-            diff = (nll[name] - nll[ref]).double()
-            gaps.append(Gap(float(diff.mean()), float(diff.std()) / math.sqrt(n), factor))
-        weakest = min(gaps, key=lambda g: g.low)
+        if fixed_factor is not None and name != fixed:
+            gap = _gap(nll[name], nll[fixed], fixed_factor)
+            if gap.low > 0:
+                out[name] = gap
+                continue
+        weakest = min((_gap(nll[name], nll[ref], factor) for ref in leaders), key=lambda g: g.low)
         if weakest.low > 0:
             out[name] = weakest
     return out
@@ -135,10 +153,16 @@ CURRENT = ""  # the name a race gives the current model (no block dropped): ppl_
 class Race:
     """What one scoring call races for: the `keep` best candidates stay (1: the winner alone; one_shot
     needs as many as its plan may take, beam its width), ranked by perplexity or, with `per_param`
-    (parameters each candidate removes), by the rise in NLL over the current model's per parameter."""
+    (parameters each candidate removes), by the rise in NLL over the current model's per parameter.
+
+    `step` draws the window order (each step its own, so that what earlier steps decided is independent
+    of this step's order); `reference`, a candidate chosen before this order was drawn (the iterative
+    search's best exact score of the previous step), is a second, fixed yardstick (module docs)."""
 
     keep: int = 1
     per_param: dict[str, int] | None = None
+    step: int = 0
+    reference: str | None = None
 
 
 # (names, batch indices) -> per name: the per-window NLL of each batch (float64), and the seconds it took.
@@ -168,9 +192,12 @@ class Racer:
         self.batch_predictions = batch_predictions
         self.n_predictions = sum(batch_predictions)
         self.tokens_per_window = self.n_predictions / sum(batch_windows)
-        order = list(range(len(batch_windows)))
-        random.Random(options.seed).shuffle(order)
-        self.rounds = self._cut(order)
+
+    def rounds(self, step: int) -> list[list[int]]:
+        """Step `step`'s seeded batch order, cut into rounds (step 0 keeps the order of `seed` alone)."""
+        order = list(range(len(self.batch_windows)))
+        random.Random(self.options.seed if step == 0 else f"{self.options.seed}:{step}").shuffle(order)
+        return self._cut(order)
 
     def _cut(self, order: list[int]) -> list[list[int]]:
         """The seeded batch order cut where looks happen: the first round reaches `min_windows`, each
@@ -185,41 +212,47 @@ class Racer:
                 next_look = windows + self.options.round_windows
         return [r for r in rounds if r]
 
-    def alpha(self, candidates: int, keep: int) -> float | None:
-        """The error each look may make for one pair, or None when no look can happen."""
+    def alphas(self, candidates: int, keep: int, fixed: bool) -> tuple[float, float | None] | None:
+        """The error each look may make for one pair against the leaders, and against the fixed reference
+        (None without one); None when no look can happen. With a fixed reference each test gets half."""
         count = looks(sum(self.batch_windows), self.options)
         if count == 0 or candidates <= keep:
             return None
-        return (1 - self.options.confidence) / (keep * (candidates - 1) * count)
+        error = 1 - self.options.confidence
+        if not fixed:
+            return error / (keep * (candidates - 1) * count), None
+        return error / 2 / (keep * (candidates - 1) * count), error / 2 / (keep * keep * count)
 
     def run(self, names: list[str], race: Race, evaluate: Evaluate) -> Iterator[CandidateScore]:
         """Scores of `names` as the race settles them: those that leave at each look, then the rest."""
         racing = [Runner(name) for name in names]
-        alpha = self.alpha(len(racing), race.keep)
+        fixed = race.reference if race.reference in names and race.keep == 1 else None
+        alphas = self.alphas(len(racing), race.keep, fixed is not None)
         base = Runner(CURRENT)
         seen: list[int] = []
-        for number, indices in enumerate(self.rounds):
+        rounds = self.rounds(race.step)
+        for number, indices in enumerate(rounds):
             asked = [r.block for r in racing] + ([CURRENT] if race.per_param is not None else [])
             for name, (per_batch, seconds) in evaluate(asked, indices).items():
                 runner = base if name == CURRENT else next(r for r in racing if r.block == name)
                 runner.per_batch.update(per_batch)
                 runner.seconds += seconds
             seen += indices
-            if alpha is not None and number < len(self.rounds) - 1 and len(racing) > race.keep:
-                racing, left = self._look(racing, seen, alpha, race, base)
+            if alphas is not None and number < len(rounds) - 1 and len(racing) > race.keep:
+                racing, left = self._look(racing, seen, alphas, race, base, fixed)
                 yield from left
         for runner in racing:
             yield self._exact(runner)
 
-    def _look(self, racing: list[Runner], seen: list[int], alpha: float, race: Race,
-              base: Runner) -> tuple[list[Runner], list[CandidateScore]]:
+    def _look(self, racing: list[Runner], seen: list[int], alphas: tuple[float, float | None], race: Race,
+              base: Runner, fixed: str | None) -> tuple[list[Runner], list[CandidateScore]]:
         """The candidates still in the race after this look, and the scores of those that left."""
         if race.per_param is None:
             values = {r.block: r.seen(seen) for r in racing}
         else:
             current = base.seen(seen)
             values = {r.block: (r.seen(seen) - current) / race.per_param[r.block] for r in racing}
-        gaps = leavers(values, alpha, race.keep)
+        gaps = leavers(values, alphas[0], race.keep, fixed, alphas[1])
         left = [self._partial(r, seen, gaps[r.block]) for r in racing if r.block in gaps]
         return [r for r in racing if r.block not in gaps], left
 

@@ -137,21 +137,30 @@ class SearchContext:
         return current(set())
 
     # --- scoring, with what the log already holds ----------------------------------------------
-    def _race(self, candidates: list[str], keep: int) -> dict[str, Race]:
+    def _race(self, step: int, candidates: list[str], keep: int, reference: str | None = None) -> dict[str, Race]:
         """The race a racing scorer runs for a call that keeps `keep` candidates (nothing otherwise)."""
         if self.scoring.mode != "racing":
             return {}
         per_param = ({c: self.goal.params_of([c]) for c in candidates}
                      if self.objective == "ppl_per_param" else None)
-        return {"race": Race(keep, per_param)}
+        return {"race": Race(keep, per_param, step, reference)}
+
+    def _previous_best(self, step: int, candidates: list[str]) -> str | None:
+        """The candidate with the best exact score at the step before (a race's fixed reference): chosen
+        from what earlier steps computed, so independent of this step's window order."""
+        if step == 0 or self.objective != "ppl":
+            return None
+        earlier = self.recorder.known_scores(step - 1)
+        exact = [c for c in candidates if c in earlier and earlier[c].exact]
+        return min(exact, key=lambda c: (self.sign * earlier[c].value, candidates.index(c)), default=None)
 
     def score_step(self, step: int, removed: list[str], candidates: list[str], keep: int = 1
                    ) -> dict[str, CandidateScore]:
         """Scores of the candidates once `removed` are gone. `keep`: how many of the best the strategy may
         use (a race may drop the others; every other mode scores all alike)."""
         known = self.log.known_scores(step, candidates)
-        return self.scorer.score(units_of(removed), candidates, known, self.log.recording(step),
-                                 **self._race(candidates, keep))
+        race = self._race(step, candidates, keep, self._previous_best(step, candidates) if keep == 1 else None)
+        return self.scorer.score(units_of(removed), candidates, known, self.log.recording(step), **race)
 
     def score_sets(self, step: int, parent: list[str], candidates: list[str], keep: int = 1
                    ) -> dict[str, CandidateScore]:
@@ -166,7 +175,7 @@ class SearchContext:
         record: OnScore = self.log.recording(step)  # type: ignore[assignment]
         scores = self.scorer.score(
             units_of(parent), candidates, known, lambda s: record(dataclasses.replace(s, block=keys[s.block])),
-            **self._race(candidates, keep),
+            **self._race(step, candidates, keep),
         )
         return {c: dataclasses.replace(scores[c], block=keys[c]) for c in candidates}
 
@@ -179,7 +188,8 @@ class SearchContext:
         if self.scoring.measures == "segment":
             return self.scorer.score_segments(units_of(removed), by_first, known, record)  # type: ignore[attr-defined]
         if self.scoring.mode == "racing":  # the segments race as groups of blocks, for the best one
-            return self.scorer.score_groups(units_of(removed), by_first, known, record)  # type: ignore[attr-defined]
+            return self.scorer.score_groups(units_of(removed), by_first, known, record,  # type: ignore[attr-defined]
+                                            **self._race(step, list(by_first), 1))
         # A "removal" metric scores the model without the segment: the rest of it joins `removed`.
         scores: dict[str, CandidateScore] = {}
         for first, segment in by_first.items():
