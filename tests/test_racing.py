@@ -174,6 +174,19 @@ def test_every_perplexity_strategy_races_to_the_exact_choice(trained, strategy, 
         assert score.gap_low > 0 and score.n_tokens < 32 * 15
 
 
+def test_a_larger_budget_re_races_what_left_a_smaller_one(trained):
+    """one_shot for 1 block then 6 on one recorder: candidates that left the first race (which kept one)
+    race again, so the larger plan is exact mode's too."""
+    model, windows = trained
+    plans = {}
+    for racing in (None, RacingOptions(confidence=0.99)):
+        recorder = MemoryRecorder()
+        for blocks in (1, 6):
+            ctx = search_context(model, windows, target=Target(blocks=blocks), racing=racing, recorder=recorder)
+            plans[racing is not None, blocks] = [(r.block, r.value) for r in run_search(ctx, "one_shot")]
+    assert plans[True, 1] == plans[False, 1] and plans[True, 6] == plans[False, 6]
+
+
 def test_one_shot_keeps_as_many_as_its_plan_may_take(trained):
     model, windows = trained
     ctx = search_context(model, windows, target=Target(params_ratio=0.2))

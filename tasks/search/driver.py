@@ -145,6 +145,14 @@ class SearchContext:
                      if self.objective == "ppl_per_param" else None)
         return {"race": Race(keep, per_param, step, reference)}
 
+    def _reusable(self, known: dict[str, CandidateScore], keep: int) -> dict[str, CandidateScore]:
+        """Recorded scores a call may reuse. A race for the best `keep` > 1 re-races candidates that left an
+        earlier race: they left a race that may have kept fewer (one_shot at a smaller budget, sharing a
+        recorder), so they may belong to this one's best `keep`."""
+        if keep == 1 or self.scoring.mode != "racing":
+            return known
+        return {c: s for c, s in known.items() if s.exact}
+
     def _previous_best(self, step: int, candidates: list[str]) -> str | None:
         """The candidate with the best exact score at the step before (a race's fixed reference): chosen
         from what earlier steps computed, so independent of this step's window order."""
@@ -158,7 +166,7 @@ class SearchContext:
                    ) -> dict[str, CandidateScore]:
         """Scores of the candidates once `removed` are gone. `keep`: how many of the best the strategy may
         use (a race may drop the others; every other mode scores all alike)."""
-        known = self.log.known_scores(step, candidates)
+        known = self._reusable(self.log.known_scores(step, candidates), keep)
         race = self._race(step, candidates, keep, self._previous_best(step, candidates) if keep == 1 else None)
         return self.scorer.score(units_of(removed), candidates, known, self.log.recording(step), **race)
 
@@ -171,7 +179,8 @@ class SearchContext:
         """
         keys = {c: set_key([*parent, c]) for c in candidates}
         recorded = self.log.known_scores(step, set(keys.values()))
-        known = {c: dataclasses.replace(recorded[k], block=c) for c, k in keys.items() if k in recorded}
+        known = self._reusable({c: dataclasses.replace(recorded[k], block=c) for c, k in keys.items() if k in recorded},
+                               keep)
         record: OnScore = self.log.recording(step)  # type: ignore[assignment]
         scores = self.scorer.score(
             units_of(parent), candidates, known, lambda s: record(dataclasses.replace(s, block=keys[s.block])),
