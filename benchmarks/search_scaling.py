@@ -109,11 +109,17 @@ def table(rows: list[Row]) -> str:
                      f"{r.units_per_window:.0f} | {r.heads_per_window:.1f} | {r.bounds_per_window:.1f} | {same} | {gap} | "
                      f"{r.left} | {', '.join(r.blocks)} |")
     lines.append("")
-    for mode in MODES:
-        slope = exponent(rows, mode)
+    for mode in dict.fromkeys(r.mode for r in rows):
+        slope, work = exponent(rows, mode), work_exponent(rows, mode)
         if slope is not None:
-            lines.append(f"- {mode}: time grows as windows^{slope:.2f}")
+            lines.append(f"- {mode}: time grows as windows^{slope:.2f}, sub-block work as windows^{work:.2f}")
     return "\n".join(lines)
+
+
+def work_exponent(rows: list[Row], mode: str) -> float | None:
+    """Like `exponent`, for the step's sub-block applications (units per window x windows): no load in it."""
+    as_time = [Row(r.mode, r.windows, r.seq_len, r.units_per_window * r.windows, 0, 0, 0) for r in rows if r.mode == mode]
+    return exponent(as_time, mode)
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -123,7 +129,7 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode in MODES:
+    for mode in dict.fromkeys(r.mode for r in rows):
         points = sorted((r.windows * r.seq_len, r.seconds) for r in rows if r.mode == mode)
         if points:
             ax.plot(*zip(*points), marker="o", label=mode)
@@ -148,7 +154,17 @@ def main() -> None:
                         help="sizes at which exact mode runs (default: all of --sizes)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "search_scaling"))
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="only write the table and plot of rows measured by earlier runs (one per size)")
     args = parser.parse_args()
+    if args.combine:
+        rows = [Row(**row) for path in args.combine for row in json.loads(Path(path).read_text())]
+        out = Path(args.out)
+        out.with_suffix(".json").write_text(json.dumps([asdict(x) for x in rows], indent=1))
+        out.with_suffix(".md").write_text("# Search cost against calibration size\n\n" + table(rows) + "\n")
+        plot(rows, out.with_suffix(".png"))
+        print(table(rows))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = load_spec(ROOT / "pipelines" / "smollm2-blockpruner.yaml")
