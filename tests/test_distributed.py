@@ -270,6 +270,7 @@ def test_two_dask_workers_choose_and_score_as_local(tmp_path, cluster, local_out
     assert sorted(loaded.values()) == [True, True]
 
 
+@pytest.mark.integration  # two flows, one on the cluster: about a minute
 def test_two_dask_workers_race_as_local(tmp_path, cluster):
     """search.mode: racing on Dask: the flow takes the race's decisions from the shards' per-window NLLs."""
     local_cluster, _ = cluster

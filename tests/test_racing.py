@@ -253,6 +253,7 @@ def test_racing_through_the_command_line(tmp_path):
     assert '"mode":"racing"' in spec.replace(" ", "") and '"min_windows":4' in spec.replace(" ", "")
 
 
+@pytest.mark.integration  # a flow with a Prefect server, about a minute
 def test_hundreds_of_calibration_windows_race_within_the_memory_budget(tmp_path):
     """256 windows whose entry states (8 units x 256 x 16 tokens x 64 values) do not fit a 1 MB budget:
     the race keeps a round's states at a time and still runs through the flow."""
