@@ -156,6 +156,12 @@ class PrefixReuseScorer:
         kept, chain = self._chain(active, drop)
         return self._run_chain(entries[kept][index], index, chain, "unit_windows")
 
+    def _batch_nll(self, active: list[Unit], entries, drop: set[str], index: int) -> torch.Tensor:
+        """Micro-batch `index`'s per-window NLL without the units in `drop`."""
+        hidden = self._final(active, entries, drop, index)
+        self.work.add(head_windows=self.batches[index].shape[0])
+        return self.runner.window_nll(hidden, self.batches[index])
+
     def _exact_nll(self, hidden: torch.Tensor, batch: torch.Tensor) -> float:
         self.work.add(head_windows=batch.shape[0])
         return float(self.runner.window_nll(hidden, batch).sum())
@@ -243,11 +249,7 @@ class PrefixReuseScorer:
         for name in names:
             start = time.perf_counter()
             drop = units_of(name.split("+")) if name else set()
-            per_batch = {}
-            for index in indices:
-                hidden = self._final(active, entries, drop, index)
-                self.work.add(head_windows=self.batches[index].shape[0])
-                per_batch[index] = self.runner.window_nll(hidden, self.batches[index])
+            per_batch = {index: self._batch_nll(active, entries, drop, index) for index in indices}
             out[name] = (per_batch, time.perf_counter() - start)
         return out
 

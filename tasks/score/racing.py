@@ -232,9 +232,9 @@ class Racer:
         seen: list[int] = []
         rounds = self.rounds(race.step)
         for number, indices in enumerate(rounds):
-            asked = [r.block for r in racing] + ([CURRENT] if race.per_param is not None else [])
-            for name, (per_batch, seconds) in evaluate(asked, indices).items():
-                runner = base if name == CURRENT else next(r for r in racing if r.block == name)
+            by_name = {r.block: r for r in racing} | ({CURRENT: base} if race.per_param is not None else {})
+            for name, (per_batch, seconds) in evaluate(list(by_name), indices).items():
+                runner = by_name[name]
                 runner.per_batch.update(per_batch)
                 runner.seconds += seconds
             seen += indices
@@ -353,10 +353,3 @@ class RacingScorer(PrefixReuseScorer):
             t.numel() * t.element_size() for states in entries for t in states.values()))
         self.work.add(prefix_seconds=time.perf_counter() - start)
         return entries
-
-    def _batch_nll(self, active: list[Unit], entries, drop: set[str], index: int) -> torch.Tensor:
-        """Micro-batch `index`'s per-window NLL without the units in `drop`."""
-        hidden = self._final(active, entries, drop, index)
-        batch = self.batches[index]
-        self.work.add(head_windows=batch.shape[0])
-        return self.runner.window_nll(hidden, batch)
