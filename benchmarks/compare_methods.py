@@ -100,6 +100,14 @@ def data(spec: PipelineSpec, model_path: str, eval_tokens: int, eval_seq_len: in
     return windows, held_out_windows(spec.evaluate.datasets[0], tokenizer, eval_tokens, eval_seq_len)
 
 
+def selects(name: str, method: Method, methods: tuple[Method, ...]) -> bool:
+    """A method's exact label picks that method alone (one label may be part of another); any other name
+    picks every method whose label or pipeline file contains it."""
+    if any(name == m.label for m in methods):
+        return name == method.label
+    return name in method.pipeline or name in method.label
+
+
 def held_out_windows(dataset: str, tokenizer, eval_tokens: int, eval_seq_len: int) -> torch.Tensor:
     """The first `eval_tokens` tokens of the dataset's evaluation split, in windows of `eval_seq_len`."""
     return leading_windows(leading_stream(load_texts(dataset, "evaluation"), tokenizer, eval_tokens),
@@ -182,7 +190,7 @@ def plot(rows: list[Row], dense_ppl: float, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2], help="params_ratio targets")
-    parser.add_argument("--only", nargs="+", default=None, help="pipelines whose file name contains one of these")
+    parser.add_argument("--only", nargs="+", default=None, help="methods by exact label, or pipelines / labels containing one of these")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: the pipelines')")
     parser.add_argument("--with-racing", action="store_true", help="add BlockPruner raced, with both objectives")
@@ -202,7 +210,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     candidates = METHODS + (RACING_METHODS if args.with_racing else ())
-    methods = [m for m in candidates if not args.only or any(o in m.pipeline or o in m.label for o in args.only)]
+    methods = [m for m in candidates if not args.only or any(selects(o, m, candidates) for o in args.only)]
     samples = [f"calibration.samples={args.samples}"] if args.samples else []
     specs = {m: load_spec(ROOT / "pipelines" / m.pipeline, [*m.overrides, *samples]) for m in methods}
     if args.race:
