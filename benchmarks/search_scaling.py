@@ -51,10 +51,14 @@ class Row:
     left: int = 0  # candidates that left a race or stopped at a bound
 
 
-def run_mode(model, windows: torch.Tensor, mode: str, steps: int) -> Row:
+def run_mode(model, windows: torch.Tensor, mode: str, steps: int, racing: tuple[str, ...] = ()) -> Row:
+    """`racing`: search.racing settings (key=value) for racing mode, named in the row's mode."""
     # The pipeline names exact_scores: true, which a mode must agree with.
     overrides = [f"search.mode={mode}", f"search.exact_scores={str(mode == 'exact').lower()}",
                  f"search.target.blocks={steps}"]
+    if mode == "racing" and racing:
+        overrides += [f"search.racing.{setting}" for setting in racing]
+        mode = f"racing ({', '.join(racing)})"
     spec = load_spec(ROOT / "pipelines" / "smollm2-blockpruner.yaml", overrides)
     ctx = SearchContext.of(model, windows, spec.score, spec.search, log=SearchLog())
     start = time.perf_counter()
@@ -152,6 +156,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--exact-sizes", type=int, nargs="*", default=None,
                         help="sizes at which exact mode runs (default: all of --sizes)")
+    parser.add_argument("--racing", nargs="+", default=(), metavar="KEY=VALUE",
+                        help="search.racing settings for racing mode, e.g. min_windows=4")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "search_scaling"))
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
@@ -178,7 +184,7 @@ def main() -> None:
         for mode in args.modes:
             if mode == "exact" and args.exact_sizes is not None and size not in args.exact_sizes:
                 continue
-            rows.append(run_mode(model, windows, mode, args.steps))
+            rows.append(run_mode(model, windows, mode, args.steps, tuple(args.racing)))
             r = rows[-1]
             print(f"{size:4d} x {args.seq_len} {mode:8s} {r.seconds:8.1f}s  {r.units_per_window:7.0f} units/window  "
                   f"left {r.left:3d}  {' '.join(r.blocks)}", flush=True)
