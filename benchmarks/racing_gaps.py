@@ -111,7 +111,8 @@ def write(out: Path, rows: list[dict], args, seconds: float) -> None:
         f"{args.threads or torch.get_num_threads()} thread(s)). Gap: the candidate's log-perplexity minus the "
         f"best's, per token; sd: the spread of that gap across windows (per token), against the spread of the "
         f"windows' own NLL. Windows to leave: the fewest windows after which the gap clears racing's t bound, "
-        f"in a race over that many windows of a step of {args.step_candidates} candidates with the defaults (confidence 0.99, min_windows "
+        f"in a race over that many windows of a step of {args.step_candidates} candidates with the defaults "
+        f"(confidence 0.99, min_windows "
         f"{options.min_windows}, round_windows {options.round_windows}), by the leader test and by the fixed "
         f"reference's test (if the reference is the best), at racing's levels for a step with a fixed reference "
         f"(every step after the first).\n",

@@ -122,31 +122,41 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _step_lines(steps: Sequence[StepRow], scores: Sequence[ScoreRow]) -> list[str]:
+def _left_race(score: ScoreRow) -> bool:
+    """A candidate that left a race (search.mode: racing): its value is the perplexity of the windows it
+    saw, not a bound, and it carries the interval of its gap to the reference it was behind."""
+    return not score.exact and score.gap_low is not None
+
+
+def _step_lines(steps: Sequence[StepRow], scores: Sequence[ScoreRow], verbose: bool = False) -> list[str]:
     by_step: dict[int, list[ScoreRow]] = defaultdict(list)
     for score in scores:
         by_step[score.step].append(score)
+    raced = any(_left_race(s) for s in scores)
 
     rows = []
     for step in steps:
         candidates = by_step.get(step.step, [])
         winner = [s for s in candidates if s.block == step.block]
-        bound = _LOWER_BOUND if any(not s.exact for s in winner) else ""
-        lower = {s.block for s in candidates if not s.exact}
+        bound = _LOWER_BOUND if any(not s.exact and not _left_race(s) for s in winner) else ""
+        lower = {s.block for s in candidates if not s.exact and not _left_race(s)}
+        left = {s.block for s in candidates if _left_race(s)}
         rows.append([
             str(step.step),
             step.block,
             bound + format_number(step.value),
             str(len({s.block for s in candidates})),
             str(len(lower)),
+            *([str(len(left))] if raced else []),
             f"{step.params_remaining:,}",
         ])
+    headers = ["step", "removed block", "score", "candidates", "lower bounds", *(["left race"] if raced else []),
+               "params remaining"]
     lines = [f"steps ({len(steps)})"]
-    lines.append(
-        format_table(["step", "removed block", "score", "candidates", "lower bounds",
-                      "params remaining"], rows, right=(0, 2, 3, 4, 5))
-        if rows else "(no block removed yet)"
-    )
+    lines.append(format_table(headers, rows, right=tuple(i for i in range(len(headers)) if i != 1))
+                 if rows else "(no block removed yet)")
+    if raced:
+        lines += ["", *_race_lines(by_step, verbose)]
 
     # Scores without a step row belong to a step the search had not finished when it stopped.
     # No "best so far": whether lower or higher wins depends on the metric, which the
@@ -156,6 +166,22 @@ def _step_lines(steps: Sequence[StepRow], scores: Sequence[ScoreRow]) -> list[st
         scored = {s.block for s in by_step[number]}
         lines.append(f"step {number} unfinished: {_count(len(scored), 'candidate')} scored")
     return lines
+
+
+def _race_lines(by_step: dict[int, list[ScoreRow]], verbose: bool) -> list[str]:
+    """Candidates that left a race: the perplexity of the windows each saw, and its gap to the reference in
+    log-perplexity per token with the confidence interval that let it leave. Without `verbose`, the
+    closest one per step (the smallest lower end: how near the race came to keeping it)."""
+    rows = []
+    for step in sorted(by_step):
+        left = sorted((s for s in by_step[step] if _left_race(s)), key=lambda s: (s.gap_low, s.block))
+        for score in left if verbose else left[:1]:
+            rows.append([str(step), score.block, format_number(score.value), f"{score.n_tokens:,}",
+                         f"{(score.gap_low + score.gap_high) / 2:+.4f}",
+                         f"[{score.gap_low:+.4f}, {score.gap_high:+.4f}]"])
+    title = "left the race" if verbose else "left the race, the closest per step (--verbose: all)"
+    return [title, format_table(["step", "block", "ppl of windows seen", "tokens", "gap (log-ppl/token)", "interval"],
+                                rows, right=(0, 2, 3, 4))]
 
 
 def _headline(run: RunRow, steps: Sequence[StepRow], evaluations: Sequence[EvaluationRow],
@@ -233,7 +259,7 @@ def format_show(
 ) -> str:
     """The headline, the steps and the evaluations; `verbose` adds identities, the whole spec, the stored
     summary (raw series included) and every artifact."""
-    sections = [_aligned(_headline(run, steps, evaluations, artifacts)), "\n".join(_step_lines(steps, scores))]
+    sections = [_aligned(_headline(run, steps, evaluations, artifacts)), "\n".join(_step_lines(steps, scores, verbose))]
     width = (run.summary or {}).get("width")
     if width:
         sections.append(width_title(width) + "\n" + format_table(WIDTH_HEADERS, width_rows(width), right=(1, 2, 3, 5)))

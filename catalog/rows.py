@@ -78,7 +78,8 @@ class ScoreRow(_FromDb):
     value: float
     n_tokens: int
     seconds: float
-    # False: evaluation stopped early, so `value` is only a lower bound.
+    # False: evaluation stopped early. Bounded mode: `value` is a lower bound. Racing (gap_low set): `value`
+    # is the perplexity of the windows the candidate saw before it left the race.
     exact: bool
     created_at: datetime
     # Standard error of `value` when the metric is a sampling estimate (Shapley); for a candidate that

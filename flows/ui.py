@@ -66,16 +66,31 @@ class StepTables:
             self.last, self.first_step, self.removed = dict(scores), step, []
         self.removed.append(record.block)
         steps = f"step {step}" if step == self.first_step else f"steps {self.first_step}-{step}"
-        rows = [
-            {"block": s.block, "score": round(s.value, 5), "bound": "exact" if s.exact else "lower bound",
-             "tokens": s.n_tokens, "seconds": round(s.seconds, 3),
-             "removed": f"step {self.first_step + self.removed.index(s.block)}" if s.block in self.removed else ""}
-            for s in sorted(scores.values(), key=lambda s: s.value)
-        ]
+        rows = step_rows(scores, self.removed, self.first_step)
         create_table_artifact(
             rows, key=artifact_key(self.pipeline, "step", str(self.first_step)),
             description=f"{steps}: removed {', '.join(self.removed)} ({record.params_remaining:,} params remain)",
         )
+
+
+def step_rows(scores: dict[str, CandidateScore], removed: list[str], first_step: int) -> list[dict]:
+    """A step table's rows, best first: each candidate's score, what kind of score it is, the interval of
+    a raced leaver's gap to the reference, and the step that removed it (blocks `removed` from `first_step`)."""
+    return [
+        {"block": s.block, "score": round(s.value, 5), "kind": _kind(s), "tokens": s.n_tokens,
+         "gap low": None if s.gap_low is None else round(s.gap_low, 5),
+         "gap high": None if s.gap_high is None else round(s.gap_high, 5), "seconds": round(s.seconds, 3),
+         "removed": f"step {first_step + removed.index(s.block)}" if s.block in removed else ""}
+        for s in sorted(scores.values(), key=lambda s: s.value)
+    ]
+
+
+def _kind(score: CandidateScore) -> str:
+    """exact; a lower bound (bounded mode); or the perplexity of the windows seen by a candidate that left
+    a race, whose gap to the reference (log-perplexity per token) has the interval in `gap low`/`gap high`."""
+    if score.exact:
+        return "exact"
+    return "lower bound" if score.gap_low is None else "left the race (windows seen)"
 
 
 def _inline_png(path: Path) -> str:

@@ -593,6 +593,31 @@ def test_format_show(catalog: Catalog) -> None:
     assert any(line.split()[:5] == ["recovered", "perplexity", "wikitext", "perplexity", "11.50"]
                for line in lines)
     assert any(line.split()[:3] == ["pruned", "model", "1.2"] and "abababababab" in line for line in lines)
+    assert "left race" not in text  # a run that did not race keeps its columns
+
+
+def test_format_show_tells_candidates_that_left_a_race(catalog: Catalog, tmp_path: Path) -> None:
+    """A raced step: its leavers' values are partial perplexities, not bounds, shown with their gap."""
+    _fill(catalog, "r1")
+    catalog.add_score("r1", 1, "layers.2", "perplexity", 19.5, 1024, 0.2, exact=False, std_error=0.002,
+                      gap=(0.004, 0.012))
+    catalog.add_score("r1", 1, "layers.4", "perplexity", 40.0, 512, 0.1, exact=False, std_error=0.05,
+                      gap=(0.2, 0.6))
+    rows = (catalog.get_run("r1"), catalog.steps("r1"), catalog.scores("r1"), catalog.evaluations("r1"),
+            catalog.artifacts("r1"))
+    lines = format_show(*rows).splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["step", "removed"])
+    assert "left race" in header
+    assert next(line for line in lines if line.split()[:2] == ["1", "layers.7.mlp"]).split() == [
+        "1", "layers.7.mlp", ">=13.00", "4", "1", "2", "850"]  # layers.7.mlp's own bound is still a bound
+    brief = [line.split() for line in lines if line.split()[:2] in (["1", "layers.2"], ["1", "layers.4"])]
+    assert brief == [["1", "layers.2", "19.50", "1,024", "+0.0080", "[+0.0040,", "+0.0120]"]]  # the closest one
+    verbose = [line.split()[:2] for line in format_show(*rows, verbose=True).splitlines()]
+    assert ["1", "layers.2"] in verbose and ["1", "layers.4"] in verbose
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "show", "r1", "--catalog",
+                            str(tmp_path / "catalog.duckdb")],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert shown.returncode == 0 and "left race" in shown.stdout and "[+0.0040, +0.0120]" in shown.stdout
 
 
 def test_width_rows_are_kept_per_run_and_rewritten_in_place(catalog: Catalog) -> None:

@@ -145,6 +145,19 @@ def test_every_step_draws_its_own_window_order():
     assert [len(r) for r in first] == [4, 2, 2, 2, 2, 2, 2]
 
 
+def test_step_tables_tell_left_candidates_from_bounds():
+    from flows.ui import step_rows
+    from tasks.score import CandidateScore
+
+    scores = {"a": CandidateScore("a", 17.0, 8160, 1.0),
+              "b": CandidateScore("b", 16.5, 2040, 0.3, exact=False, std_error=0.002, gap_low=0.003, gap_high=0.011),
+              "c": CandidateScore("c", 30.0, 255, 0.1, exact=False)}
+    rows = step_rows(scores, ["a"], 4)
+    assert [(r["block"], r["kind"], r["gap low"], r["removed"]) for r in rows] == [
+        ("b", "left the race (windows seen)", 0.003, ""), ("a", "exact", None, "step 4"),
+        ("c", "lower bound", None, "")]
+
+
 def _raced_and_exact(model, windows, strategy: str, target: Target, **kwargs):
     """(records, unit windows, scores) of an exact search and of the same search raced."""
     runs = []

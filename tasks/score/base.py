@@ -20,7 +20,9 @@ class CandidateScore:
     value: float
     n_tokens: int
     seconds: float
-    exact: bool = True  # False: evaluation stopped early, `value` is a lower bound
+    # False: stopped early: `value` is a lower bound (bounded mode) or, with gap_low, the perplexity of the
+    # windows a candidate saw before it left a race.
+    exact: bool = True
     std_error: float | None = None  # sampling estimates (Shapley): the standard error of `value`
     # Racing: the confidence interval of the gap to the leader (or, when a strategy keeps several, to the
     # reference it was least surely behind) in log-perplexity when the candidate left.
