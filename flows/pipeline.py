@@ -389,8 +389,11 @@ def _pictures(spec, catalog: Catalog, run_id: str, result, ppl: dict, trajectory
     pictures = {"plot-perplexity": perplexity_curve(removed_ratio, list(trajectory), evals,
                                                     folder / "perplexity_vs_params.png", final_removed)}
     if steps:  # width pruning alone has no search steps
+        # A race with the ppl objective stores each leaver's gap in log-perplexity per token (per parameter
+        # with ppl_per_param, which the picture's scale cannot show).
+        paired = spec.search.objective in (None, "ppl")
         pictures["plot-scores"] = score_heatmap(steps, removed, folder / "scores_per_block.png", spec.score.metric,
-                                                lowest_first)
+                                                lowest_first, paired)
     plan = catalog.plan(run_id)
     if plan is not None:
         pictures["plot-width"] = width_importance(*_channel_scores(catalog, run_id, WidthPlan.from_json(plan)),

@@ -40,8 +40,18 @@ class HeatScale:
     clipped: tuple[str, ...]  # blocks with a cell beyond vmax
 
 
-def relative(score: CandidateScore, best: float, log_scale: bool, lowest_first: bool) -> float:
-    """How far a candidate is from the step's best: log-ratio for perplexities, plain difference otherwise."""
+def left_race(score: CandidateScore) -> bool:
+    return not score.exact and score.gap_low is not None and score.gap_high is not None
+
+
+def relative(score: CandidateScore, best: float, log_scale: bool, lowest_first: bool,
+             paired_gaps: bool = False) -> float:
+    """How far a candidate is from the step's best: log-ratio for perplexities, plain difference otherwise.
+    With `paired_gaps` (racing with the ppl objective), a candidate that left the race is placed at its
+    gap to the reference on the windows both saw (log-perplexity per token): its own perplexity covers
+    only some windows, which may be easier or harder than the whole set."""
+    if paired_gaps and left_race(score):
+        return (score.gap_low + score.gap_high) / 2
     if log_scale and score.value > 0 and best > 0:
         gap = math.log(score.value) - math.log(best)
     else:
@@ -64,15 +74,16 @@ def heat_scale(cells: dict[str, list[float]], measure: str) -> HeatScale:
 
 
 def score_heatmap(steps: list[dict[str, CandidateScore]], removed: list[list[str]], path: Path, metric: str,
-                  lowest_first: bool = True) -> Path:
+                  lowest_first: bool = True, paired_gaps: bool = False) -> Path:
     """Rows are the distinct search steps, columns the candidate blocks in model order. `removed[i]` holds
-    the blocks removed from step i's ranking (several for strategies that rank once)."""
+    the blocks removed from step i's ranking (several for strategies that rank once). Candidates that left
+    a race are dotted; `paired_gaps` places them at their gap to the reference (see `relative`)."""
     blocks = sorted({b for step in steps for b in step}, key=_model_order)
     log_scale = metric == "perplexity"
     measure = f"log({metric} / step's best)" if log_scale else f"{metric}, distance from step's best"
     bests = [_best(step, lowest_first) for step in steps]
-    grid = [[relative(step[b], best, log_scale, lowest_first) if b in step else math.nan for b in blocks]
-            for step, best in zip(steps, bests)]
+    grid = [[relative(step[b], best, log_scale, lowest_first, paired_gaps) if b in step else math.nan
+             for b in blocks] for step, best in zip(steps, bests)]
     scale = heat_scale({b: [row[j] for row in grid] for j, b in enumerate(blocks)}, measure)
 
     width = max(8.0, min(16.0, 0.24 * len(blocks) + 3))
@@ -84,6 +95,9 @@ def score_heatmap(steps: list[dict[str, CandidateScore]], removed: list[list[str
             if block in blocks:
                 ax.text(blocks.index(block), i, "×" if len(gone) == 1 else str(order + 1), ha="center",
                         va="center", color="red", fontsize=11, fontweight="bold")
+    raced = [(j, i) for i, step in enumerate(steps) for j, b in enumerate(blocks) if b in step and left_race(step[b])]
+    if raced:
+        ax.scatter(*zip(*raced), s=4, color="white", marker="o", linewidths=0)
     ax.set_xticks(range(len(blocks)), [_short(b) for b in blocks], rotation=90, fontsize=8)
     ax.set_yticks(range(len(steps)), [_row_label(i, gone) for i, gone in enumerate(removed)], fontsize=9)
     ax.set_xlabel("candidate block (layer.half)", fontsize=10)
@@ -92,6 +106,10 @@ def score_heatmap(steps: list[dict[str, CandidateScore]], removed: list[list[str
     legend = [Line2D([], [], marker="x", color="red", linestyle="none", markersize=9,
                      label="removed at this step" if all(len(g) <= 1 for g in removed) else "removed (order)"),
               Patch(color="#d9d9d9", label="removed at an earlier step")]
+    if raced:
+        where = "paired gap to the reference" if paired_gaps else "perplexity of the windows seen"
+        legend.append(Line2D([], [], marker="o", color="grey", linestyle="none", markersize=3,
+                             label=f"left the race: {where}"))
     if scale.clipped:
         names = ", ".join(_short(b) for b in scale.clipped[:4]) + (", ..." if len(scale.clipped) > 4 else "")
         legend.append(Patch(color=cmap(1.0), label=f"beyond the scale: {names}"))
@@ -106,7 +124,8 @@ def scores_by_step(catalog: Catalog, run_id: str) -> tuple[list[dict[str, Candid
     by_step: dict[int, dict[str, CandidateScore]] = {}
     for row in catalog.scores(run_id):
         by_step.setdefault(row.step, {})[row.block] = CandidateScore(row.block, row.value, row.n_tokens,
-                                                                     row.seconds, row.exact)
+                                                                     row.seconds, row.exact, row.std_error,
+                                                                     row.gap_low, row.gap_high)
     scored = sorted(by_step)
     removed: dict[int, list[str]] = {s: [] for s in scored}
     for step in catalog.steps(run_id):

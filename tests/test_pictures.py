@@ -7,7 +7,7 @@ import math
 from PIL import Image
 
 from catalog import Catalog
-from flows.plots import SCALE_KEY, perplexity_curve, score_heatmap, scores_by_step
+from flows.plots import SCALE_KEY, perplexity_curve, relative, score_heatmap, scores_by_step
 
 LAYERS = 6
 
@@ -73,3 +73,22 @@ def test_perplexity_curve_starts_at_the_dense_model(tmp_path):
                             tmp_path / "ppl.png")
     with Image.open(path) as image:
         assert image.size[0] >= 700
+
+
+def test_candidates_that_left_a_race_sit_at_their_paired_gap(tmp_path):
+    """A leaver's perplexity covers only the windows it saw (here easier ones: below the step's best), so
+    the picture places it at its gap to the reference on those windows, and dots it."""
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    _start(catalog, "r")
+    catalog.add_score("r", 0, "layers.0.attn", "perplexity", 15.0, 4096, 0.4)
+    catalog.add_score("r", 0, "layers.1.attn", "perplexity", 15.2, 4096, 0.4)
+    catalog.add_score("r", 0, "layers.2.mlp", "perplexity", 14.0, 1024, 0.1, exact=False, std_error=0.01,
+                      gap=(0.3, 0.5))
+    catalog.add_step("r", 0, "layers.0.attn", 15.0, 900)
+    steps, removed = scores_by_step(catalog, "r")
+    leaver = steps[0]["layers.2.mlp"]
+    assert (leaver.gap_low, leaver.gap_high) == (0.3, 0.5) and not leaver.exact
+    assert math.isclose(relative(leaver, 15.0, True, True, paired_gaps=True), 0.4)
+    assert relative(leaver, 15.0, True, True) < 0  # its own windows' perplexity would place it ahead of the best
+    scale = _scale(score_heatmap(steps, removed, tmp_path / "scores.png", "perplexity", paired_gaps=True))
+    assert math.isclose(scale["largest"], 0.4)
