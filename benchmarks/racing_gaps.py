@@ -20,16 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from pipelines import load_spec
+from benchmarks.demo_search import load_demo_search
 from tasks.score.prefix_reuse import PrefixReuseScorer
 from tasks.score.racing import RacingOptions, looks, t_quantile
-from tasks.sources import load_texts, resolve_model
-from tasks.surgery import load_model
-from tasks.windows import sample_windows, tokenize_stream
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 # The attention halves that BlockPruner's first steps choose between (benchmarks/results/compare_methods.md),
 # and two MLP halves for contrast.
@@ -62,15 +57,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "racing_gaps"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    spec = load_spec(ROOT / "pipelines" / "smollm2-blockpruner.yaml")
-    path = str(resolve_model(spec.model.source).path)
-    model = load_model(path, dtype="float32").eval()
-    stream = tokenize_stream(load_texts(spec.calibration.dataset, "calibration"), AutoTokenizer.from_pretrained(path))
-    windows = sample_windows(stream, args.seq_len, args.samples, spec.calibration.seed)
-    scorer = PrefixReuseScorer(model, windows, 1, True)
+    demo = load_demo_search(args.threads)
+    scorer = PrefixReuseScorer(demo.model, demo.windows(args.samples, args.seq_len), 1, True)
     start = time.perf_counter()
     with torch.inference_mode():
         nlls = scorer.window_nlls(set(), args.candidates, list(range(args.samples)))
@@ -102,8 +90,8 @@ def table_rows(per_token: dict[str, torch.Tensor], candidates: int) -> list[dict
 def write(out: Path, rows: list[dict], args, seconds: float) -> None:
     options, w = RacingOptions(), args.samples
     survivors = 1 + sum(1 for r in rows[1:] if r["fixed_n"] is None or r["fixed_n"] > w)
-    floor = (args.step_candidates * options.min_windows + survivors * (w - options.min_windows)) / (
-        args.step_candidates * w)
+    first = min(options.min_windows, w)  # every candidate's windows before a first look
+    floor = (args.step_candidates * first + survivors * (w - first)) / (args.step_candidates * w)
     lines = [
         "# How far apart a step's best candidates are, against the noise a race sees through\n",
         f"SmolLM2-135M, step 1 of the BlockPruner search (nothing removed), {w} x {args.seq_len} calibration "
@@ -129,9 +117,9 @@ def write(out: Path, rows: list[dict], args, seconds: float) -> None:
                      f"{n(r['leader_n'])} | {n(r['fixed_n'])} |")
     lines.append(
         f"\nWith {w} windows, {survivors} of these cannot leave before the end (the best included); every "
-        f"candidate runs at least {options.min_windows} windows. So a step's race does at least "
-        f"{100 * floor:.0f}% of exact mode's candidate-windows ({args.step_candidates} x {options.min_windows} + "
-        f"{survivors} x {w - options.min_windows}, of {args.step_candidates} x {w}).")
+        f"candidate runs at least {first} windows. So a step's race does at least "
+        f"{100 * floor:.0f}% of exact mode's candidate-windows ({args.step_candidates} x {first} + "
+        f"{survivors} x {w - first}, of {args.step_candidates} x {w}).")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"windows": w, "seq_len": args.seq_len, "seconds": seconds,
                                                     "floor": floor, "survivors": survivors, "rows": rows}, indent=1))

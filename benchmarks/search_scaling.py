@@ -24,15 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
+from benchmarks.demo_search import PIPELINE, load_demo_search
 from pipelines import load_spec
 from tasks.search import SearchContext, SearchLog, run_search
-from tasks.sources import load_texts, resolve_model
-from tasks.surgery import load_model
-from tasks.windows import sample_windows, tokenize_stream
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("exact", "bounded", "racing")
 
@@ -59,7 +55,7 @@ def run_mode(model, windows: torch.Tensor, mode: str, steps: int, racing: tuple[
     if mode == "racing" and racing:
         overrides += [f"search.racing.{setting}" for setting in racing]
         mode = f"racing ({', '.join(racing)})"
-    spec = load_spec(ROOT / "pipelines" / "smollm2-blockpruner.yaml", overrides)
+    spec = load_spec(PIPELINE, overrides)
     ctx = SearchContext.of(model, windows, spec.score, spec.search, log=SearchLog())
     start = time.perf_counter()
     records = run_search(ctx, "iterative")
@@ -171,20 +167,15 @@ def main() -> None:
         plot(rows, out.with_suffix(".png"))
         print(table(rows))
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = load_spec(ROOT / "pipelines" / "smollm2-blockpruner.yaml")
-    model_path = str(resolve_model(spec.model.source).path)
-    model = load_model(model_path, dtype="float32").eval()
-    stream = tokenize_stream(load_texts(spec.calibration.dataset, "calibration"), AutoTokenizer.from_pretrained(model_path))
+    demo = load_demo_search(args.threads)
     rows: list[Row] = []
     out = Path(args.out)
     for size in args.sizes:
-        windows = sample_windows(stream, args.seq_len, size, spec.calibration.seed)
+        windows = demo.windows(size, args.seq_len)
         for mode in args.modes:
             if mode == "exact" and args.exact_sizes is not None and size not in args.exact_sizes:
                 continue
-            rows.append(run_mode(model, windows, mode, args.steps, tuple(args.racing)))
+            rows.append(run_mode(demo.model, windows, mode, args.steps, tuple(args.racing)))
             r = rows[-1]
             print(f"{size:4d} x {args.seq_len} {mode:8s} {r.seconds:8.1f}s  {r.units_per_window:7.0f} units/window  "
                   f"left {r.left:3d}  {' '.join(r.blocks)}", flush=True)
