@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import itertools
 import json
 import time
@@ -39,6 +40,8 @@ from tasks.windows import leading_stream, leading_windows, sample_windows, token
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+# The search's catalog fields a benchmark has no use for (no pipeline run writes an output folder here).
+UNUSED = "-"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,23 @@ def selects(name: str, method: Method, methods: tuple[Method, ...]) -> bool:
     if any(name == m.label for m in methods):
         return name == method.label
     return name in method.pipeline or name in method.label
+
+
+def recorder_for(catalog, spec: PipelineSpec, label: str, budget: float | None):
+    """Where a method's search records its scores: memory, or with `--catalog` a run of a DuckDB catalog
+    named by the method, its settings (model, calibration, score, search) and, for a strategy that does
+    not resume across budgets, the budget. An interrupted benchmark then resumes its searches."""
+    if catalog is None:
+        return MemoryRecorder()
+    from flows.recorder import CatalogRecorder
+
+    settings = spec.section_json("model", "calibration", "score", "search")
+    digest = hashlib.sha256(f"{label}|{settings}|{budget}".encode()).hexdigest()
+    run_id = f"compare-{digest[:16]}"
+    catalog.start_run(run_id=run_id, pipeline=spec.name, spec_hash=digest, spec_json=settings,
+                      model_fingerprint=UNUSED, data_fingerprint=UNUSED, model_source=spec.model.source,
+                      output_dir=UNUSED)
+    return CatalogRecorder(catalog, run_id, spec.score.metric)
 
 
 def held_out_windows(dataset: str, tokenizer, eval_tokens: int, eval_seq_len: int) -> torch.Tensor:
@@ -202,6 +222,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--out", default=str(RESULTS / "compare_methods"), help="results path without extension")
     parser.add_argument("--replot", action="store_true", help="only redraw the table and plot from the .json")
+    parser.add_argument("--catalog", default=None,
+                        help="a DuckDB catalog that records every search's scores, so an interrupted run resumes")
     args = parser.parse_args()
     if args.replot:
         replot(Path(args.out))
@@ -238,11 +260,17 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
+    catalog = None
+    if args.catalog:
+        from catalog import Catalog
+
+        catalog = Catalog(Path(args.catalog))
     for method, spec in specs.items():
-        recorder = MemoryRecorder()
+        resumes = spec.search.strategy in PREFIX_STRATEGIES  # a larger budget resumes the smaller one's search
+        recorder = recorder_for(catalog, spec, method.label, None) if resumes else None
         for budget in sorted(args.budgets):
-            if spec.search.strategy not in PREFIX_STRATEGIES:
-                recorder = MemoryRecorder()
+            if not resumes:
+                recorder = recorder_for(catalog, spec, method.label, budget)
             row = Row(method.label, method.pipeline, spec.score.metric, spec.search.strategy,
                       spec.score.granularity, budget)
             rows.append(run_one(model, windows, held_out, spec, budget, row, recorder, second))
