@@ -35,7 +35,7 @@ from tasks.residual import perplexity
 from pipelines.spec import ParamsRatioTarget
 from tasks.search import MemoryRecorder, SearchContext, SearchError, SearchLog, run_search
 from tasks.sources import load_texts, resolve_model
-from tasks.surgery import load_model, remove_blocks, total_params
+from tasks.surgery import load_model, remove_blocks, total_params, units_of
 from tasks.windows import leading_stream, leading_windows, sample_windows, tokenize_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,14 +134,43 @@ def held_out_windows(dataset: str, tokenizer, eval_tokens: int, eval_seq_len: in
                            eval_seq_len, eval_tokens)
 
 
+def seed_steps(ctx: SearchContext, blocks: list[str]) -> None:
+    """Commit `blocks` as the search's first steps, after those it has and until its target is met: an
+    earlier run's picks with the same settings (`--seed-steps`), each with the exact calibration perplexity
+    of the model without it and the blocks before it (what the search itself stores), so a larger budget
+    goes on from them."""
+    done = [r.block for r in ctx.log.steps()]
+    if done != blocks[: len(done)]:
+        raise SystemExit(f"--seed-steps: the catalog's steps {done} are not a start of {blocks}")
+    for step in range(len(done), len(blocks)):
+        if ctx.target_met(blocks[:step]):  # a smaller budget than the seed's takes only what it needs
+            break
+        removed = blocks[: step + 1]
+        value = ctx.scorer.current_perplexity(units_of(removed))
+        ctx.record_step(step, removed[:-1], blocks[step], value, {})
+        print(f"seeded step {step}: {blocks[step]} (calibration ppl {value:.4f})", flush=True)
+
+
+def seeds_from(path: str) -> dict[str, list[str]]:
+    """Per method label, the longest removal order of an iterative search in a results JSON."""
+    seeds: dict[str, list[str]] = {}
+    for row in json.loads(Path(path).read_text())["rows"]:
+        if row["strategy"] == "iterative" and len(row["blocks"]) > len(seeds.get(row["method"], [])):
+            seeds[row["method"]] = row["blocks"]
+    return seeds
+
+
 def run_one(model, windows, held_out, spec: PipelineSpec, budget: float, row: Row, recorder: MemoryRecorder,
-            second: torch.Tensor | None = None) -> Row:
+            second: torch.Tensor | None = None, seed: list[str] | None = None) -> Row:
     try:
         search = spec.search.model_copy(update={"target": ParamsRatioTarget(params_ratio=budget)})
         ctx = SearchContext.of(model, windows, spec.score, search, log=SearchLog(recorder))
     except SearchError as exc:
         row.note = f"not reachable: {exc}"
         return row
+    if seed:
+        with torch.inference_mode():
+            seed_steps(ctx, seed)
     start = time.perf_counter()
     records = run_search(ctx, spec.search.strategy)
     row.search_seconds = time.perf_counter() - start
@@ -224,6 +253,9 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only redraw the table and plot from the .json")
     parser.add_argument("--catalog", default=None,
                         help="a DuckDB catalog that records every search's scores, so an interrupted run resumes")
+    parser.add_argument("--seed-steps", default=None, metavar="JSON",
+                        help="with --catalog: commit an iterative method's removal order from an earlier results "
+                             ".json of the same settings as its first steps, so a larger budget goes on from it")
     args = parser.parse_args()
     if args.replot:
         replot(Path(args.out))
@@ -261,6 +293,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     catalog = None
+    if args.seed_steps and not args.catalog:
+        raise SystemExit("--seed-steps needs --catalog: the seeded steps are committed there")
+    seeds = seeds_from(args.seed_steps) if args.seed_steps else {}
     if args.catalog:
         from catalog import Catalog
 
@@ -273,7 +308,8 @@ def main() -> None:
                 recorder = recorder_for(catalog, spec, method.label, budget)
             row = Row(method.label, method.pipeline, spec.score.metric, spec.search.strategy,
                       spec.score.granularity, budget)
-            rows.append(run_one(model, windows, held_out, spec, budget, row, recorder, second))
+            seed = seeds.get(method.label)
+            rows.append(run_one(model, windows, held_out, spec, budget, row, recorder, second, seed))
             print(f"{row.method:22s} {budget:.0%}: ppl {row.eval_ppl if row.eval_ppl else float('nan'):9.2f}  "
                   f"removed {100 * (row.params_removed or 0):5.1f}%  search {row.search_seconds or 0:6.1f}s  "
                   f"{row.note or ' '.join(row.blocks)}", flush=True)
