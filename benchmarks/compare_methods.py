@@ -151,6 +151,15 @@ def seed_steps(ctx: SearchContext, blocks: list[str]) -> None:
         print(f"seeded step {step}: {blocks[step]} (calibration ppl {value:.4f})", flush=True)
 
 
+def within_budget(ctx: SearchContext, blocks: list[str]) -> list[str]:
+    """The removal order up to the first step that meets this budget: a search resumed from a catalog where
+    a larger budget went further returns every recorded step."""
+    for count in range(len(blocks) + 1):
+        if ctx.target_met(blocks[:count]):
+            return blocks[:count]
+    return blocks
+
+
 def seeds_from(path: str) -> dict[str, list[str]]:
     """Per method label, the longest removal order of an iterative search in a results JSON."""
     seeds: dict[str, list[str]] = {}
@@ -175,7 +184,7 @@ def run_one(model, windows, held_out, spec: PipelineSpec, budget: float, row: Ro
     records = run_search(ctx, spec.search.strategy)
     row.search_seconds = time.perf_counter() - start
     row.evaluated, row.reused = ctx.evaluated, ctx.reused
-    row.blocks = [r.block for r in records]
+    row.blocks = within_budget(ctx, [r.block for r in records])
     pruned = remove_blocks(copy.deepcopy(model), row.blocks)
     row.params_removed = 1 - total_params(pruned) / ctx.dense_params
     with torch.inference_mode():
