@@ -248,7 +248,8 @@ def plot(rows: list[Row], dense_ppl: float, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2], help="params_ratio targets")
-    parser.add_argument("--only", nargs="+", default=None, help="methods by exact label, or pipelines / labels containing one of these")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="methods by exact label, or pipelines / labels containing one of these")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--samples", type=int, default=None, help="calibration windows (default: the pipelines')")
     parser.add_argument("--with-racing", action="store_true", help="add BlockPruner raced, with both objectives")

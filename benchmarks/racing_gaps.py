@@ -100,8 +100,8 @@ def write(out: Path, rows: list[dict], args, seconds: float) -> None:
         f"best's, per token; sd: the spread of that gap across windows (per token), against the spread of the "
         f"windows' own NLL. Windows to leave: the fewest windows after which the gap clears racing's t bound, "
         f"in a race over that many windows of a step of {args.step_candidates} candidates with the defaults "
-        f"(confidence 0.99, min_windows "
-        f"{options.min_windows}, round_windows {options.round_windows}), by the leader test and by the fixed "
+        f"(confidence {options.confidence}, min_windows {options.min_windows}, round_windows "
+        f"{options.round_windows}), by the leader test and by the fixed "
         f"reference's test (if the reference is the best), at racing's levels for a step with a fixed reference "
         f"(every step after the first).\n",
         "```\n.venv/bin/python -m benchmarks.racing_gaps "

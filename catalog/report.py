@@ -12,7 +12,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Sequence
 
-from catalog.rows import ArtifactRow, EvaluationRow, RunRow, RunSummary, ScoreRow, StepRow
+from catalog.rows import ArtifactRow, EvaluationRow, RunRow, RunSummary, ScoreRow, StepRow, left_race
 
 _MISSING = "-"
 _RUN_ID_WIDTH = 12
@@ -122,25 +122,23 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _left_race(score: ScoreRow) -> bool:
-    """A candidate that left a race (search.mode: racing): its value is the perplexity of the windows it
-    saw, not a bound, and it carries the interval of its gap to the reference it was behind."""
-    return not score.exact and score.gap_low is not None
+def _lower_bound(score: ScoreRow) -> bool:
+    return not score.exact and not left_race(score)
 
 
 def _step_lines(steps: Sequence[StepRow], scores: Sequence[ScoreRow], verbose: bool = False) -> list[str]:
     by_step: dict[int, list[ScoreRow]] = defaultdict(list)
     for score in scores:
         by_step[score.step].append(score)
-    raced = any(_left_race(s) for s in scores)
+    raced = any(left_race(s) for s in scores)
 
     rows = []
     for step in steps:
         candidates = by_step.get(step.step, [])
         winner = [s for s in candidates if s.block == step.block]
-        bound = _LOWER_BOUND if any(not s.exact and not _left_race(s) for s in winner) else ""
-        lower = {s.block for s in candidates if not s.exact and not _left_race(s)}
-        left = {s.block for s in candidates if _left_race(s)}
+        bound = _LOWER_BOUND if any(_lower_bound(s) for s in winner) else ""
+        lower = {s.block for s in candidates if _lower_bound(s)}
+        left = {s.block for s in candidates if left_race(s)}
         rows.append([
             str(step.step),
             step.block,
@@ -174,14 +172,14 @@ def _race_lines(by_step: dict[int, list[ScoreRow]], verbose: bool) -> list[str]:
     closest one per step (the smallest lower end: how near the race came to keeping it)."""
     rows = []
     for step in sorted(by_step):
-        left = sorted((s for s in by_step[step] if _left_race(s)), key=lambda s: (s.gap_low, s.block))
+        left = sorted((s for s in by_step[step] if left_race(s)), key=lambda s: (s.gap_low, s.block))
         for score in left if verbose else left[:1]:
             rows.append([str(step), score.block, format_number(score.value), f"{score.n_tokens:,}",
                          f"{(score.gap_low + score.gap_high) / 2:+.4f}",
                          f"[{score.gap_low:+.4f}, {score.gap_high:+.4f}]"])
     title = "left the race" if verbose else "left the race, the closest per step (--verbose: all)"
-    return [title, format_table(["step", "block", "ppl of windows seen", "tokens", "gap (log-ppl/token)", "interval"],
-                                rows, right=(0, 2, 3, 4))]
+    headers = ["step", "block", "ppl of windows seen", "tokens", "gap (log-ppl/token)", "interval"]
+    return [title, format_table(headers, rows, right=(0, 2, 3, 4))]
 
 
 def _headline(run: RunRow, steps: Sequence[StepRow], evaluations: Sequence[EvaluationRow],
@@ -259,7 +257,8 @@ def format_show(
 ) -> str:
     """The headline, the steps and the evaluations; `verbose` adds identities, the whole spec, the stored
     summary (raw series included) and every artifact."""
-    sections = [_aligned(_headline(run, steps, evaluations, artifacts)), "\n".join(_step_lines(steps, scores, verbose))]
+    sections = [_aligned(_headline(run, steps, evaluations, artifacts)),
+                "\n".join(_step_lines(steps, scores, verbose))]
     width = (run.summary or {}).get("width")
     if width:
         sections.append(width_title(width) + "\n" + format_table(WIDTH_HEADERS, width_rows(width), right=(1, 2, 3, 5)))

@@ -10,7 +10,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Literal, Protocol, Sequence, TypeVar
+
+class _Scored(Protocol):
+    exact: bool
+    gap_low: float | None
+
+
+def left_race(score: _Scored) -> bool:
+    """A candidate that left a race (search.mode: racing), a ScoreRow or a search's CandidateScore: not
+    exact, with the interval of its gap to the reference. Its value is the perplexity of the windows it
+    saw, not a bound (bounded mode's early stops carry no gap)."""
+    return not score.exact and score.gap_low is not None
+
 
 RunStatus = Literal["running", "completed", "failed"]
 FinalStatus = Literal["completed", "failed"]

@@ -23,6 +23,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from catalog import Catalog  # noqa: E402
+from catalog.rows import left_race  # noqa: E402
 from tasks.score import CandidateScore  # noqa: E402
 
 SCALE_KEY = "pruneflow-scale"
@@ -38,10 +39,6 @@ class HeatScale:
     vmax: float
     largest: float
     clipped: tuple[str, ...]  # blocks with a cell beyond vmax
-
-
-def left_race(score: CandidateScore) -> bool:
-    return not score.exact and score.gap_low is not None and score.gap_high is not None
 
 
 def relative(score: CandidateScore, best: float, log_scale: bool, lowest_first: bool,
@@ -95,7 +92,8 @@ def score_heatmap(steps: list[dict[str, CandidateScore]], removed: list[list[str
             if block in blocks:
                 ax.text(blocks.index(block), i, "×" if len(gone) == 1 else str(order + 1), ha="center",
                         va="center", color="red", fontsize=11, fontweight="bold")
-    raced = [(j, i) for i, step in enumerate(steps) for j, b in enumerate(blocks) if b in step and left_race(step[b])]
+    raced = [(j, i) for i, step in enumerate(steps) for j, b in enumerate(blocks)
+             if b in step and left_race(step[b])]
     if raced:
         ax.scatter(*zip(*raced), s=4, color="white", marker="o", linewidths=0)
     ax.set_xticks(range(len(blocks)), [_short(b) for b in blocks], rotation=90, fontsize=8)

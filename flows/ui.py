@@ -16,6 +16,7 @@ from prefect.artifacts import (
 
 from prefect.runtime import flow_run
 
+from catalog.rows import left_race
 from tasks.score import CandidateScore
 from tasks.search import StepRecord
 
@@ -90,7 +91,7 @@ def _kind(score: CandidateScore) -> str:
     a race, whose gap to the reference (log-perplexity per token) has the interval in `gap low`/`gap high`."""
     if score.exact:
         return "exact"
-    return "lower bound" if score.gap_low is None else "left the race (windows seen)"
+    return "left the race (windows seen)" if left_race(score) else "lower bound"
 
 
 def _inline_png(path: Path) -> str:
