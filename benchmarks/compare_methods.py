@@ -140,8 +140,9 @@ def seed_steps(ctx: SearchContext, blocks: list[str]) -> None:
     of the model without it and the blocks before it (what the search itself stores), so a larger budget
     goes on from them."""
     done = [r.block for r in ctx.log.steps()]
-    if done != blocks[: len(done)]:
-        raise SystemExit(f"--seed-steps: the catalog's steps {done} are not a start of {blocks}")
+    shared = min(len(done), len(blocks))
+    if done[:shared] != blocks[:shared]:  # either may be the longer: a catalog that went past its seed is fine
+        raise SystemExit(f"--seed-steps: the catalog's steps {done} and the seed {blocks} differ")
     for step in range(len(done), len(blocks)):
         if ctx.target_met(blocks[:step]):  # a smaller budget than the seed's takes only what it needs
             break
