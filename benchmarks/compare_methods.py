@@ -73,8 +73,13 @@ RACING_METHODS = (
 )
 
 # Strategies whose removal order at a larger budget starts with the order at a smaller one: a run at
-# the larger budget resumes from the smaller one's recorder instead of scoring again.
+# the larger budget resumes from the smaller one's recorder instead of scoring again. Not with the
+# ppl_per_param objective, whose last step chooses by perplexity (SearchContext.objective_for).
 PREFIX_STRATEGIES = {"one_shot", "iterative"}
+
+
+def resumes_across_budgets(spec: PipelineSpec) -> bool:
+    return spec.search.strategy in PREFIX_STRATEGIES and spec.search.objective != "ppl_per_param"
 
 
 @dataclass
@@ -146,6 +151,8 @@ def seed_steps(ctx: SearchContext, blocks: list[str]) -> None:
     for step in range(len(done), len(blocks)):
         if ctx.target_met(blocks[:step]):  # a smaller budget than the seed's takes only what it needs
             break
+        if ctx.objective_for(blocks[:step], ctx.candidates(blocks[:step])) != ctx.objective:
+            break  # this budget's last step chooses otherwise than the seed's run did: the search takes it
         removed = blocks[: step + 1]
         value = ctx.scorer.current_perplexity(units_of(removed))
         ctx.record_step(step, removed[:-1], blocks[step], value, {})
@@ -312,7 +319,7 @@ def main() -> None:
 
         catalog = Catalog(Path(args.catalog))
     for method, spec in specs.items():
-        resumes = spec.search.strategy in PREFIX_STRATEGIES  # a larger budget resumes the smaller one's search
+        resumes = resumes_across_budgets(spec)  # a larger budget resumes the smaller one's search
         recorder = recorder_for(catalog, spec, method.label, None) if resumes else None
         for budget in sorted(args.budgets):
             if not resumes:

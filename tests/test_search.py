@@ -207,9 +207,10 @@ def test_parallel_residual_family_side_by_side():
 
 def test_ppl_per_param_objective_picks_the_least_log_ppl_rise_per_parameter():
     model, windows = tiny_model(layers=4), tiny_windows(samples=4, seq_len=16)
-    plain = search_context(model, windows, target=Target(blocks=2))
+    plain = search_context(model, windows, target=Target(blocks=3))
     run_search(plain, "iterative")
-    cost = search_context(model, windows, target=Target(blocks=2), objective="ppl_per_param")
+    # Three blocks: steps 0 and 1 choose per parameter; step 2, the last whatever it removes, by perplexity.
+    cost = search_context(model, windows, target=Target(blocks=3), objective="ppl_per_param")
     records = run_search(cost, "iterative")
     # Step 0 by hand: every candidate's perplexity against the model as loaded, per parameter it holds.
     dense = math.log(perplexity(model, windows, 1))
@@ -226,3 +227,39 @@ def test_ppl_per_param_objective_picks_the_least_log_ppl_rise_per_parameter():
     base = math.log(records[0].value)
     assert records[1].block == min(step1, key=lambda b: (math.log(step1[b].value) - base) / sum(
         params[u] for u in units_of([b])))
+
+
+@pytest.mark.parametrize("target, chosen", [(Target(blocks=2), "layers.0.mlp"), (Target(blocks=1), "layers.0.attn")])
+def test_ppl_per_param_takes_the_best_rate_until_the_last_step(target, chosen):
+    """An MLP half worth the better rate but the higher perplexity: chosen while steps remain (2 blocks), not
+    on the step that ends the search whatever it removes (1 block)."""
+    model, windows = tiny_model(layers=4), tiny_windows(samples=4, seq_len=16)
+    ctx = search_context(model, windows, target=target, objective="ppl_per_param")
+    dense = perplexity(model, windows, 1)
+    candidates = ["layers.0.attn", "layers.0.mlp"]
+    attn, mlp = (ctx.goal.params_of([c]) for c in candidates)
+    rise = 1.1  # the attention half's; the MLP half's rise in log-perplexity is between it and its rate's
+    mlp_rise = math.log(rise) * (1 + mlp / attn) / 2
+    scores = {"layers.0.attn": CandidateScore("layers.0.attn", dense * rise, 64, 0.0),
+              "layers.0.mlp": CandidateScore("layers.0.mlp", dense * math.exp(mlp_rise), 64, 0.0)}
+    assert scores["layers.0.mlp"].value > scores["layers.0.attn"].value and mlp_rise / mlp < math.log(rise) / attn
+    assert ctx.pick(scores, candidates, []).block == chosen
+
+
+def test_ppl_per_param_lands_on_a_params_ratio_target_by_perplexity():
+    """Once every candidate meets the target, the step is the last whichever it removes: it takes the lowest
+    perplexity, so the search does not overshoot the budget with a large block for its better rate."""
+    model, windows = tiny_model(layers=4), tiny_windows(samples=4, seq_len=16)
+    probe = search_context(model, windows, objective="ppl_per_param")
+    attn, mlp = probe.goal.params_of(["layers.0.attn"]), probe.goal.params_of(["layers.0.mlp"])
+    assert attn < mlp  # the tiny llama's attention half is the smaller block, as in SmolLM2
+    # A target one attention half past two MLP halves: after them every candidate reaches it.
+    ratio = (2 * mlp + attn) / probe.dense_params
+    ctx = search_context(model, windows, target=Target(params_ratio=ratio), objective="ppl_per_param")
+    records = run_search(ctx, "iterative")
+    removed = [r.block for r in records]
+    last = len(removed) - 1
+    assert ctx.objective_for(removed[:last], ctx.candidates(removed[:last])) == "ppl"
+    assert all(ctx.objective_for(removed[:s], ctx.candidates(removed[:s])) == "ppl_per_param" for s in range(last))
+    scores = ctx.recorder.scores[last]
+    assert records[-1].block == min(scores, key=lambda b: (scores[b].value, ctx.candidates(removed[:last]).index(b)))

@@ -113,7 +113,7 @@ class SearchContext:
              removed: list[str] | None = None) -> CandidateScore:
         """The block to remove once `removed` are gone: best exact score (or, with the ppl_per_param
         objective, least log-perplexity rise per parameter removed), ties broken by model order."""
-        if self.objective == "ppl":
+        if self.objective_for(removed or [], candidates) == "ppl":
             return scores[self.ranked(scores, candidates)[0]]
         base = math.log(self._current_perplexity(removed or []))
 
@@ -121,6 +121,15 @@ class SearchContext:
             return (math.log(scores[c].value) - base) / self.goal.params_of([c]), candidates.index(c)
 
         return scores[min((c for c in candidates if scores[c].exact), key=cost)]
+
+    def objective_for(self, removed: list[str], candidates: list[str]) -> str:
+        """The objective the step after `removed` chooses by. With ppl_per_param, a step where every candidate
+        meets the target is the search's last whichever it removes: no later step trades against it, so it
+        takes the lowest perplexity (ppl), landing on the target instead of overshooting it for the best
+        rate (measured: an MLP half past a 10% budget, 11.8% removed, where an attention half gave 10.5%)."""
+        if self.objective == "ppl" or not all(self.target_met([*removed, c]) for c in candidates):
+            return self.objective
+        return "ppl"
 
     def _current_perplexity(self, removed: list[str]) -> float:
         """The calibration perplexity of the model without `removed`: the last committed step's score, or
@@ -137,12 +146,14 @@ class SearchContext:
         return current(set())
 
     # --- scoring, with what the log already holds ----------------------------------------------
-    def _race(self, step: int, candidates: list[str], keep: int, reference: str | None = None) -> dict[str, Race]:
-        """The race a racing scorer runs for a call that keeps `keep` candidates (nothing otherwise)."""
+    def _race(self, step: int, candidates: list[str], keep: int, reference: str | None = None,
+              objective: str | None = None) -> dict[str, Race]:
+        """The race a racing scorer runs for a call that keeps `keep` candidates (nothing otherwise), in the
+        terms of `objective` (default: the search's)."""
         if self.scoring.mode != "racing":
             return {}
         per_param = ({c: self.goal.params_of([c]) for c in candidates}
-                     if self.objective == "ppl_per_param" else None)
+                     if (objective or self.objective) == "ppl_per_param" else None)
         return {"race": Race(keep, per_param, step, reference)}
 
     def _reusable(self, known: dict[str, CandidateScore], keep: int) -> dict[str, CandidateScore]:
@@ -153,10 +164,11 @@ class SearchContext:
             return known
         return {c: s for c, s in known.items() if s.exact}
 
-    def _previous_best(self, step: int, candidates: list[str]) -> str | None:
+    def _previous_best(self, step: int, candidates: list[str], objective: str) -> str | None:
         """The candidate with the best exact score at the step before (a race's fixed reference): chosen
-        from what earlier steps computed, so independent of this step's window order."""
-        if step == 0 or self.objective != "ppl":
+        from what earlier steps computed, so independent of this step's window order. Any such candidate
+        is sound as a reference (one behind it is not the best); the previous step's best is a close one."""
+        if step == 0 or objective != "ppl":
             return None
         earlier = self.recorder.known_scores(step - 1)
         exact = [c for c in candidates if c in earlier and earlier[c].exact]
@@ -167,7 +179,9 @@ class SearchContext:
         """Scores of the candidates once `removed` are gone. `keep`: how many of the best the strategy may
         use (a race may drop the others; every other mode scores all alike)."""
         known = self._reusable(self.log.known_scores(step, candidates), keep)
-        race = self._race(step, candidates, keep, self._previous_best(step, candidates) if keep == 1 else None)
+        objective = self.objective_for(removed, candidates)
+        reference = self._previous_best(step, candidates, objective) if keep == 1 else None
+        race = self._race(step, candidates, keep, reference, objective)
         return self.scorer.score(units_of(removed), candidates, known, self.log.recording(step), **race)
 
     def score_sets(self, step: int, parent: list[str], candidates: list[str], keep: int = 1
