@@ -20,17 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from pipelines import load_spec
+from benchmarks.demo_search import load_demo_search
 from tasks.residual import perplexity
-from tasks.sources import load_texts, resolve_model
-from tasks.surgery import load_model, remove_blocks
-from tasks.windows import sample_windows, tokenize_stream
+from tasks.surgery import remove_blocks
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-PIPELINE = ROOT / "pipelines" / "smollm2-blockpruner.yaml"  # every recipe shares its model and calibration
 
 
 @dataclass(frozen=True)
@@ -88,16 +83,11 @@ def main() -> None:
     parser.add_argument("--reuse", default=None, metavar="JSON",
                         help="an earlier calibration_fit .json: cuts it measured on the same windows are not run again")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = load_spec(PIPELINE, [f"calibration.samples={args.samples}"])
-    calib = spec.calibration
-    cuts = stored_cuts(args.results, [calib.samples, calib.seq_len])
-    model_path = str(resolve_model(spec.model.source).path)
-    model = load_model(model_path, dtype=spec.model.dtype).eval()
-    stream = tokenize_stream(load_texts(calib.dataset, "calibration"), AutoTokenizer.from_pretrained(model_path))
-    windows = sample_windows(stream, calib.seq_len, calib.samples, calib.seed)
-    measured = earlier_fits(args.reuse, [calib.samples, calib.seq_len])
+    demo = load_demo_search(args.threads)  # every recipe shares the BlockPruner demo's model and calibration
+    seq_len = demo.spec.calibration.seq_len
+    cuts = stored_cuts(args.results, [args.samples, seq_len])
+    model, windows = demo.model, demo.windows(args.samples, seq_len)
+    measured = earlier_fits(args.reuse, [args.samples, seq_len])
     fits = []
     with torch.inference_mode():
         dense = perplexity(model, windows, batch_windows=1)
@@ -111,7 +101,7 @@ def main() -> None:
             print(f"{row['method']:30s} {row['budget']:.0%}: calibration ppl {measured[key]:.3f}", flush=True)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(
-        {"calibration": [calib.samples, calib.seq_len], "dense_calibration_ppl": dense, "sources": args.results,
+        {"calibration": [args.samples, seq_len], "dense_calibration_ppl": dense, "sources": args.results,
          "rows": [asdict(f) for f in fits]}, indent=1))
     out.with_suffix(".md").write_text(f"# Calibration fit of each recipe's cut\n\n{table(fits, dense)}\n")
     print(table(fits, dense))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipelines import PipelineSpec, load_spec
 from tasks.sources import load_texts, resolve_model
@@ -23,6 +23,7 @@ class DemoSearch:
     spec: PipelineSpec
     model: nn.Module
     stream: torch.Tensor  # the calibration split, tokenized
+    tokenizer: PreTrainedTokenizerBase
 
     def windows(self, count: int, seq_len: int) -> torch.Tensor:
         """`count` windows of `seq_len` tokens, drawn with the pipeline's calibration seed."""
@@ -35,5 +36,6 @@ def load_demo_search(threads: int | None = None) -> DemoSearch:
     spec = load_spec(PIPELINE)
     path = str(resolve_model(spec.model.source).path)
     model = load_model(path, dtype="float32").eval()
-    stream = tokenize_stream(load_texts(spec.calibration.dataset, "calibration"), AutoTokenizer.from_pretrained(path))
-    return DemoSearch(spec, model, stream)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    stream = tokenize_stream(load_texts(spec.calibration.dataset, "calibration"), tokenizer)
+    return DemoSearch(spec, model, stream, tokenizer)

@@ -18,18 +18,14 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from benchmarks.compare_methods import held_out_windows
-from pipelines import load_spec
+from benchmarks.demo_search import load_demo_search
 from tasks.residual import ResidualRunner
 from tasks.score.racing import t_quantile
-from tasks.sources import resolve_model
-from tasks.surgery import load_model, units_of
+from tasks.surgery import units_of
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
-PIPELINE = ROOT / "pipelines" / "smollm2-blockpruner.yaml"
 
 
 def cut_of(name: str, paths: list[str]) -> list[str]:
@@ -68,17 +64,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "paired_gap.md"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = load_spec(PIPELINE)
     cuts = [cut_of(args.first, args.results), cut_of(args.second, args.results)]
-    model_path = str(resolve_model(spec.model.source).path)
-    model = load_model(model_path, dtype=spec.model.dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    demo = load_demo_search(args.threads)
     lines = []
-    for corpus in [spec.evaluate.datasets[0], *([args.second_domain] if args.second_domain else [])]:
-        windows = held_out_windows(corpus, tokenizer, args.eval_tokens, args.eval_seq_len)
-        first, second = (per_token_nll(model, windows, cut) for cut in cuts)
+    for corpus in [demo.spec.evaluate.datasets[0], *([args.second_domain] if args.second_domain else [])]:
+        windows = held_out_windows(corpus, demo.tokenizer, args.eval_tokens, args.eval_seq_len)
+        first, second = (per_token_nll(demo.model, windows, cut) for cut in cuts)
         mean, low, high = paired(first, second)
         lines.append(f"| {args.first} | {args.second} | {corpus} | {windows.shape[0]} x {windows.shape[1]} | "
                      f"{math.exp(float(first.mean())):.2f} | {math.exp(float(second.mean())):.2f} | "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol, Sequence, TypeVar
 
+
 class _Scored(Protocol):
     exact: bool
     gap_low: float | None

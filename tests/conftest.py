@@ -12,14 +12,11 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="pruneflow-prefect
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+from pathlib import Path
 
 import pytest
+
+from tests.prefect_server import start_server, stop
 
 # The default suite runs many pipelines as processes of their own (through the command line, as a user
 # would). Each would start its own ephemeral Prefect server, about 8 s of a 2-core machine's time; one
@@ -33,45 +30,13 @@ def _default_marks(config) -> str:
     return next((options[i + 1] for i, option in enumerate(options[:-1]) if option == "-m"), "")
 
 
-def _start_prefect_server() -> subprocess.Popen:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    api = f"http://127.0.0.1:{port}/api"
-    log = open(os.path.join(os.environ["PREFECT_HOME"], "server.log"), "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                if response.status == 200:
-                    os.environ["PREFECT_API_URL"] = api
-                    return server
-        except OSError:
-            time.sleep(0.5)
-    _stop(server)
-    raise RuntimeError(f"the session's Prefect server did not start: see {log.name}")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
-
-
 def pytest_configure(config) -> None:
     # Before any test module imports prefect, whose settings are read once.
     default = _default_marks(config)
     if default and config.option.markexpr == default and "PREFECT_API_URL" not in os.environ:
-        server = _start_prefect_server()
-        config.add_cleanup(lambda: _stop(server))
+        server, api = start_server(None, Path(os.environ["PREFECT_HOME"]) / "server.log")
+        os.environ["PREFECT_API_URL"] = api
+        config.add_cleanup(lambda: stop([server]))
 
 
 @pytest.fixture(params=["llama", "qwen2"])

@@ -2,8 +2,6 @@
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -15,6 +13,7 @@ from deploy.prefect_yaml import OUT, render
 from flows.pipeline import prune_pipeline_flow, run_tags
 from pipelines import PipelineSpec, load_spec
 from tests.flowkit import tiny_pipeline
+from tests.prefect_server import start, start_server, stop
 
 
 def _walk(node, path="spec"):
@@ -102,61 +101,25 @@ def test_generated_schedules_are_paused_spread_and_tags_leave_parameters_to_the_
                                   "granularity:layer", "strategy:one_shot", "metric:block_influence"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(args, env, log):
-    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(processes):
-    # Clients before the server they talk to (a client whose server is gone first spends its time
-    # reconnecting); each gets 20 s after SIGTERM, then SIGKILL, and is waited for either way, so the
-    # return codes say whether SIGTERM was enough.
-    for proc in reversed(processes):
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
 @pytest.mark.integration
 def test_served_pipeline_runs_from_a_real_server(tmp_path):
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
     path = tiny_pipeline(tmp_path)
-    processes = []
-    with open(tmp_path / "server.log", "w") as server_log, open(tmp_path / "serve.log", "w") as serve_log:
+    try:
+        server, api = start_server(env, tmp_path / "server.log")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    processes = [server]
+    with open(tmp_path / "serve.log", "w") as serve_log:
         try:
-            processes.append(_start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                     "--port", str(port)], env, server_log))
-            deadline = time.time() + 180
-            while time.time() < deadline:
-                try:
-                    if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(1)
-            else:
-                pytest.fail("Prefect server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
             client_env = {**env, "PREFECT_API_URL": api}
-            processes.append(_start([sys.executable, "-m", "flows.cli", "serve", str(path), "--cron", "0 3 * * *"],
-                                    client_env, serve_log))
+            processes.append(start([sys.executable, "-m", "flows.cli", "serve", str(path), "--cron", "0 3 * * *"],
+                                   client_env, serve_log))
             _check_deployment_and_run(api, tmp_path)
         finally:
-            _stop(processes)
+            stop(processes)
     # `pruneflow serve` and the server stop on SIGTERM, as under a process supervisor.
     assert [proc.returncode != -signal.SIGKILL for proc in processes] == [True, True]
 
