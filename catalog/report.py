@@ -235,8 +235,17 @@ def reconstruction_title() -> str:
             "cut: the kept columns unchanged)")
 
 
+def _width_size(name: str, kept: int, shares: dict) -> str:
+    """`intermediate_size 1382 (90% of 1536)`; a count the strategy rounded says so."""
+    if name not in shares:
+        return f"{name} {kept}"
+    asked = shares[name]
+    rounded = "" if asked["count"] == kept else f" = {asked['count']}, rounded to {kept} by the strategy"
+    return f"{name} {kept} ({asked['share']} of {asked['of']}{rounded})"
+
+
 def width_title(width: dict) -> str:
-    shape = ", ".join(f"{k} {v}" for k, v in width["shape"].items())
+    shape = ", ".join(_width_size(k, v, width.get("shares") or {}) for k, v in width["shape"].items())
     if width.get("params_ratio"):
         shape += f", chosen for params_ratio {width['params_ratio']}"
     return f"width plan ({width['metric']}, {width.get('strategy', 'uniform')}: {shape})"

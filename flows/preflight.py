@@ -150,19 +150,38 @@ def _check_recovery(spec: PipelineSpec, model_path: str, tokenizer) -> None:
     get_recovery(spec.recover.method).check(spec.recover, env)
 
 
+def resolved_widths(spec: PipelineSpec) -> list[str]:
+    """Lines saying what each share of the width shape resolves to on the source model (its config only, no
+    weights); none, and nothing read, when the shape gives counts only."""
+    from tasks.load import source_config
+    from tasks.surgery.width import config_widths
+    from tasks.width.plan import share_record
+
+    shape = None if spec.width is None else spec.width.shape
+    if shape is None or not shape.shares():
+        return []
+    config = source_config(spec.model)
+    record = share_record(shape, config_widths(config))
+    pad = max(len(name) for name in record)
+    return [f"width.shape resolved on {spec.model.source} ({config.model_type}; a share is of the source model's "
+            "width, rounded to the nearest count):",
+            *(f"  {name.ljust(pad)}  {r['share']} of {r['of']} -> {r['count']}" for name, r in record.items())]
+
+
 def _check_width(spec: PipelineSpec, model_path: str) -> None:
     """The width section against the model and the export: family, sizes, format, granularity."""
     from tasks.export.registry import get_format
     from tasks.surgery import architecture_for
     from tasks.surgery.width import WidthError, config_widths
-    from tasks.width import WIDTH_STRATEGIES, check_shape
+    from tasks.width import WIDTH_STRATEGIES, resolve_shape
 
     config = model_config(Path(model_path), spec.model.trust_remote_code)
     layout = architecture_for(config.model_type).width
     if layout is None:
         raise WidthError(f"width: model_type '{config.model_type}' has no heads and channels pruneflow can slice "
                          "(fused projections or experts); remove the width section")
-    shape = spec.width.shape
+    # Shares resolve on the source model's widths, so a published recipe runs unchanged on any model of a family.
+    shape = None if spec.width.shape is None else resolve_shape(spec.width.shape, config_widths(config))
     strategy = WIDTH_STRATEGIES[spec.width.strategy]
     sublayers = spec.score.granularity != "layer" and getattr(spec.search.target, "blocks", None) != 0
     if strategy.whole_layers and sublayers:
@@ -179,7 +198,6 @@ def _check_width(spec: PipelineSpec, model_path: str) -> None:
             raise WidthError(problem)
     if shape is None:  # a params_ratio: its shapes are found on the model and keep heads where they must
         return
-    check_shape(shape, config_widths(config))
     if not layout.hidden and shape.hidden_size:
         raise WidthError(f"width.shape.hidden_size: model_type '{config.model_type}' scales by a constant of its hidden "
                          "size, so its hidden channels cannot be pruned; leave hidden_size out")

@@ -27,7 +27,7 @@ from tasks.surgery import remove_blocks, total_params
 from tasks.surgery.width import WidthPlan, apply_width, dense_widths, layer_table
 from tasks.width import WIDTH_METRICS, WIDTH_STRATEGIES, WidthShape
 from tasks.width.importance import UnitScores, width_metric_settings
-from tasks.width.plan import Calibration, PlanOutcome, width_strategy_settings
+from tasks.width.plan import Calibration, PlanOutcome, resolve_shape, share_record, width_strategy_settings
 from tasks.width.shapes import shapes_for_ratio
 from tasks.windows import load_windows
 
@@ -144,6 +144,7 @@ class WidthResult:
     errors: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
     blocks: tuple[str, ...] = ()  # whole layers the strategy removed besides the depth search's
     trace: tuple[dict, ...] = ()  # a training strategy's steps: loss, expected sizes, constraint gaps
+    shares: dict | None = None  # sizes asked as shares: {field: {"share": "90%", "of": dense, "count": resolved}}
 
     def summary(self, width: "WidthSpec") -> dict:
         out = {"metric": width.scored_by, "strategy": width.strategy, "shape": self.shape,
@@ -154,6 +155,8 @@ class WidthResult:
             out["blocks"] = list(self.blocks)
         if self.trace:
             out["training"] = list(self.trace)
+        if self.shares:
+            out["shares"] = self.shares
         return out
 
     def reconstruction(self) -> list[dict]:
@@ -185,21 +188,24 @@ def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ..
     shape, tried = width.shape, ()
     if shape is None:
         shape, tried = _best_shape(pruned, scores, width, dense_params, windows, batch_windows)
-    state_dir = None if out_dir is None else out_dir / "width-state"
-    outcome = width.outcome(pruned, scores, shape, Calibration(windows, batch_windows, on_unit, model_path,
-                                                               state_dir))
+    # Shares are of the source model's widths: removing whole blocks first leaves every layer's widths as they were.
     dense = dense_widths(pruned)
+    counts = resolve_shape(shape, dense)
+    state_dir = None if out_dir is None else out_dir / "width-state"
+    outcome = width.outcome(pruned, scores, counts, Calibration(windows, batch_windows, on_unit, model_path,
+                                                                state_dir))
     units = tuple((outcome.scores or scores or UnitScores()).rows(dense["heads"] // dense["kv_heads"]))
     weights = _write_weights(outcome.weights, out_dir) if outcome.weights else None
     layers = tuple(layer_table(apply_width(remove_blocks(pruned, list(outcome.blocks)), outcome.plan)))
     errors = tuple((unit, tuple(stages.items())) for unit, stages in outcome.errors.items())
     return WidthResult(outcome.plan.to_json(), units, layers, time.perf_counter() - started,
-                       _kept_shape(shape, outcome.plan, dense), tried, weights, errors, outcome.blocks,
-                       tuple(outcome.trace))
+                       _kept_shape(counts, outcome.plan, dense), tried, weights, errors, outcome.blocks,
+                       tuple(outcome.trace), share_record(shape, dense) or None)
 
 
 def _kept_shape(shape: WidthShape, plan: WidthPlan, dense: dict[str, int]) -> dict:
-    """The shape asked, with the MLP width the plan keeps where a strategy rounded it (OSSCAR's round_to)."""
+    """The shape asked, in counts, with the MLP width the plan keeps where a strategy rounded it (OSSCAR's
+    round_to)."""
     asked = shape.model_dump(exclude_none=True)
     kept = {len(layer.channels) for layer in plan.layers.values() if layer.channels is not None}
     if "intermediate_size" in asked and len(kept) == 1:

@@ -28,8 +28,8 @@ from tasks.residual import ResidualRunner, Unit
 from tasks.settings import Settings
 from tasks.surgery.width import LayerWidth, WidthError, WidthPlan, dense_widths, output_projection
 from tasks.width.importance import UnitScores
-from tasks.width.plan import (Calibration, PlanOutcome, WidthShape, check_shape, refuse_unprunable_heads,
-                              register_width_strategy, resolved_heads)
+from tasks.width.plan import (Calibration, PlanOutcome, WidthShape, refuse_unprunable_heads,
+                              register_width_strategy, resolve_shape, resolved_heads)
 from tasks.width.reconstruction import Problem, Reconstruction, eliminate, local_search
 
 
@@ -60,7 +60,7 @@ def osscar_plan(model: nn.Module, scores: UnitScores | None, shape: WidthShape, 
                 **settings) -> PlanOutcome:
     options = OsscarSettings(**settings)
     dense = dense_widths(model)
-    check_shape(shape, dense)
+    shape = resolve_shape(shape, dense)
     if shape.hidden_size not in (None, dense["hidden"]):
         raise WidthError("width.shape.hidden_size: osscar reconstructs heads and MLP channels, not the hidden "
                          "size; leave hidden_size out or use strategy uniform")  # the spec refuses it first

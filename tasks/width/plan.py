@@ -24,16 +24,23 @@ from tasks.registry import Registry
 from tasks.settings import Settings
 from tasks.surgery.width import LayerWidth, WidthError, WidthPlan, dense_widths, width_layout
 from tasks.width.importance import UnitScores
+from tasks.width.ratios import Width, is_share, nearest, share, smallest_share
 
 
 class WidthShape(Settings):
-    """The widths every layer keeps; a size left out stays as the model has it."""
+    """The widths every layer keeps; a size left out stays as the model has it. Each size is a count or a share
+    of the source model's width (`"90%"`), resolved by `resolve_shape` on the model at hand."""
 
-    intermediate_size: int | None = Field(None, ge=1, description="MLP channels kept in every layer.")
-    num_key_value_heads: int | None = Field(None, ge=1, description="KV heads (groups) kept in every layer.")
-    num_attention_heads: int | None = Field(
-        None, ge=1, description="Query heads kept in every layer; default: every head of the kept KV groups.")
-    hidden_size: int | None = Field(None, ge=1, description="Hidden (embedding) channels kept, the same everywhere.")
+    intermediate_size: Width | None = Field(
+        None, description="MLP channels kept in every layer: a count, or a share of the dense model's ('90%').")
+    num_key_value_heads: Width | None = Field(
+        None, description="KV heads (groups) kept in every layer: a count, or a share of the dense model's.")
+    num_attention_heads: Width | None = Field(
+        None, description="Query heads kept in every layer: a count, or a share of the dense model's (rounded to a "
+        "multiple of the kept KV groups); default: every head of the kept KV groups.")
+    hidden_size: Width | None = Field(
+        None, description="Hidden (embedding) channels kept, the same everywhere: a count, or a share of the dense "
+        "model's.")
 
     @model_validator(mode="after")
     def _some_size(self) -> "WidthShape":
@@ -42,28 +49,69 @@ class WidthShape(Settings):
                              "num_attention_heads, hidden_size")
         return self
 
+    def shares(self) -> dict[str, str]:
+        """The sizes given as shares of the dense width (field -> `"90%"`)."""
+        return {name: value for name, value in self.model_dump(exclude_none=True).items() if is_share(value)}
 
-def resolved_heads(shape: WidthShape, dense: dict[str, int]) -> tuple[int, int]:
-    """(query heads, KV heads) the shape asks of this model, or a refusal naming the field and the limits."""
+
+# Field -> (key of `dense_widths`, what its units are called in a refusal).
+_SIZES = {"intermediate_size": ("channels", "MLP channels"), "num_key_value_heads": ("kv_heads", "KV heads"),
+          "num_attention_heads": ("heads", "query heads"), "hidden_size": ("hidden", "hidden channels")}
+
+
+def _count(shape: WidthShape, name: str, dense: dict[str, int], step: int = 1) -> int | None:
+    """One size as a count: a share rounds to the nearest multiple of `step`; nothing is refused yet but zero."""
+    value = getattr(shape, name)
+    if not is_share(value):
+        return value
+    key, units = _SIZES[name]
+    count = nearest(share(value) * dense[key], step)
+    if count == 0:
+        multiple = "" if step == 1 else f" (a multiple of the {step} kept KV groups)"
+        raise WidthError(f"width.shape.{name} '{value}' of the model's {dense[key]} {units} resolves to 0{multiple}; "
+                         f"give at least {smallest_share(step, dense[key])} or a count")
+    return count
+
+
+def resolve_shape(shape: WidthShape, dense: dict[str, int]) -> WidthShape:
+    """The shape in counts on a model of these dense widths (`dense_widths`), or a refusal naming the field, the
+    model's size and what the field resolves to. A share keeps the nearest whole number of units (halves up);
+    query heads, the nearest multiple of the kept KV groups, since every kept group keeps as many."""
     group = dense["heads"] // dense["kv_heads"]
-    kv = shape.num_key_value_heads or dense["kv_heads"]
+    sizes = {name: _count(shape, name, dense) for name in ("intermediate_size", "num_key_value_heads", "hidden_size")}
+    kv = sizes["num_key_value_heads"] or dense["kv_heads"]
     if kv > dense["kv_heads"]:
         raise WidthError(f"width.shape.num_key_value_heads {kv} is above the model's {dense['kv_heads']}")
-    heads = shape.num_attention_heads or kv * group
-    if heads > dense["heads"]:
+    heads = _count(shape, "num_attention_heads", dense, step=kv)
+    if is_share(shape.num_attention_heads) and heads > kv * group:
+        raise WidthError(f"width.shape.num_attention_heads '{shape.num_attention_heads}' of the model's "
+                         f"{dense['heads']} query heads resolves to {heads}, but the kept KV groups ({kv}) hold at "
+                         f"most {kv * group}; give at most {100 * kv * group / dense['heads']:.4g}% or leave "
+                         "num_attention_heads out (every head of the kept groups)")
+    if (heads or 0) > dense["heads"]:
         raise WidthError(f"width.shape.num_attention_heads {heads} is above the model's {dense['heads']}")
-    if heads % kv or heads // kv > group:
+    if heads is not None and (heads % kv or heads // kv > group):
         raise WidthError(f"width.shape.num_attention_heads {heads} must be a multiple of num_key_value_heads {kv} "
                          f"and at most {kv * group} (each KV head serves at most {group} query heads here)")
-    return heads, kv
+    for name in ("intermediate_size", "hidden_size"):
+        key = _SIZES[name][0]
+        if sizes[name] is not None and sizes[name] > dense[key]:
+            raise WidthError(f"width.shape.{name} {sizes[name]} is above the model's {dense[key]}")
+    return WidthShape(**sizes, num_attention_heads=heads)
 
 
-def check_shape(shape: WidthShape, dense: dict[str, int]) -> None:
-    resolved_heads(shape, dense)
-    for name, key in (("intermediate_size", "channels"), ("hidden_size", "hidden")):
-        asked = getattr(shape, name)
-        if asked is not None and asked > dense[key]:
-            raise WidthError(f"width.shape.{name} {asked} is above the model's {dense[key]}")
+def share_record(shape: WidthShape, dense: dict[str, int]) -> dict[str, dict]:
+    """Per size given as a share: the share, the model's width it is a share of, and the count it resolves to."""
+    counts = resolve_shape(shape, dense)
+    return {name: {"share": value, "of": dense[_SIZES[name][0]], "count": getattr(counts, name)}
+            for name, value in shape.shares().items()}
+
+
+def resolved_heads(shape: WidthShape, dense: dict[str, int]) -> tuple[int, int]:
+    """(query heads, KV heads) the shape keeps on this model, the defaults filled in."""
+    counts = resolve_shape(shape, dense)
+    kv = counts.num_key_value_heads or dense["kv_heads"]
+    return counts.num_attention_heads or kv * dense["heads"] // dense["kv_heads"], kv
 
 
 def hidden_plan(scores: UnitScores, shape: WidthShape, dense: dict[str, int]) -> tuple[int, ...] | None:
@@ -129,6 +177,8 @@ class WidthStrategy:
     def outcome(self, model: nn.Module, scores: UnitScores | None, shape: "WidthShape",
                 settings: Settings | None, calibration: Calibration) -> PlanOutcome:
         given = {} if self.settings is None else (settings or self.settings()).model_dump()
+        # A strategy (a plugin's too) is given counts, never shares.
+        shape = resolve_shape(shape, dense_widths(model))
         result = self.build(model, scores, shape, calibration=calibration, **given)
         return result if isinstance(result, PlanOutcome) else PlanOutcome(result)
 
@@ -163,7 +213,7 @@ def width_strategy_settings() -> dict[str, type[Settings]]:
 @register_width_strategy("uniform", description="the shape in every layer (Minitron)")
 def uniform_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, **_context) -> WidthPlan:
     dense = dense_widths(model)
-    check_shape(shape, dense)
+    shape = resolve_shape(shape, dense)
     heads, kv = resolved_heads(shape, dense)
     group = dense["heads"] // dense["kv_heads"]
     layers: dict[int, LayerWidth] = {}
@@ -206,7 +256,7 @@ class PerLayerSettings(Settings):
 def per_layer_plan(model: nn.Module, scores: UnitScores, shape: WidthShape, floor: float = 0.1,
                    protect_first: int = 0, protect_last: int = 0, **_context) -> WidthPlan:
     dense = dense_widths(model)
-    check_shape(shape, dense)
+    shape = resolve_shape(shape, dense)
     heads, kv = resolved_heads(shape, dense)
     group = dense["heads"] // dense["kv_heads"]
     present = sorted(set(scores.heads) | set(scores.channels))

@@ -32,8 +32,8 @@ from tasks.settings import Settings
 from tasks.surgery import layer_ids, remove_blocks
 from tasks.surgery.width import WidthError, apply_width, dense_widths, width_layout
 from tasks.width.importance import UnitScores, present_layers
-from tasks.width.plan import (Calibration, PlanOutcome, WidthShape, check_shape, refuse_unprunable_heads,
-                              register_width_strategy, resolved_heads, uniform_plan)
+from tasks.width.plan import (Calibration, PlanOutcome, WidthShape, refuse_unprunable_heads,
+                              register_width_strategy, resolve_shape, resolved_heads, uniform_plan)
 
 LOW, HIGH, BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -240,7 +240,7 @@ def sheared_plan(model: nn.Module, scores: UnitScores | None, shape: WidthShape,
         raise WidthError("width.strategy sheared learns masks on whole layers: give it a model without removed "
                          "halves (search.target.blocks: 0, or score.granularity: layer)")
     dense = dense_widths(model)
-    check_shape(shape, dense)
+    shape = resolve_shape(shape, dense)
     heads, kv = resolved_heads(shape, dense)
     sizes = _sizes(model)
     problem = _layers_problem(options, sizes.layers)
