@@ -20,10 +20,13 @@ def _quiet_prefect_defaults() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from flows.preflight import resolved_widths
     from pipelines import load_spec
 
     spec = load_spec(args.pipeline, args.set)
+    widths = resolved_widths(spec)  # before the verdict: a share this model cannot take makes the spec invalid
     print(f"{args.pipeline}: valid pipeline '{spec.name}'")
+    print("\n".join(widths), end="\n" if widths else "")
     return 0
 
 

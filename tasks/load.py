@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from tasks.search.goal import check_reachable
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.sources import resolve_model
+from tasks.sources.models import config_location
 from tasks.sources.weights import check_weight_files
 from tasks.errors import UserError
 from tasks.export import load_checkpoint, model_config
@@ -75,6 +76,17 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 class DeviceError(UserError):
     pass
+
+
+def source_config(model: ModelSpec):
+    """The source model's config, its weights neither read nor converted (`validate` resolves width shares on it)."""
+    where = config_location(model.source)
+    if where.gguf_file is None:
+        return model_config(where.folder, model.trust_remote_code)
+    from transformers import AutoConfig
+
+    # A GGUF carries no code; its header holds the sizes a conversion would write to config.json.
+    return AutoConfig.from_pretrained(where.folder, gguf_file=where.gguf_file, trust_remote_code=False)
 
 
 def skeleton(path: str, trust_remote_code: bool = False) -> nn.Module:

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 VOCAB = 128
 
 
-def tiny_config(family: str = "llama", layers: int = 4):
+def tiny_config(family: str = "llama", layers: int = 4, **sizes):
+    """`sizes`: other widths (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)."""
     common = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -19,6 +20,7 @@ def tiny_config(family: str = "llama", layers: int = 4):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    common.update(sizes)
     if family == "llama":
         return LlamaConfig(**common)
     if family == "qwen2":
@@ -26,9 +28,9 @@ def tiny_config(family: str = "llama", layers: int = 4):
     raise ValueError(family)
 
 
-def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0):
+def tiny_model(family: str = "llama", layers: int = 4, seed: int = 0, **sizes):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, layers), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, **sizes), attn_implementation="sdpa")
     # Random init gives near-identical blocks; scale weights so blocks differ clearly in importance.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -74,9 +76,9 @@ def tiny_bpe_tokenizer():
     return tokenizer
 
 
-def tiny_checkpoint(path, family: str = "llama", layers: int = 4, seed: int = 0):
+def tiny_checkpoint(path, family: str = "llama", layers: int = 4, seed: int = 0, **sizes):
     """A tiny random model with its tokenizer, saved as a Hugging Face directory."""
-    model = tiny_model(family, layers, seed)
+    model = tiny_model(family, layers, seed, **sizes)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

@@ -43,40 +43,84 @@ class ResolvedModel:
 
 def resolve_model(source: str) -> ResolvedModel:
     """A directory that `AutoModelForCausalLM.from_pretrained` can load, for any accepted source."""
-    source = source.strip()
-    if not source:
-        raise SourceError(f"model.source is empty; accepted: {ACCEPTED}")
-    if source.startswith(BUILTIN_PREFIX):
-        asset = lookup_builtin(BUILTIN_MODELS, source[len(BUILTIN_PREFIX) :], "model")
-        path = convert_gguf(fetch_builtin(asset))
+    source = _given(source)
+    gguf = _gguf_file(source)
+    if gguf is not None:
+        path = convert_gguf(gguf)
         return ResolvedModel(path, _read_sidecar(path), source)
     local = Path(source).expanduser()
     if local.exists():
-        return _resolve_local(local, source)
-    if source.endswith(".gguf") or not _HUB_ID.match(source):
-        raise SourceError(
-            f"model.source: no such file or directory: {source}; accepted: {ACCEPTED}"
-        )
+        return ResolvedModel(_local_folder(local, source), model_fingerprint(local), source)
+    _check_hub_id(source)
     path = _download_from_hub(source)
     return ResolvedModel(path, model_fingerprint(path), source)
 
 
-def _resolve_local(path: Path, source: str) -> ResolvedModel:
-    if path.is_file() and path.suffix == ".gguf":
-        with path.open("rb") as handle:
-            if handle.read(4) != GGUF_MAGIC:
-                raise SourceError(f"model.source: {source} does not start with the GGUF magic bytes, so it is not "
-                                  f"a GGUF file; accepted: {ACCEPTED}")
-        converted = convert_gguf(path)
-        return ResolvedModel(converted, _read_sidecar(converted), source)
+@dataclass(frozen=True)
+class ConfigLocation:
+    """Where a model's config is read: `folder`'s config.json, or the header of the GGUF file `gguf_file` in it."""
+
+    folder: Path
+    gguf_file: str | None = None
+
+
+def config_location(source: str) -> ConfigLocation:
+    """Where the config of `model.source` is read without loading, converting or downloading its weights: a
+    folder's config.json (a GGUF's converted copy, found by the GGUF's hash, once there is one), else the GGUF's
+    own header; from the hub, config.json alone. The builtin model's GGUF is still fetched once, as a run
+    fetches it."""
+    source = _given(source)
+    gguf = _gguf_file(source)
+    if gguf is not None:
+        converted = _converted_folder(gguf)
+        if (converted / FINGERPRINT_FILE).is_file():
+            return ConfigLocation(converted)
+        return ConfigLocation(gguf.parent, gguf.name)
+    local = Path(source).expanduser()
+    if local.exists():
+        return ConfigLocation(_local_folder(local, source))
+    _check_hub_id(source)
+    return ConfigLocation(_download_from_hub(source, weights=False))
+
+
+def _given(source: str) -> str:
+    source = source.strip()
+    if not source:
+        raise SourceError(f"model.source is empty; accepted: {ACCEPTED}")
+    return source
+
+
+def _gguf_file(source: str) -> Path | None:
+    """The GGUF file a builtin or a local `.gguf` source names, checked for GGUF's magic bytes; else None."""
+    if source.startswith(BUILTIN_PREFIX):
+        return fetch_builtin(lookup_builtin(BUILTIN_MODELS, source[len(BUILTIN_PREFIX) :], "model"))
+    path = Path(source).expanduser()
+    if not (path.is_file() and path.suffix == ".gguf"):
+        return None
+    with path.open("rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise SourceError(f"model.source: {source} does not start with the GGUF magic bytes, so it is not "
+                              f"a GGUF file; accepted: {ACCEPTED}")
+    return path
+
+
+def _local_folder(path: Path, source: str) -> Path:
+    """A local source that is not a GGUF: a folder with a readable config.json, or a refusal."""
     if path.is_dir() and (path / "config.json").is_file():
         _check_config_json(path / "config.json", source)
-        return ResolvedModel(path.resolve(), model_fingerprint(path), source)
+        return path.resolve()
     if path.is_dir():
         raise SourceError(
             f"model.source: directory {source} has no config.json; accepted: {ACCEPTED}"
         )
     raise SourceError(f"model.source: unsupported file {source}; accepted: {ACCEPTED}")
+
+
+def _check_hub_id(source: str) -> None:
+    if source.endswith(".gguf") or not _HUB_ID.match(source):
+        raise SourceError(
+            f"model.source: no such file or directory: {source}; accepted: {ACCEPTED}"
+        )
 
 
 def _check_config_json(config: Path, source: str) -> None:
@@ -125,7 +169,7 @@ def convert_gguf(gguf_path: Path) -> Path:
         raise SourceError(
             f"model.source: no such file or directory: {gguf_path}; accepted: {ACCEPTED}"
         )
-    target = cache_dir() / "models" / sha256_file(gguf_path)
+    target = _converted_folder(gguf_path)
     # A cached directory only ever appears by renaming a finished one, so existence means complete.
     if (target / FINGERPRINT_FILE).is_file():
         return target
@@ -145,6 +189,10 @@ def convert_gguf(gguf_path: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _converted_folder(gguf_path: Path) -> Path:
+    return cache_dir() / "models" / sha256_file(gguf_path)
 
 
 def _convert_into(gguf_path: Path, out_dir: Path) -> None:
@@ -175,7 +223,8 @@ def _read_sidecar(model_dir: Path) -> str:
     return (model_dir / FINGERPRINT_FILE).read_text().strip()
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _download_from_hub(repo_id: str, weights: bool = True) -> Path:
+    """The repository's snapshot (weights, configs, tokenizer), or its config.json alone."""
     not_reachable = (
         f"model.source: {repo_id} is not a local path and the Hugging Face hub is not reachable"
     )
@@ -192,14 +241,14 @@ def _download_from_hub(repo_id: str) -> Path:
     )
 
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS if weights else ["config.json"]))
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise SourceError(
             f"model.source: hub repository {repo_id} was not found (or is gated); {suggestion}"
         ) from exc
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, ConnectionError) as exc:
         raise SourceError(f"{not_reachable} ({type(exc).__name__}); {suggestion}") from exc
-    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+    if not (path / "config.json").is_file() or (weights and not any(path.glob("*.safetensors"))):
         raise SourceError(
             f"model.source: hub repository {repo_id} has no config.json with safetensors weights; "
             "download it yourself and pass the local directory"
