@@ -36,6 +36,7 @@ from flows.stages import (
     trajectory_task,
     width_task,
 )
+from flows.temporary_server import prefect_api
 from pipelines import PipelineSpec, load_spec
 from tasks.errors import DiskFull, is_disk_full
 from tasks.evaluation import Evaluation
@@ -423,5 +424,5 @@ def prune_pipeline(spec_or_path: PipelineSpec | str | os.PathLike, overrides: li
     """Python entry point: a validated spec or a YAML path (with optional dotted overrides)."""
     spec = spec_or_path if isinstance(spec_or_path, PipelineSpec) else load_spec(spec_or_path, overrides)
     preflight(spec, fresh)
-    with tags(*run_tags(spec)):
+    with prefect_api(), tags(*run_tags(spec)):
         return prune_pipeline_flow(spec, fresh=fresh)
