@@ -6,11 +6,13 @@ resumes from the catalog, which is the source of truth for what an interrupted r
 
 
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, tags
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment, flow_run
 
 from catalog import Catalog
@@ -36,6 +38,7 @@ from flows.stages import (
     trajectory_task,
     width_task,
 )
+from flows.temporary_server import prefect_api
 from pipelines import PipelineSpec, load_spec
 from tasks.errors import DiskFull, is_disk_full
 from tasks.evaluation import Evaluation
@@ -189,6 +192,8 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
             except BaseException as exc:
                 catalog.finish_run(run_id, "failed", wall_seconds=_wall(previous, started, True),
                                    summary={"failure": _failure_reason(exc)})
+                if isinstance(exc, TerminationSignal):  # Prefect then ends the process by the same signal
+                    logger.warning(f"run {run_id} {_failure_reason(exc)}: marked failed; start it again to resume")
                 if is_disk_full(exc) and not isinstance(exc, DiskFull):
                     raise DiskFull(f"no space left on the device while writing run {run_id} (output_dir "
                                    f"{out_dir}, catalog {spec.catalog_path()}); free some space and run again: "
@@ -197,7 +202,10 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
 
 
 def _failure_reason(exc: BaseException) -> str:
-    """What `runs` and `show` can say about a failed run: the error's type and first line."""
+    """What `runs` and `show` can say about a failed run: the signal that stopped it, or the error's type
+    and first line."""
+    if isinstance(exc, TerminationSignal):
+        return f"stopped by {signal.Signals(exc.signal).name}"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:500] if text else 'interrupted'}"
 
@@ -423,5 +431,5 @@ def prune_pipeline(spec_or_path: PipelineSpec | str | os.PathLike, overrides: li
     """Python entry point: a validated spec or a YAML path (with optional dotted overrides)."""
     spec = spec_or_path if isinstance(spec_or_path, PipelineSpec) else load_spec(spec_or_path, overrides)
     preflight(spec, fresh)
-    with tags(*run_tags(spec)):
+    with prefect_api(), tags(*run_tags(spec)):
         return prune_pipeline_flow(spec, fresh=fresh)
