@@ -53,7 +53,7 @@ def prune_stage(model_path: str, blocks: tuple[str, ...], model: ModelSpec, prun
     """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json):
     the blocks removed, then the width plan (if any) applied to what is left, with the output projections
     a reconstructing width strategy refitted (`width_weights`)."""
-    pruned = open_model(model_path, model)
+    pruned = open_model(model_path, model, "prune")
     remove_blocks(pruned, list(blocks))
     if plan_json is not None:
         apply_width(pruned, WidthPlan.from_json(plan_json))
