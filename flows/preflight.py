@@ -97,7 +97,7 @@ STREAMING_STAGES = ("search", "the calibration trajectory")
 def _check_streaming(spec: PipelineSpec, model_path: str, device: str) -> None:
     """A model larger than model.memory_budget_gb: refused now, with the budget it would need, since not
     every stage of a pipeline streams yet (a budget below one layer is refused with that layer's size)."""
-    from tasks.stream import NotStreamed, check_budget, residency
+    from tasks.stream.open import NotStreamed, check_budget, residency
     from tasks.stream.budget import gb
 
     dtype = resolve_dtype(spec.model.dtype, device)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from tasks.search.goal import check_reachable
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.sources import resolve_model
-from tasks.stream import NotStreamed, open_streamed, residency
+from tasks.stream.open import NotStreamed, open_streamed, residency
 from tasks.sources.weights import check_weight_files
 from tasks.errors import UserError
 from tasks.export import load_checkpoint, model_config

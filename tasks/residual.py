@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tasks.stream.residency import EMBED, HEAD, hold, layer_piece, streamed
+from tasks.stream.residency import EMBED, HEAD, hold, hold_layer, streamed
 from tasks.surgery import architecture_of, layer_ids, removed_units
 from tasks.surgery.adapted import adapter_ranks, get_adapter
 from tasks.surgery.architecture import ForwardContext
@@ -93,7 +93,7 @@ class ResidualRunner:
     ) -> torch.Tensor:
         if unit.adapter:
             return self._apply_adapter(unit, hidden)
-        with hold(self.model, layer_piece(unit.position)):
+        with hold_layer(self.model, self.layers[unit.position]):
             return self._apply_layer(unit, hidden, ctx, layer_input)
 
     def _apply_layer(

@@ -17,7 +17,7 @@ from tasks.residual import predictions
 from tasks.score import METRICS, CandidateScore, StepScorer
 from tasks.search import Recorder, SearchContext, SearchLog, StepRecord, run_search
 from tasks.search.settings import ScoreSection, SearchSection
-from tasks.stream import streamed
+from tasks.stream.residency import streamed
 
 
 @dataclass(frozen=True)

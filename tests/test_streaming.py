@@ -3,6 +3,7 @@ numbers as the resident model, read the weights once per pass, and stay within t
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ from pipelines.loader import load_spec
 from tasks.load import ModelSpec, open_model
 from tasks.residual import perplexity
 from tasks.search import Target, run_search
-from tasks.stream import BudgetError, NotStreamed, streamed
+from tasks.stream.budget import BudgetError
+from tasks.stream.open import NotStreamed
+from tasks.stream.residency import streamed
 from tests.flowkit import ROOT, tiny_pipeline
 from tests.searchkit import search_context
 from tests.tiny import tiny_checkpoint, tiny_windows
@@ -110,3 +113,47 @@ def test_run_refuses_an_over_budget_model_before_writing_anything(tmp_path: Path
     assert out.returncode == 2, out.stderr
     assert expected in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    out = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
+@pytest.mark.parametrize("blocks,fmt", [
+    (("layers.1",), "hf"),
+    (("layers.1", "layers.2.attn", "layers.0.mlp"), "auto"),  # halves: remote_code
+])
+def test_a_streamed_prune_writes_the_resident_checkpoint_tensor_for_tensor(checkpoint: Path, tmp_path: Path,
+                                                                          blocks, fmt):
+    from tasks.prune import PruneSpec, prune_stage
+
+    written = {}
+    for name, budget in (("resident", "auto"), ("streamed", BETWEEN)):
+        spec = ModelSpec(source=str(checkpoint), device="cpu", memory_budget_gb=budget)
+        ref = prune_stage(str(checkpoint), blocks, spec, PruneSpec(format=fmt), tmp_path / name)
+        written[name] = Path(ref.path)
+    resident, streamed_out = _tensors(written["resident"]), _tensors(written["streamed"])
+    assert sorted(resident) == sorted(streamed_out)
+    assert all(torch.equal(resident[n], streamed_out[n]) for n in resident)
+    configs = [json.loads((written[n] / "config.json").read_text()) for n in ("resident", "streamed")]
+    assert configs[0] == configs[1]
+    windows = tiny_windows()
+    assert perplexity(_open(written["streamed"]), windows) == perplexity(_open(written["resident"]), windows)
+
+
+def test_a_streamed_model_is_written_in_shards_of_the_set_size(checkpoint: Path, tmp_path: Path, monkeypatch):
+    import tasks.stream.write as write
+
+    monkeypatch.setattr(write, "SHARD_BYTES", 2 * LAYER_BYTES)
+    model = _open(checkpoint, BETWEEN)
+    write.write_streamed(model, streamed(model), tmp_path / "out")
+    index = json.loads((tmp_path / "out" / write.INDEX).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == 3 and files[0] == "model-00001-of-00003.safetensors"
+    assert _tensors(tmp_path / "out").keys() == _tensors(checkpoint).keys()
+    assert all(torch.equal(a, _tensors(checkpoint)[n]) for n, a in _tensors(tmp_path / "out").items())

@@ -83,6 +83,9 @@ class StreamedWeights:
         self.device = torch.device(device)
         self.budget_bytes = budget_bytes
         self.pieces = pieces_of(model, layers)
+        # Pieces follow their layer modules, so a layer list edited after loading (blocks removed) still
+        # finds each layer's piece.
+        self._layer_pieces = {id(layer): layer_piece(p) for p, layer in enumerate(layers)}
         self._dtypes = {name: places[0][0]._parameters[places[0][1]].dtype
                         for piece in self.pieces.values() for name, places in piece.places.items()}
         self._resident: OrderedDict[str, None] = OrderedDict()
@@ -90,6 +93,9 @@ class StreamedWeights:
         self._lock = threading.RLock()
         self.loads = 0  # pieces brought in, over the model's life
         self.peak_bytes = 0
+
+    def layer_piece_of(self, layer: nn.Module) -> str:
+        return self._layer_pieces[id(layer)]
 
     @property
     def resident_bytes(self) -> int:
@@ -163,3 +169,9 @@ def hold(model: nn.Module, *names: str):
     """A context in which the named pieces of `model` are on its device (nothing to do when all are)."""
     weights = streamed(model)
     return nullcontext() if weights is None else weights.hold(*names)
+
+
+def hold_layer(model: nn.Module, layer: nn.Module):
+    """A context in which the decoder layer `layer` of `model` is on its device."""
+    weights = streamed(model)
+    return nullcontext() if weights is None else weights.hold(weights.layer_piece_of(layer))
