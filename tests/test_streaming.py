@@ -84,6 +84,30 @@ def test_a_streamed_search_picks_the_same_blocks_with_the_same_scores(checkpoint
     assert search(_open(checkpoint, BETWEEN)) == search(_open(checkpoint))
 
 
+@pytest.mark.parametrize("states_budget_gib", [None, 0.0001])  # 0.0001: groups of 3 candidates, every 3rd state kept
+def test_a_streamed_search_step_reads_the_model_at_most_once(checkpoint: Path, states_budget_gib):
+    windows = tiny_windows()
+    model = _open(checkpoint, BETWEEN)
+    weights, reads, scores = streamed(model), [], {}
+
+    def search(model, on_step=None):
+        ctx = search_context(model, windows, target=Target(blocks=3), memory_budget_gb=states_budget_gib,
+                             on_step=on_step, on_score=lambda step, s: scores.setdefault(id(model), []).append(s))
+        return [(r.block, r.value) for r in run_search(ctx, "iterative")]
+
+    streamed_steps = search(model, on_step=lambda *_: reads.append(weights.index.bytes_read))
+    resident = _open(checkpoint)
+    assert streamed_steps == search(resident)
+    assert sorted((s.block, s.value) for s in scores[id(model)]) == sorted((s.block, s.value) for s in scores[id(resident)])
+    per_step = [b - a for a, b in zip([0, *reads], reads)]
+    if states_budget_gib is None:
+        # One walk per step: the model's states and all 8, then 6, then 4 candidates pass each layer together.
+        assert per_step[0] == _stored_bytes(checkpoint)
+        assert all(r <= _stored_bytes(checkpoint) for r in per_step)
+    else:  # 3 groups of candidates at the first step: three walks
+        assert per_step[0] <= 3 * _stored_bytes(checkpoint)
+
+
 def test_a_stage_that_does_not_stream_refuses_a_model_over_budget_naming_itself(checkpoint: Path):
     spec = ModelSpec(source=str(checkpoint), device="cpu", memory_budget_gb=BETWEEN)
     with pytest.raises(NotStreamed, match="prune does not stream weights yet.*memory_budget_gb"):
