@@ -181,3 +181,21 @@ def test_a_streamed_model_is_written_in_shards_of_the_set_size(checkpoint: Path,
     assert len(files) == 3 and files[0] == "model-00001-of-00003.safetensors"
     assert _tensors(tmp_path / "out").keys() == _tensors(checkpoint).keys()
     assert all(torch.equal(a, _tensors(checkpoint)[n]) for n, a in _tensors(tmp_path / "out").items())
+
+
+def test_a_tied_output_head_streams_with_the_embedding(tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import tiny_config, tiny_tokenizer
+
+    config = tiny_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    tiny_tokenizer().save_pretrained(tmp_path / "tied")
+    model = _open(tmp_path / "tied", BETWEEN)
+    weights = streamed(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert set(weights.pieces) == {"embed", "layer:0", "layer:1", "layer:2", "layer:3"}
+    windows = tiny_windows()
+    assert perplexity(model, windows) == perplexity(_open(tmp_path / "tied"), windows)

@@ -32,6 +32,7 @@ def skeleton_for_run(path: str | Path, dtype: str) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype],
                                                  attn_implementation=adapter.attn_implementation)
+    model.tie_weights()  # from_config ties only real weights; the loader ties the checkpoint's in any case
     return model.eval()
 
 
