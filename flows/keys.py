@@ -36,7 +36,7 @@ def keyable(value: Any) -> Any:
         return {"dataset": value.dataset, "sha256": value.ref.sha256}
     if isinstance(value, BaseModel):
         # Defaults left out, as in PipelineSpec.section_json: a new setting keeps old cache keys valid.
-        return value.model_dump(mode="json", exclude_defaults=True)
+        return value.model_dump(mode="json", exclude_defaults=True, exclude=set(getattr(value, "NOT_IDENTITY", ())))
     if dataclasses.is_dataclass(value):
         return keyable(dataclasses.asdict(value))
     if isinstance(value, dict):

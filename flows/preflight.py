@@ -57,6 +57,7 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     if spec.execution.device and spec.execution.address is None:  # a local cluster's workers run here
         resolve_device(spec.execution.device, "execution.device")
     model = load_stage(spec.model, spec.score, spec.search)
+    _check_streaming(spec, model.path, device)
     check_writable_folder(Path(spec.output_dir), "output_dir", checkpoint_bytes(model.params, spec.model.dtype, device))
     try:
         tokenizer = load_tokenizer(model.path, spec.model.trust_remote_code)
@@ -87,6 +88,28 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
 
 class WindowTooLong(UserError):
     pass
+
+
+# The stages that run on streamed weights so far (tasks.stream); the others load the model whole.
+STREAMING_STAGES = ("search", "the calibration trajectory")
+
+
+def _check_streaming(spec: PipelineSpec, model_path: str, device: str) -> None:
+    """A model larger than model.memory_budget_gb: refused now, with the budget it would need, since not
+    every stage of a pipeline streams yet (a budget below one layer is refused with that layer's size)."""
+    from tasks.stream.open import NotStreamed, check_budget, residency
+    from tasks.stream.budget import gb
+
+    dtype = resolve_dtype(spec.model.dtype, device)
+    plan = residency(model_path, dtype, device, spec.model.memory_budget_gb)
+    if not plan.streams:
+        return
+    check_budget(model_path, dtype, device, plan)
+    raise NotStreamed(
+        f"model.memory_budget_gb: the model does not fit ({plan.describe()}); in this release only "
+        f"{' and '.join(STREAMING_STAGES)} stream weights, while pruning, width, recovery and evaluation load the "
+        f"model whole; set model.memory_budget_gb to at least {gb(plan.weight_bytes)} on a machine "
+        "with that much memory")
 
 
 def _check_format(spec: PipelineSpec, config, tokenizer) -> None:

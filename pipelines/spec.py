@@ -118,7 +118,7 @@ class PipelineSpec(Settings):
 
         Values equal to their defaults are left out, so adding a new setting with a default does not
         change the identity of existing runs (a change of meaning bumps flows.keys.CODE_VERSION)."""
-        dumped = self.model_dump(mode="json", exclude_defaults=True)
+        dumped = self.model_dump(mode="json", exclude_defaults=True, exclude={"model": set(ModelSpec.NOT_IDENTITY)})
         return json.dumps({s: dumped.get(s) for s in sections}, sort_keys=True, separators=(",", ":"))
 
     def canonical_json(self) -> str:

@@ -85,7 +85,7 @@ def evaluate_stage(model_path: str, stage: str, data: list[EvalData], model_spec
                    on_window: Callable[[str, int, int], None] | None = None) -> list[Evaluation]:
     """`on_window(dataset, done, total)` follows every micro-batch of evaluation windows (progress bars)."""
     device = resolve_device(model_spec.device)
-    given = EvaluationInput(stage, open_model(model_path, model_spec), model_path, tuple(data),
+    given = EvaluationInput(stage, open_model(model_path, model_spec, "evaluate"), model_path, tuple(data),
                             resolve_dtype(model_spec.dtype, device), device, batch_windows, evaluate,
                             model_spec.trust_remote_code, on_window)
     return evaluate_all(given)
@@ -96,7 +96,7 @@ def calibration_trajectory(model_path: str, model_spec: ModelSpec, calibration: 
     """Calibration perplexity of the dense model and after each removal in order (len(blocks) + 1 values):
     the curve of the run's picture, the same for every strategy and metric (a step's own score is not
     always this perplexity: one_shot scores each block alone, other metrics are not perplexities)."""
-    model = open_model(model_path, model_spec)
+    model = open_model(model_path, model_spec, "the calibration trajectory", streams=True)
     windows = load_windows(calibration)
     return tuple(perplexity(model, windows, batch_windows, skip=tuple(units_of(blocks[:k])))
                  for k in range(len(blocks) + 1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from tasks.search.goal import check_reachable
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.sources import resolve_model
 from tasks.sources.models import config_location
+from tasks.stream.open import NotStreamed, open_streamed, residency
 from tasks.sources.weights import check_weight_files
 from tasks.errors import UserError
 from tasks.export import load_checkpoint, model_config
@@ -42,6 +43,18 @@ class ModelSpec(Settings):
             "Off by default: such a folder is refused. pruneflow's own checkpoints never need it."
         ),
     )
+    memory_budget_gb: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Memory the model's weights may take on model.device, in GB (1e9 bytes). A model larger than this "
+            "is streamed: its layers are read one at a time from the checkpoint's safetensors shards while they "
+            "run. auto: 75% of the device's free memory (of the host's available memory on cpu). Not part of a "
+            "run's identity: streamed and resident runs compute the same numbers."
+        ),
+    )
+
+    # Settings that say how a run works, not what it computes: left out of run ids and cache keys.
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"memory_budget_gb"})
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,18 @@ def load_stage(model: ModelSpec, score: ScoreSection, search: SearchSection) -> 
     )
 
 
-def open_model(path: str, model: ModelSpec) -> nn.Module:
-    """Any model pruneflow reads (a source model or an export in any format) as pruneflow's in-memory model."""
+def open_model(path: str, model: ModelSpec, stage: str, streams: bool = False) -> nn.Module:
+    """Any model pruneflow reads (a source model or an export in any format) as pruneflow's in-memory model.
+
+    A model larger than `model.memory_budget_gb` comes back streamed (tasks.stream) to a stage that
+    `streams`, and is refused, naming `stage`, by one that does not."""
     device = resolve_device(model.device)
-    return load_checkpoint(path, dtype=resolve_dtype(model.dtype, device), device=device)
+    dtype = resolve_dtype(model.dtype, device)
+    plan = residency(path, dtype, device, model.memory_budget_gb)
+    if not plan.streams:
+        return load_checkpoint(path, dtype=dtype, device=device)
+    if not streams:
+        raise NotStreamed(
+            f"{stage} does not stream weights yet, and this model needs streaming ({plan.describe()}); "
+            "raise model.memory_budget_gb to at least the weights' size to run it whole")
+    return open_streamed(path, dtype, device, plan, stage)

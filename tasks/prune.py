@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from transformers import GenerationConfig
 
 from tasks.errors import DiskFull, UserError, is_disk_full
-from tasks.export import ExportError, export_model, format_names, load_tokenizer, resolve_format
+from tasks.export import ExportError, export_model, format_names, get_format, load_tokenizer, resolve_format
 from tasks.load import ModelSpec, open_model
 from tasks.refs import ArtifactRef
 from tasks.settings import Settings
+from tasks.stream.residency import streamed
 from tasks.surgery import remove_blocks
 from tasks.surgery.width import WidthPlan, apply_width, set_output_weights
 
@@ -53,7 +54,8 @@ def prune_stage(model_path: str, blocks: tuple[str, ...], model: ModelSpec, prun
     """Writes `out_dir/checkpoint-pruned` in `prune.format` (the format is recorded in its config.json):
     the blocks removed, then the width plan (if any) applied to what is left, with the output projections
     a reconstructing width strategy refitted (`width_weights`)."""
-    pruned = open_model(model_path, model)
+    depth_only = plan_json is None and width_weights is None
+    pruned = open_model(model_path, model, "prune" if depth_only else "prune with a width plan", streams=depth_only)
     remove_blocks(pruned, list(blocks))
     if plan_json is not None:
         apply_width(pruned, WidthPlan.from_json(plan_json))
@@ -69,12 +71,15 @@ def write_checkpoint(model, source_path: str, target: Path, requested_format: st
         fmt = resolve_format(requested_format, model)
     except ExportError as err:
         raise PruneError(str(err)) from err
+    if streamed(model) is not None and not get_format(fmt).streams:
+        raise PruneError(f"prune.format '{fmt}' does not write a streamed model yet (one larger than "
+                         f"model.memory_budget_gb); formats that do: {', '.join(n for n in format_names() if get_format(n).streams)}")
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # The tokenizer first: a format that carries it inside its file (gguf) reads it from the folder.
         load_tokenizer(source_path, trust_remote_code).save_pretrained(tmp)
-        export_model(model.to("cpu"), tmp, fmt)
+        export_model(model if streamed(model) is not None else model.to("cpu"), tmp, fmt)
         _copy_generation_config(source_path, tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

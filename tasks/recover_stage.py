@@ -38,7 +38,7 @@ def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, r
                   on_step: Callable[[int, int, float], None] | None = None) -> Recovered:
     started = time.perf_counter()
     method = get_recovery(recover.method)
-    model = open_model(pruned_path, model_spec)
+    model = open_model(pruned_path, model_spec, "recover")
     ctx = RecoveryContext(
         dense_path=dense_path, calibration=load_windows(calibration), tokenizer_path=pruned_path,
         state_dir=out_dir / "recover-state" / key[:16], batch_windows=batch_windows, log=log,

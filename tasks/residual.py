@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from tasks.stream.residency import EMBED, HEAD, hold, hold_layer, streamed
 from tasks.surgery import architecture_of, layer_ids, removed_units
 from tasks.surgery.adapted import adapter_ranks, get_adapter
 from tasks.surgery.architecture import ForwardContext
@@ -77,10 +78,12 @@ class ResidualRunner:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        weights = streamed(self.model)
+        return weights.device if weights is not None else next(self.model.parameters()).device
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.adapter.embed(self.model, input_ids.to(self.device))
+        with hold(self.model, EMBED):
+            return self.adapter.embed(self.model, input_ids.to(self.device))
 
     def context(self, hidden: torch.Tensor) -> ForwardContext:
         return self.adapter.context(self.model, hidden)
@@ -90,6 +93,12 @@ class ResidualRunner:
     ) -> torch.Tensor:
         if unit.adapter:
             return self._apply_adapter(unit, hidden)
+        with hold_layer(self.model, self.layers[unit.position]):
+            return self._apply_layer(unit, hidden, ctx, layer_input)
+
+    def _apply_layer(
+        self, unit: Unit, hidden: torch.Tensor, ctx: ForwardContext, layer_input: torch.Tensor | None
+    ) -> torch.Tensor:
         layer = self.layers[unit.position]
         if not unit.parallel:
             delta_fn = self.adapter.attn_delta if unit.part == "attn" else self.adapter.mlp_delta
@@ -131,17 +140,21 @@ class ResidualRunner:
         sums = []
         # Kept buffers cannot carry gradients (Taylor scores differentiate this sum): fresh tensors then.
         reuse = not torch.is_grad_enabled()
-        for row in range(hidden.shape[0]):
-            if reuse:
-                logits = self._logits(hidden[row, :-1]).float()
-                log_probs = self._workspace.take("log_probs", logits)
-                torch.log_softmax(logits, dim=-1, out=log_probs)
-            else:
-                log_probs = torch.log_softmax(self.adapter.logits(self.model, hidden[row, :-1]).float(), dim=-1)
-            sums.append(F.nll_loss(log_probs, targets[row], reduction="sum").double())
-            if mass is not None:
-                mass += log_probs.exp().sum(dim=0).to(mass.device)
+        with hold(self.model, EMBED, HEAD):
+            for row in range(hidden.shape[0]):
+                sums.append(self._row_nll(hidden[row, :-1], targets[row], reuse, mass))
         return torch.stack(sums)
+
+    def _row_nll(self, hidden: torch.Tensor, targets: torch.Tensor, reuse: bool, mass: torch.Tensor | None) -> torch.Tensor:
+        if reuse:
+            logits = self._logits(hidden).float()
+            log_probs = self._workspace.take("log_probs", logits)
+            torch.log_softmax(logits, dim=-1, out=log_probs)
+        else:
+            log_probs = torch.log_softmax(self.adapter.logits(self.model, hidden).float(), dim=-1)
+        if mass is not None:
+            mass += log_probs.exp().sum(dim=0).to(mass.device)
+        return F.nll_loss(log_probs, targets, reduction="sum").double()
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The family's logits for one window's positions, written into a kept buffer when the head is a

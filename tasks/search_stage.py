@@ -14,9 +14,10 @@ from tasks.execution import ExecutionSpec
 from tasks.load import ModelSpec, open_model, resolve_device
 from tasks.refs import ArtifactRef
 from tasks.residual import predictions
-from tasks.score import CandidateScore, StepScorer
+from tasks.score import METRICS, CandidateScore, StepScorer
 from tasks.search import Recorder, SearchContext, SearchLog, StepRecord, run_search
 from tasks.search.settings import ScoreSection, SearchSection
+from tasks.stream.residency import streamed
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,25 @@ def search_stage(
 ) -> SearchResult:
     """`execution` says where scoring runs; every runner computes the same numbers."""
     with _scorer(model_path, calibration, sections, execution) as (windows, scorer):
-        parallel = parallel_candidates(execution.parallel_candidates, resolve_device(sections.model.device))
-        return _search(open_model(model_path, sections.model), windows, sections, parallel, recorder, on_step,
-                       on_score, scorer)
+        why_not = _why_not_streamed(sections, execution)
+        model = open_model(model_path, sections.model, f"search ({why_not})" if why_not else "search",
+                           streams=why_not is None)
+        # Streamed, candidates take turns: each holds its layer only while it runs, so one at a time keeps
+        # the resident weights within the budget.
+        parallel = 1 if streamed(model) else parallel_candidates(execution.parallel_candidates,
+                                                                 resolve_device(sections.model.device))
+        return _search(model, windows, sections, parallel, recorder, on_step, on_score, scorer)
+
+
+def _why_not_streamed(sections: SearchSections, execution: ExecutionSpec) -> str | None:
+    """Why this search cannot run on streamed weights (yet), or None when it can."""
+    if METRICS.get(sections.score.metric).needs_grad:
+        return f"metric '{sections.score.metric}' needs gradients"
+    if sections.search.scoring_mode() == "bounded":
+        return "search.mode 'bounded' reads the whole output head for its bounds; exact and racing stream"
+    if execution.runner != "local":
+        return f"execution.runner '{execution.runner}' loads the model in each worker"
+    return None
 
 
 @contextmanager

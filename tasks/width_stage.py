@@ -178,7 +178,7 @@ def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ..
     """`out_dir` receives a reconstructing strategy's weights (`width-weights.safetensors`) and a training
     strategy's resumable state; `on_unit(done, total[, detail])` follows the strategy's units or steps."""
     started = time.perf_counter()
-    dense_model = open_model(model_path, model)
+    dense_model = open_model(model_path, model, "width")
     dense_params = total_params(dense_model)
     pruned = remove_blocks(dense_model, list(blocks))
     windows = load_windows(calibration)

@@ -26,6 +26,6 @@ def test_auto_dtype_is_bfloat16_on_a_cuda_device_that_supports_it():
 
 def test_pipeline_with_auto_dtype_opens_the_model_in_float32_on_cpu(tmp_path: Path):
     spec = load_spec(tiny_pipeline(tmp_path, model={"dtype": "auto", "device": "cpu"}))
-    model = open_model(spec.model.source, spec.model)
+    model = open_model(spec.model.source, spec.model, "test")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -15,6 +15,8 @@ from tasks.export.registry import ExportError, ExportFormat, read_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tasks.stream.residency import streamed
+from tasks.stream.write import write_streamed
 from tasks.surgery import architecture_for, layer_ids, remove_blocks, removed_units
 from tasks.surgery.adapted import adapter_ranks, install_adapters
 from tasks.surgery.residual_adapters import ADAPTERS_ATTR
@@ -91,7 +93,12 @@ def width_problem(model: nn.Module, fmt: ExportFormat) -> str | None:
 def write_weights(model: nn.Module, out_dir: Path) -> dict:
     """Safetensors weights under the model's own parameter names; returns the config as a dict to edit.
 
-    Removed halves are parameter-free stand-ins, so they contribute no tensors."""
+    Removed halves are parameter-free stand-ins, so they contribute no tensors. A streamed model is
+    written piece by piece from its checkpoint's shards (tasks.stream.write), never whole in memory."""
+    weights = streamed(model)
+    if weights is not None:
+        write_streamed(model, weights, out_dir)
+        return json.loads((out_dir / "config.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     _restore_adapter_names(model, out_dir)

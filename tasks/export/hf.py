@@ -19,6 +19,7 @@ from tasks.surgery import load_model
 @register_format
 class HfFormat(ExportFormat):
     name = "hf"
+    streams = True
     widths = "uniform"  # the config's sizes say them
 
     def problem(self, model: nn.Module) -> str | None:

@@ -67,6 +67,7 @@ def block_config(layer: KeptLayer, num_heads: int, num_kv_heads: int, intermedia
 @register_format
 class NemotronNasFormat(ExportFormat):
     name = "nemotron_nas"
+    streams = True
     carries_code = True
     widths = "per_layer"  # per block: ffn_mult and n_heads_in_group (query heads fixed; _plan_problem)
 

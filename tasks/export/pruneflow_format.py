@@ -27,6 +27,7 @@ from tasks.export.registry import ExportFormat, register_format
 @register_format
 class PruneflowFormat(ExportFormat):
     name = "pruneflow"
+    streams = True
     widths = "per_layer"  # each layer's widths come from the recorded plan
     servable = False
     carries_adapters = True

@@ -29,6 +29,9 @@ class ExportFormat(Plugin):
     carries_adapters: ClassVar[bool] = False
     # Which width plans it writes: "none", "uniform" (the same widths in every layer) or "per_layer".
     widths: ClassVar[str] = "none"
+    # True when `write` saves weights through `common.write_weights`, which writes a streamed model
+    # (tasks.stream) piece by piece; a format that reads the whole state dict cannot take one.
+    streams: ClassVar[bool] = False
 
     def problem(self, model: nn.Module) -> str | None:
         """Why this format cannot express `model`, or None when it can."""

@@ -38,6 +38,7 @@ MODELING_FILE = "modeling_pruned.py"
 @register_format
 class RemoteCodeFormat(ExportFormat):
     name = "remote_code"
+    streams = True
     widths = "per_layer"  # each layer's widths come from the recorded plan
     carries_code = True
     carries_adapters = True

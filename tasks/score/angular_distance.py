@@ -21,7 +21,7 @@ from tasks.residual import ResidualRunner
 from tasks.score.base import CandidateScore, Metric, OnScore, ScoringOptions, register_metric, score_all_at_once
 from tasks.score.prefix_reuse import WorkCounter
 from tasks.settings import Settings
-from tasks.score.states import boundary_states, segment_bounds
+from tasks.score.states import block_sums, segment_bounds
 
 Tokens = Literal["last", "all"]
 
@@ -56,17 +56,16 @@ class AngularDistanceScorer:
     def _distances(self, removed: set[str], segments: dict[str, tuple[str, ...]]) -> dict[str, float]:
         active = self.runner.active(removed)
         where = {s: segment_bounds(active, blocks) for s, blocks in segments.items()}
-        boundaries = {i for span in where.values() for i in span}
-        sums = dict.fromkeys(segments, 0.0)
         samples = sum(b.shape[0] if self.tokens == "last" else b.numel() for b in self.batches)
-        for states in boundary_states(self.runner, self.batches, active, boundaries, self.work):
-            for segment, (first, end) in where.items():
-                inputs, outputs = states[first].float(), states[end].float()
-                if self.tokens == "last":
-                    inputs, outputs = inputs[:, -1], outputs[:, -1]
-                cos = F.cosine_similarity(inputs, outputs, dim=-1).double().clamp(-1.0, 1.0)
-                sums[segment] += float((torch.arccos(cos) / math.pi).sum())
+        sums = block_sums(self.runner, self.batches, active, where, self.work, self._distance_sum)
         return {segment: sums[segment] / samples for segment in segments}
+
+    def _distance_sum(self, inputs: torch.Tensor, outputs: torch.Tensor) -> float:
+        inputs, outputs = inputs.float(), outputs.float()
+        if self.tokens == "last":
+            inputs, outputs = inputs[:, -1], outputs[:, -1]
+        cos = F.cosine_similarity(inputs, outputs, dim=-1).double().clamp(-1.0, 1.0)
+        return float((torch.arccos(cos) / math.pi).sum())
 
 
 class AngularDistanceSettings(Settings):

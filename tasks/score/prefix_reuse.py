@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from torch import nn
 from tasks.residual import ResidualRunner, Unit, predictions
 from tasks.score.base import CandidateScore, OnScore, split_known
 from tasks.score.vocab_bound import VocabBound, subset_rows
+from tasks.stream.residency import streamed
 from tasks.surgery import units_of
 
 
@@ -87,6 +88,7 @@ class PrefixReuseScorer:
         self._pool_size = 0
         self.batches = [b.contiguous() for b in windows.split(batch_windows)]
         self.stride = _checkpoint_stride(self.runner, windows, memory_budget_bytes)
+        self.memory_budget_bytes = memory_budget_bytes
         self.n_predictions = predictions(windows)
         self.exact = exact
         self.work = WorkCounter()
@@ -107,6 +109,14 @@ class PrefixReuseScorer:
         """Per active unit, the per-batch hidden states entering it (None where the budget keeps none);
         states whose prefix is unchanged since the previous step are reused."""
         entries: list[list[torch.Tensor] | None] = []
+        for _ in self._walk_entries(active, entries):
+            pass
+        return entries
+
+    def _walk_entries(self, active: list[Unit], entries: list) -> Iterator[list[torch.Tensor]]:
+        """`entry_states` unit by unit: yields the states entering each active unit in turn (appending to
+        `entries` what the budget keeps), so a caller can run other states through the same unit before
+        the walk computes the next one; the kept set is settled once the walk is exhausted."""
         current: list[torch.Tensor] | None = None
         for i, unit in enumerate(active):
             signature = tuple(u.id for u in active[:i])
@@ -121,6 +131,7 @@ class PrefixReuseScorer:
             if keep:
                 self._entries[unit.id] = (signature, current)
             entries.append(current if keep else None)
+            yield current
         active_ids = {u.id for u, e in zip(active, entries) if e is not None}
         for stale in [k for k in self._entries if k not in active_ids]:
             del self._entries[stale]
@@ -128,7 +139,6 @@ class PrefixReuseScorer:
             self.work.stored_bytes,
             sum(t.numel() * t.element_size() for _, states in self._entries.values() for t in states),
         )
-        return entries
 
     def _finals(self, active: list[Unit], entries: list[list[torch.Tensor]], drop: set[str],
                 counter: str = "unit_windows"):
@@ -263,7 +273,10 @@ class PrefixReuseScorer:
     ) -> dict[str, CandidateScore]:
         active = self.runner.active(removed)
         results, todo = split_known(candidates, known)
-        if todo:
+        if todo and self.exact and streamed(self.runner.model) is not None:
+            todo.sort(key=lambda c: (self._previous.get(c, math.inf), candidates.index(c)))
+            self._record(todo, self._breadth_first(active, todo), math.inf, results, on_score)
+        elif todo:
             start = time.perf_counter()
             entries = self.entry_states(active)
             self.work.add(prefix_seconds=time.perf_counter() - start)
@@ -309,6 +322,45 @@ class PrefixReuseScorer:
             results[block] = score
             on_score(score)
         return best
+
+    def _breadth_first(self, active: list[Unit], todo: list[str]) -> list[Outcome]:
+        """Exact outcomes of `todo` from one walk over the model's units: the current model's states and
+        every candidate whose chain has reached a unit pass it together, so a step reads each layer's
+        weights once (a streamed model, tasks.stream) instead of once per candidate. A candidate's chain,
+        entry state and micro-batches are `_final`'s, so its sums are the same floats. Candidates go in
+        groups as large as the memory budget allows (each keeps one state per micro-batch); groups after
+        the first start from the kept entry states."""
+        start = time.perf_counter()
+        chains = {c: self._chain(active, units_of([c])) for c in todo}
+        per_candidate = sum(b.numel() for b in self.batches) * self.runner.model.config.hidden_size * 4
+        size = len(todo) if math.isinf(self.memory_budget_bytes) else int(self.memory_budget_bytes // per_candidate)
+        size = max(1, size)
+        entries: list[list[torch.Tensor] | None] = []
+        outcomes: dict[str, Outcome] = {}
+        for first in range(0, len(todo), size):
+            group = todo[first : first + size]
+            walk = self._walk_entries(active, entries) if first == 0 else iter(entries)
+            finals = self._advance_together(active, walk, {c: chains[c] for c in group})
+            for _ in walk:  # settles the kept entry states
+                pass
+            for block in group:
+                parts = [self._exact_nll(hidden, batch) for hidden, batch in zip(finals[block], self.batches)]
+                outcomes[block] = Outcome(parts, sum(parts), self.n_predictions, True, 0.0)
+        seconds = (time.perf_counter() - start) / len(todo)
+        return [Outcome(o.parts, o.lower, o.done, o.complete, seconds) for o in (outcomes[c] for c in todo)]
+
+    def _advance_together(self, active: list[Unit], walk: Iterator, chains: dict[str, tuple[int, list[Unit]]]
+                          ) -> dict[str, list[torch.Tensor]]:
+        """Every chain run to its end, unit by unit in model order; a chain joins at its kept entry state."""
+        states: dict[str, list[torch.Tensor]] = {}
+        runs = {c: {u.id for u in chain} for c, (_, chain) in chains.items()}
+        for position, (unit, entry) in enumerate(zip(active, walk)):
+            states.update({c: list(entry) for c, (kept, _) in chains.items() if kept == position})
+            for block, hidden in states.items():
+                if unit.id in runs[block]:
+                    states[block] = [self.runner.apply(unit, h, self._context(i, h)) for i, h in enumerate(hidden)]
+                    self.work.add(unit_windows=sum(h.shape[0] for h in hidden))
+        return states
 
     def _candidate(self, block: str, *, active: list[Unit], entries: list[list[torch.Tensor]], best: float,
                    vocab: VocabBound | None) -> Outcome:

@@ -8,7 +8,7 @@ Each metric is a per-token statistic of (input, output), averaged over every tok
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -41,20 +41,50 @@ def segment_bounds(active: list[Unit], blocks: tuple[str, ...]) -> tuple[int, in
     return parts[0][0], parts[-1][1]
 
 
-def boundary_states(
-    runner: ResidualRunner, batches: list[torch.Tensor], active: list[Unit], boundaries: set[int], work: WorkCounter
-) -> Iterator[dict[int, torch.Tensor]]:
-    """Per batch, the hidden state at each boundary i (entering active[i]; i == len(active): after the last)."""
-    for batch in batches:
-        hidden = runner.embed(batch)
-        ctx = runner.context(hidden)
-        states = {0: hidden} if 0 in boundaries else {}
-        for i, unit in enumerate(active):
-            hidden = runner.apply(unit, hidden, ctx)
-            if i + 1 in boundaries:
-                states[i + 1] = hidden
-        work.unit_windows += len(active) * batch.shape[0]
-        yield states
+def block_io(
+    runner: ResidualRunner, batches: list[torch.Tensor], active: list[Unit], where: dict[str, tuple[int, int]],
+    work: WorkCounter,
+) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """(block, batch index, the state entering the block, the state leaving it) for every block of `where`
+    (spans in `active`) and every micro-batch, as soon as the block's output is known.
+
+    Layer by layer over all micro-batches: each unit runs on every batch before the next unit, so a pass
+    reads each layer's weights once (a streamed model, tasks.stream); a block's inputs are kept only
+    until its output is known. Every state is the one a batch-by-batch forward computes."""
+    starts: dict[int, list[str]] = {}
+    ends: dict[int, list[str]] = {}
+    for block, (first, end) in where.items():
+        starts.setdefault(first, []).append(block)
+        ends.setdefault(end, []).append(block)
+    hidden = [runner.embed(batch) for batch in batches]
+    contexts = [runner.context(h) for h in hidden]
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for i in range(len(active) + 1):
+        inputs.update({block: hidden for block in starts.get(i, [])})
+        for block in ends.get(i, []):
+            for index, (entering, leaving) in enumerate(zip(inputs.pop(block), hidden)):
+                yield block, index, entering, leaving
+        if i < len(active):
+            hidden = [runner.apply(active[i], h, ctx) for h, ctx in zip(hidden, contexts)]
+            work.unit_windows += sum(batch.shape[0] for batch in batches)
+
+
+def block_sums(
+    runner: ResidualRunner, batches: list[torch.Tensor], active: list[Unit], where: dict[str, tuple[int, int]],
+    work: WorkCounter, value: Callable[[torch.Tensor, torch.Tensor], float],
+) -> dict[str, float]:
+    """Per block, `value(input, output)` summed over the micro-batches in batch order (the order fixes the
+    floats, whatever order `block_io` yields them in)."""
+    per_batch = {block: [0.0] * len(batches) for block in where}
+    for block, index, entering, leaving in block_io(runner, batches, active, where, work):
+        per_batch[block][index] = value(entering, leaving)
+    sums = {}
+    for block, values in per_batch.items():
+        total = 0.0
+        for part in values:
+            total += part
+        sums[block] = total
+    return sums
 
 
 class BlockStateScorer:
@@ -76,13 +106,9 @@ class BlockStateScorer:
     def _means(self, removed: set[str], todo: list[str], tokens: int) -> dict[str, float]:
         active = self.runner.active(removed)
         where = spans(active, todo)
-        boundaries = {i for span in where.values() for i in span}
-        sums = dict.fromkeys(todo, 0.0)
-        for states in boundary_states(self.runner, self.batches, active, boundaries, self.work):
-            for block, (first, end) in where.items():
-                # float32 at least: the statistics divide by norms that bf16 rounds coarsely.
-                values = self.metric.statistic(states[first].float(), states[end].float())
-                sums[block] += float(values.double().sum())
+        # float32 at least: the statistics divide by norms that bf16 rounds coarsely.
+        sums = block_sums(self.runner, self.batches, active, where, self.work,
+                          lambda x, y: float(self.metric.statistic(x.float(), y.float()).double().sum()))
         return {block: sums[block] / tokens for block in todo}
 
 
