@@ -199,3 +199,24 @@ def test_a_tied_output_head_streams_with_the_embedding(tmp_path: Path):
     assert set(weights.pieces) == {"embed", "layer:0", "layer:1", "layer:2", "layer:3"}
     windows = tiny_windows()
     assert perplexity(model, windows) == perplexity(_open(tmp_path / "tied"), windows)
+
+
+@pytest.mark.parametrize("fmt,widths", [("remote_code", True), ("pruneflow", True), ("nemotron_nas", False)])
+def test_a_pruned_checkpoint_with_halves_and_widths_streams_as_it_loads(checkpoint: Path, tmp_path: Path, fmt,
+                                                                        widths):
+    """Evaluation reads what prune wrote: removed halves (stand-ins) and narrower MLPs stream too."""
+    from tasks.export import export_model
+    from tasks.surgery import remove_blocks
+    from tasks.surgery.width import WidthPlan, apply_width
+
+    model = _open(checkpoint)
+    remove_blocks(model, ["layers.1.attn", "layers.2"])
+    keep = {"channels": sorted([*range(0, 96, 2), 1, 3, 5, 7])}  # 52 of 96 MLP channels, in every kept layer
+    if widths:  # nemotron_nas writes widths in multiples of 256 only
+        apply_width(model, WidthPlan.model_validate({"layers": {str(i): keep for i in (0, 1, 3)}}))
+    export_model(model, tmp_path / "pruned", fmt)
+    windows = tiny_windows()
+    resident = _open(tmp_path / "pruned")
+    streamed_model = _open(tmp_path / "pruned", 0.0002)
+    assert streamed(resident) is None and streamed(streamed_model) is not None
+    assert perplexity(streamed_model, windows) == perplexity(resident, windows)

@@ -10,7 +10,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tasks.errors import UserError
-from tasks.export.registry import format_of, read_config
+from tasks.export.common import base_values, empty_recorded_model
+from tasks.export.registry import read_config
 from tasks.export.trust import model_config
 from tasks.stream.budget import Residency, budget_bytes, check_pieces, weight_bytes
 from tasks.stream.residency import EMBED, HEAD, StreamedWeights, attach
@@ -26,12 +27,18 @@ class NotStreamed(UserError):
 
 def skeleton_for_run(path: str | Path, dtype: str) -> nn.Module:
     """The model pruneflow would load from `path`, with its parameters on the meta device and its buffers
-    (rotary tables) real: what a streamed run computes with, and what a budget is weighed against."""
-    config = model_config(Path(path), False)
-    adapter = architecture_for(config.model_type)
+    (rotary tables) real: what a streamed run computes with, and what a budget is weighed against. A
+    checkpoint pruneflow wrote with its record gets the pruned shape its format's loader builds (kept
+    layers, stand-ins for removed halves, the width plan's sizes)."""
+    config = read_config(Path(path))
+    record = config.get("pruneflow") or {}
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype],
-                                                 attn_implementation=adapter.attn_implementation)
+        if "base_model_type" in record:
+            model = empty_recorded_model(record, base_values(config), dtype)
+        else:
+            config = model_config(Path(path), False)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=_DTYPES[dtype], attn_implementation=architecture_for(config.model_type).attn_implementation)
     model.tie_weights()  # from_config ties only real weights; the loader ties the checkpoint's in any case
     return model.eval()
 
@@ -76,12 +83,10 @@ def _weights(model: nn.Module, path: Path, device: str, plan: Residency) -> Stre
 
 
 def _unstreamable(path: Path) -> str | None:
-    """Why this checkpoint cannot be streamed yet: only plain (`hf`) checkpoints can, not those whose
-    loading rebuilds removed halves (stand-ins that the checkpoint's tensors do not describe)."""
-    fmt = format_of(path).name
+    """Why this checkpoint cannot be streamed yet: recovery adapters live outside the decoder layers'
+    pieces."""
     record = read_config(path).get("pruneflow") or {}
-    halves = {int(u.split(".")[1]) for u in record.get("removed", [])} & set(record.get("layer_ids", []))
-    if fmt != "hf" or halves:
-        return (f"{path} is a '{fmt}' checkpoint" + (" with removed halves" if halves else "") +
-                ", which streaming does not read yet; load it whole (a larger model.memory_budget_gb)")
+    if record.get("adapters"):
+        return (f"{path} carries recovery adapters ({', '.join(sorted(record['adapters']))}), which streaming "
+                "does not read yet; load it whole (a larger model.memory_budget_gb)")
     return None
