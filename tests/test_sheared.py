@@ -95,7 +95,7 @@ def test_mask_training_reaches_the_target_and_resumes_where_it_stopped(tmp_path)
     model = load_model(tmp_path / "model").eval()
     shape = WidthShape(intermediate_size=48, num_key_value_heads=1)
     settings = dict(steps=30, warmup=10, seq_len=32, dataset=str(tmp_path / "corpus.txt"), lr=1e-3, mask_lr=1.0,
-                    num_hidden_layers=3, checkpoint_every=4)
+                    init="uniform", num_hidden_layers=3, checkpoint_every=4)
 
     def run(state, stop_at=None):
         def on_step(done, total, detail=""):

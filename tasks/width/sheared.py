@@ -54,7 +54,7 @@ class ShearedSettings(Settings):
     batch_size: int = Field(2, ge=1, le=4096, description="Windows per step.")
     seq_len: int = Field(256, ge=8, le=131_072, description="Tokens per window.")
     dataset: str = Field("builtin:wiki-vital-en", min_length=1, description="Training text (its calibration part).")
-    init: str = Field("uniform", description="Where the masks start: uniform (all open, the paper) or a "
+    init: str = Field("activation", description="Where the masks start: uniform (all open, the paper) or a "
                       "registered width metric (activation, taylor, magnitude): its plan's units open, the rest "
                       "closed.")
     lr: float = Field(5e-5, ge=0.0, le=1.0, description="Learning rate of the model's weights; 0 freezes them "
