@@ -40,7 +40,7 @@ from tasks.width.plan import (Calibration, PlanOutcome, WidthShape, check_shape,
                               register_width_strategy, resolved_heads, uniform_plan)
 
 LOW, HIGH, BETA = -0.1, 1.1, 2.0 / 3.0
-# A log-alpha of +-OPEN gives a deterministic gate of exactly 1 / 0 and P(kept) ~0.96 / ~0.01.
+# A log-alpha of +-OPEN gives a deterministic gate of exactly 1 / 0; P(kept) is ~0.99 / ~0.20.
 OPEN = 3.0
 # The masks of each structure the shape shrinks (the keys of `_targets`, less "params").
 STRUCTURES = {"layers": ("attn", "mlp"), "heads": ("head",), "channels": ("channel",), "hidden": ("hidden",)}
