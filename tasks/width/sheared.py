@@ -196,7 +196,8 @@ class MaskedModel(nn.Module):
             lam = _Reverse.apply(lam)  # ascent on λ, descent on everything else
             penalty = penalty + lam[0] * gap + lam[1] * gap * gap
         self.last = {"loss": loss.item(), "penalty": penalty.item(),
-                     **{f"expected.{k}": v.item() for k, v in sizes.items()},
+                     # Structures the shape keeps whole have no masks: their size stays 1.
+                     **{f"expected.{k}": v.item() for k, v in sizes.items() if k in self.lambdas},
                      **{f"gap.{k}": sizes[k].item() - targets[k] for k in self.lambdas}}
         return loss + penalty
 
