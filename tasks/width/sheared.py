@@ -3,12 +3,16 @@ hidden channels to keep, while the weights adapt, so that the model reaches a ta
 
 Hard-concrete masks (Louizos et al.; stretch (−0.1, 1.1), temperature 2/3) scale each attention and MLP
 half (layer masks), each query head's output, each MLP channel and each hidden channel of the residual
-stream (the embedding and every half's output). The expected size is coupled as in the paper: a head
-costs its projections times the expected hidden width, a channel its three rows and columns likewise.
-Per structure (layers, heads, channels, hidden, parameters) the Lagrangian λ₁(ŝ − t) + λ₂(ŝ − t)², on
-sizes relative to the dense model's, pulls the expected size ŝ to a target t that ramps from dense to
-the asked shape over `warmup` steps; the λ's rise by gradient ascent (their gradient is reversed) while
-masks and weights descend on LM loss + penalty. At the end the masks' deterministic values rank every
+stream (the embedding and every half's output); only the structures the shape shrinks get masks (a gate
+on a structure the shape keeps whole would only be folded into its weights). The expected size is
+coupled as in the paper: a head costs its projections times the expected hidden width, a channel its
+three rows and columns likewise. The masks start open (`init: uniform`, the paper) or at a width
+metric's choice (`init: activation`, ...): its top units to the shape open, the rest closed, so the
+deterministic mask at step 0 is that metric's plan. Per structure (layers, heads, channels, hidden,
+parameters) the Lagrangian λ₁(ŝ − t) + λ₂(ŝ − t)², on sizes relative to the dense model's, pulls the
+expected size ŝ to a target t that ramps from the masks' initial expected size to the asked shape over
+`warmup` steps; the λ's rise by gradient ascent (their gradient is reversed) while masks and weights
+(unless `lr: 0` freezes them) descend on LM loss + penalty. At the end the masks' deterministic values rank every
 unit; the top ones to exactly the asked shape are kept (grouped-query attention kept consistent as in
 `uniform`), their mask values folded into the weights, and the plan and the trained weights returned.
 Training is seeded and resumes from its checkpoints (`tasks.recover.training`).
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from tasks.recover.data import TrainingStreams
@@ -31,11 +35,15 @@ from tasks.recover.training import TrainSettings, lm_loss, train
 from tasks.settings import Settings
 from tasks.surgery import layer_ids, remove_blocks
 from tasks.surgery.width import WidthError, apply_width, dense_widths, width_layout
-from tasks.width.importance import UnitScores, present_layers
+from tasks.width.importance import WIDTH_METRICS, UnitScores, present_layers
 from tasks.width.plan import (Calibration, PlanOutcome, WidthShape, refuse_unprunable_heads,
                               register_width_strategy, resolve_shape, resolved_heads, uniform_plan)
 
 LOW, HIGH, BETA = -0.1, 1.1, 2.0 / 3.0
+# A log-alpha of +-OPEN gives a deterministic gate of exactly 1 / 0; P(kept) is ~0.99 / ~0.20.
+OPEN = 3.0
+# The masks of each structure the shape shrinks (the keys of `_targets`, less "params").
+STRUCTURES = {"layers": ("attn", "mlp"), "heads": ("head",), "channels": ("channel",), "hidden": ("hidden",)}
 
 
 class ShearedSettings(Settings):
@@ -46,13 +54,25 @@ class ShearedSettings(Settings):
     batch_size: int = Field(2, ge=1, le=4096, description="Windows per step.")
     seq_len: int = Field(256, ge=8, le=131_072, description="Tokens per window.")
     dataset: str = Field("builtin:wiki-vital-en", min_length=1, description="Training text (its calibration part).")
-    lr: float = Field(5e-5, gt=0.0, le=1.0, description="Learning rate of the model's weights.")
+    init: str = Field("activation", description="Where the masks start: uniform (all open, the paper) or a "
+                      "registered width metric (activation, taylor, magnitude): its plan's units open, the rest "
+                      "closed.")
+    lr: float = Field(5e-5, ge=0.0, le=1.0, description="Learning rate of the model's weights; 0 freezes them "
+                      "while the masks learn.")
     mask_lr: float = Field(0.5, gt=0.0, le=10.0, description="Learning rate of the masks' log-alphas.")
     lambda_lr: float = Field(1.0, gt=0.0, le=100.0, description="Learning rate of the Lagrange multipliers.")
     num_hidden_layers: int | None = Field(None, ge=1, description="Layers kept (whole layers removed by their "
                                           "layer masks); default: every layer stays.")
     seed: int = Field(0, ge=0, description="Seed of the masks' noise and the windows each step draws.")
     checkpoint_every: int = Field(25, ge=1, description="Steps between resumable checkpoints.")
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        if value != "uniform" and value not in WIDTH_METRICS:
+            raise ValueError(f"init '{value}' is neither uniform nor a width metric; accepted: uniform, "
+                             + ", ".join(WIDTH_METRICS.names()))
+        return value
 
 
 def _stretched(log_alpha: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
@@ -93,18 +113,22 @@ class Sizes:
 class MaskedModel(nn.Module):
     """The model under masks: forward hooks apply the gates; `objective(ids)` is LM loss + Lagrangian."""
 
-    def __init__(self, model: nn.Module, sizes: Sizes, target: dict[str, float], warmup: int):
+    def __init__(self, model: nn.Module, sizes: Sizes, target: dict[str, float], warmup: int,
+                 init: dict[str, torch.Tensor] | None = None):
+        """`target`: per structure the shape shrinks (and "params"), its size relative to dense; only those
+        structures get masks. `init`: mask name -> starting log-alphas (default: all open)."""
         super().__init__()
         self.model, self.sizes, self.warmup = model, sizes, warmup
         L = sizes.layers
-        init = 3.0  # gates start open (P(kept) ~ 0.96): the model starts as the dense one
+        self.shapes = {"attn": (L,), "mlp": (L,), "head": (L, sizes.heads), "channel": (L, sizes.channels),
+                       "hidden": (sizes.hidden,)}
+        init = init or {}
         self.log_alpha = nn.ParameterDict({
-            "attn": nn.Parameter(torch.full((L,), init)), "mlp": nn.Parameter(torch.full((L,), init)),
-            "head": nn.Parameter(torch.full((L, sizes.heads), init)),
-            "channel": nn.Parameter(torch.full((L, sizes.channels), init)),
-            "hidden": nn.Parameter(torch.full((sizes.hidden,), init)),
-        })
+            name: nn.Parameter(init[name].clone().float() if name in init else torch.full(self.shapes[name], OPEN))
+            for structure in target if structure in STRUCTURES for name in STRUCTURES[structure]})
         self.target = target  # structure -> size relative to dense at the end of the ramp
+        with torch.no_grad():  # the ramp starts where the masks start
+            self.start = {k: float(v) for k, v in self.expected().items()}
         self.lambdas = nn.ParameterDict({k: nn.Parameter(torch.zeros(2)) for k in target})
         self.step = 0
         self.last: dict[str, float] = {}
@@ -135,14 +159,19 @@ class MaskedModel(nn.Module):
         return lambda _m, _args, out: out * self._gates[part][position] * self._gates["hidden"]
 
     def gates(self, noise: bool) -> None:
-        for name, log_alpha in self.log_alpha.items():
+        for name, shape in self.shapes.items():
+            if name not in self.log_alpha:  # a structure the shape keeps whole
+                self._gates[name] = torch.ones(shape)
+                continue
+            log_alpha = self.log_alpha[name]
             u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6) if noise else None
             self._gates[name] = _stretched(log_alpha, u)
 
     def expected(self) -> dict[str, torch.Tensor]:
         """Expected sizes, each relative to the dense model's."""
         s = self.sizes
-        p = {name: kept_probability(a) for name, a in self.log_alpha.items()}
+        p = {name: kept_probability(self.log_alpha[name]) if name in self.log_alpha else torch.ones(shape)
+             for name, shape in self.shapes.items()}
         hidden = p["hidden"].sum()
         heads = (p["attn"][:, None] * p["head"]).sum()
         groups = (p["attn"] * (1 - (1 - p["head"].view(s.layers, s.kv_heads, -1)).prod(dim=2)).sum(dim=1)).sum()
@@ -155,7 +184,7 @@ class MaskedModel(nn.Module):
 
     def ramped(self) -> dict[str, float]:
         share = 1.0 if self.warmup == 0 else min(1.0, self.step / self.warmup)
-        return {k: 1.0 + (t - 1.0) * share for k, t in self.target.items()}
+        return {k: self.start[k] + (t - self.start[k]) * share for k, t in self.target.items()}
 
     def objective(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.gates(noise=True)
@@ -167,7 +196,8 @@ class MaskedModel(nn.Module):
             lam = _Reverse.apply(lam)  # ascent on λ, descent on everything else
             penalty = penalty + lam[0] * gap + lam[1] * gap * gap
         self.last = {"loss": loss.item(), "penalty": penalty.item(),
-                     **{f"expected.{k}": v.item() for k, v in sizes.items()},
+                     # Structures the shape keeps whole have no masks: their size stays 1.
+                     **{f"expected.{k}": v.item() for k, v in sizes.items() if k in self.lambdas},
                      **{f"gap.{k}": sizes[k].item() - targets[k] for k in self.lambdas}}
         return loss + penalty
 
@@ -248,13 +278,19 @@ def sheared_plan(model: nn.Module, scores: UnitScores | None, shape: WidthShape,
         raise WidthError(problem)
     layers = options.num_hidden_layers or sizes.layers
     refuse_unprunable_heads(model, heads, kv)
+    init = None
+    if options.init != "uniform":
+        scores = WIDTH_METRICS.lookup(options.init).scores(model, calibration.windows, calibration.batch_windows)
+        init = initial_logits(model, scores, shape, heads, kv)
     work = copy.deepcopy(model)
     torch.manual_seed(options.seed)
-    masked = MaskedModel(work, sizes, _targets(sizes, shape, heads, kv, layers), options.warmup)
+    masked = MaskedModel(work, sizes, _targets(sizes, shape, heads, kv, layers), options.warmup, init)
     trace = _Trace(masked, calibration.on_unit)
     streams = TrainingStreams(calibration.model_path, {options.dataset: 1.0}, options.seq_len,
                               options.steps * options.batch_size * options.seq_len)
     masked.requires_grad_(True)
+    if options.lr == 0:  # frozen weights: only the masks and the multipliers train
+        work.requires_grad_(False)
     lrs = {"log_alpha": options.mask_lr, "lambdas": options.lambda_lr}
     try:
         train(masked, lambda step: streams.batch(step, options.batch_size, options.seed),
@@ -274,7 +310,30 @@ def _groups(named: dict[str, nn.Parameter], lr: float, lrs: dict[str, float]) ->
     groups = {key: [] for key in (*lrs, "weights")}
     for name, param in named.items():
         groups[next((k for k in lrs if name.startswith(k + ".")), "weights")].append(param)
-    return [{"params": groups["weights"], "lr": lr}, *({"params": groups[k], "lr": v} for k, v in lrs.items())]
+    rates = {"weights": lr, **lrs}
+    return [{"params": params, "lr": rates[key]} for key, params in groups.items() if params]
+
+
+def initial_logits(model: nn.Module, scores: UnitScores, shape: WidthShape, heads: int,
+                   kv: int) -> dict[str, torch.Tensor]:
+    """Log-alphas at a metric's choice: the units of its `uniform` plan open (+OPEN), the others closed
+    (−OPEN), so the deterministic mask is that plan; layer masks are left to start open."""
+    kept_shape = WidthShape(**{**shape.model_dump(), "num_attention_heads": heads, "num_key_value_heads": kv})
+    plan = uniform_plan(model, scores, kept_shape)
+    dense, ids = dense_widths(model), layer_ids(model)
+
+    def logits(size: int, kept: tuple[int, ...] | None) -> torch.Tensor:
+        values = torch.full((size,), OPEN if kept is None else -OPEN)
+        if kept is not None:
+            values[list(kept)] = OPEN
+        return values
+
+    def per_layer(field: str, size: int) -> torch.Tensor:
+        return torch.stack([logits(size, getattr(plan.layers[lid], field) if lid in plan.layers else None)
+                            for lid in ids])
+
+    return {"head": per_layer("heads", dense["heads"]), "channel": per_layer("channels", dense["channels"]),
+            "hidden": logits(dense["hidden"], plan.hidden)}
 
 
 def _fingerprint(options: ShearedSettings, shape: WidthShape) -> str:
@@ -288,7 +347,9 @@ def _fold(masked: MaskedModel, shape: WidthShape, heads: int, kv: int, layers: i
     with torch.no_grad():
         masked.gates(noise=False)
         gates = {k: v.detach().clone() for k, v in masked._gates.items()}
-        alpha = {k: v.detach().clone() for k, v in masked.log_alpha.items()}
+        # A structure without masks: every unit ties, and the shape keeps them all.
+        alpha = {k: masked.log_alpha[k].detach().clone() if k in masked.log_alpha else torch.full(shape_, OPEN)
+                 for k, shape_ in masked.shapes.items()}
     ids = layer_ids(work)
     by_layer = sorted(range(sizes.layers), key=lambda p: (-float(alpha["attn"][p] + alpha["mlp"][p]), p))
     dropped = sorted(by_layer[layers:])
