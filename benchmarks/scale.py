@@ -112,7 +112,9 @@ def _skeleton(name: str):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config_of(name))
+        model = AutoModelForCausalLM.from_config(config_of(name))
+    model.tie_weights()
+    return model
 
 
 # --- one measurement, in a process of its own ------------------------------------------------------------
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["0.1b", "1b"], choices=sorted(SHAPES))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--step-sizes", nargs="*", default=None, choices=sorted(SHAPES),
-                        help="sizes that run the search step (default: all of --sizes)")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="SIZE:TASK",
+                        help="leave a task out at a size (e.g. 1b:step, 16b:export)")
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--resident-limit-gb", type=float, default=16.0,
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         write_model(name)
         size_gb = weights_gb(name)
         for task in args.tasks:
-            if task == "step" and args.step_sizes is not None and name not in args.step_sizes:
+            if f"{name}:{task}" in args.skip:
                 continue
             modes = ["resident", "streamed"] if size_gb < args.resident_limit_gb else ["streamed"]
             for mode in modes:

@@ -173,7 +173,7 @@ def test_a_streamed_prune_writes_the_resident_checkpoint_tensor_for_tensor(check
 def test_a_streamed_model_is_written_in_shards_of_the_set_size(checkpoint: Path, tmp_path: Path, monkeypatch):
     import tasks.stream.write as write
 
-    monkeypatch.setattr(write, "SHARD_BYTES", 2 * LAYER_BYTES)
+    monkeypatch.setattr(write, "SHARD_BYTES", 2 * LAYER_BYTES)  # two layers a shard, or the embedding and a layer
     model = _open(checkpoint, BETWEEN)
     write.write_streamed(model, streamed(model), tmp_path / "out")
     index = json.loads((tmp_path / "out" / write.INDEX).read_text())

@@ -130,13 +130,12 @@ class StreamedWeights:
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
 
     def _set(self, name: str, resident: bool) -> None:
-        for tensor_name, places in self.pieces[name].places.items():
+        places_of = self.pieces[name].places
+        read = self.index.read({n: self._dtypes[n] for n in places_of}, self.device) if resident else {}
+        for tensor_name, places in places_of.items():
             module, attr = places[0]
             old = module._parameters[attr]
-            if resident:
-                data = self.index.read(tensor_name, self._dtypes[tensor_name], self.device)
-            else:
-                data = torch.empty(old.shape, dtype=old.dtype, device="meta")
+            data = read[tensor_name] if resident else torch.empty(old.shape, dtype=old.dtype, device="meta")
             param = nn.Parameter(data, requires_grad=False)
             for module, attr in places:
                 module._parameters[attr] = param

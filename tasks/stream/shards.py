@@ -26,30 +26,34 @@ SINGLE = "model.safetensors"
 
 
 class ShardIndex:
-    """Tensor name -> shard file of one checkpoint folder, with the shards opened lazily."""
+    """Tensor name -> shard file of one checkpoint folder.
+
+    A shard is mapped only while tensors are read from it: pages of a mapping count in the process's
+    resident memory until it is closed, so a mapping kept open would grow to the whole checkpoint."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.files = _weight_map(self.folder)
-        self._handles: dict[str, object] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def _handle(self, name: str):
-        file = self.files[name]
-        with self._lock:
-            if file not in self._handles:
-                self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
-            return self._handles[file]
-
-    def read(self, name: str, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        tensor = self._handle(name).get_tensor(name)
-        with self._lock:
-            self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor.to(device=device, dtype=dtype)
+    def read(self, names: dict[str, torch.dtype], device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The named tensors, each in its dtype on `device`, reading each shard once."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(self.folder / file), framework="pt", device="cpu") as handle:
+                for name in file_names:
+                    tensor = handle.get_tensor(name)
+                    with self._lock:
+                        self.bytes_read += tensor.numel() * tensor.element_size()
+                    out[name] = tensor.to(device=device, dtype=names[name])
+        return out
 
 
 def stored_elements(folder: Path) -> int | None:
