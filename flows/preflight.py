@@ -90,13 +90,9 @@ class WindowTooLong(UserError):
     pass
 
 
-# The stages that run on streamed weights so far (tasks.stream); the others load the model whole.
-STREAMING_STAGES = ("search", "the calibration trajectory")
-
-
 def _check_streaming(spec: PipelineSpec, model_path: str, device: str) -> None:
-    """A model larger than model.memory_budget_gb: refused now, with the budget it would need, since not
-    every stage of a pipeline streams yet (a budget below one layer is refused with that layer's size)."""
+    """A model larger than model.memory_budget_gb streams (tasks.stream): refused now, naming the settings
+    whose stages still load the model whole, and a budget below the largest piece with that piece's size."""
     from tasks.stream.open import NotStreamed, check_budget, residency
     from tasks.stream.budget import gb
 
@@ -105,11 +101,32 @@ def _check_streaming(spec: PipelineSpec, model_path: str, device: str) -> None:
     if not plan.streams:
         return
     check_budget(model_path, dtype, device, plan)
-    raise NotStreamed(
-        f"model.memory_budget_gb: the model does not fit ({plan.describe()}); in this release only "
-        f"{' and '.join(STREAMING_STAGES)} stream weights, while pruning, width, recovery and evaluation load the "
-        f"model whole; set model.memory_budget_gb to at least {gb(plan.weight_bytes)} on a machine "
-        "with that much memory")
+    unstreamed = streaming_refusals(spec)
+    if unstreamed:
+        raise NotStreamed(
+            f"model.memory_budget_gb: the model does not fit ({plan.describe()}), and these settings need it "
+            f"whole: {'; '.join(unstreamed)}; change them, or set model.memory_budget_gb to at least "
+            f"{gb(plan.weight_bytes)} on a machine with that much memory")
+
+
+def streaming_refusals(spec: PipelineSpec) -> list[str]:
+    """The settings of `spec` whose stages do not run on streamed weights yet, each with why."""
+    from tasks.export.registry import get_format
+    from tasks.search_stage import SearchSections, why_not_streamed
+
+    found = []
+    search = why_not_streamed(SearchSections(spec.model, spec.score, spec.search), spec.execution)
+    if search:
+        found.append(f"the search: {search}")
+    if spec.width is not None:
+        found.append("width (its metrics and surgery read whole layers)")
+    if spec.recover.method != "none":
+        found.append(f"recover.method '{spec.recover.method}' (recovery trains the whole model)")
+    if spec.prune.format != "auto" and not get_format(spec.prune.format).streams:
+        found.append(f"prune.format '{spec.prune.format}' (it writes from the whole state dict)")
+    if spec.evaluate.tasks:
+        found.append("evaluate.tasks (lm-evaluation-harness runs the whole model)")
+    return found
 
 
 def _check_format(spec: PipelineSpec, config, tokenizer) -> None:

@@ -64,7 +64,7 @@ def search_stage(
 ) -> SearchResult:
     """`execution` says where scoring runs; every runner computes the same numbers."""
     with _scorer(model_path, calibration, sections, execution) as (windows, scorer):
-        why_not = _why_not_streamed(sections, execution)
+        why_not = why_not_streamed(sections, execution)
         model = open_model(model_path, sections.model, f"search ({why_not})" if why_not else "search",
                            streams=why_not is None)
         # Streamed, candidates take turns: each holds its layer only while it runs, so one at a time keeps
@@ -74,8 +74,8 @@ def search_stage(
         return _search(model, windows, sections, parallel, recorder, on_step, on_score, scorer)
 
 
-def _why_not_streamed(sections: SearchSections, execution: ExecutionSpec) -> str | None:
-    """Why this search cannot run on streamed weights (yet), or None when it can."""
+def why_not_streamed(sections: SearchSections, execution: ExecutionSpec) -> str | None:
+    """Why this search cannot run on streamed weights (yet), or None when it can (preflight asks too)."""
     if METRICS.get(sections.score.metric).needs_grad:
         return f"metric '{sections.score.metric}' needs gradients"
     if sections.search.scoring_mode() == "bounded":
