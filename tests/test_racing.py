@@ -285,3 +285,34 @@ def test_hundreds_of_calibration_windows_race_within_the_memory_budget(tmp_path)
     one_window = 16 * 64 * 4  # float32 hidden states of one window
     every_state = 8 * 256 * one_window
     assert 0 < summary["search"]["stored_bytes"] <= 8 * 8 * one_window < 1e-3 * 2**30 < every_state
+
+
+def test_a_race_runs_its_rounds_on_the_candidate_threads_with_the_same_floats(trained):
+    """Side by side, a round's (candidate, window) pairs go to the candidate threads, one torch thread each:
+    on the caller's thread a team of torch threads waits at every operation for a member that a busy core
+    has descheduled, which made racing several times slower than exact mode on shared cores (issue 36).
+    The race itself is the same: the same blocks, scores and leavers as one pair at a time."""
+    import threading
+
+    model, windows = trained
+    threads = torch.get_num_threads()
+    runs, where = [], set()
+    for parallel in (1, 2):
+        ctx = search_context(model, windows, target=Target(blocks=2), racing=RacingOptions(),
+                             parallel_candidates=parallel)
+        batch_nll = ctx.scorer._batch_nll
+
+        def observed(*args, parallel=parallel, batch_nll=batch_nll):
+            on_pool = threading.current_thread().name.startswith("pruneflow-candidate")
+            where.add((parallel, on_pool, torch.get_num_threads()))
+            return batch_nll(*args)
+
+        ctx.scorer._batch_nll = observed
+        records = run_search(ctx, "iterative")
+        assert torch.get_num_threads() == threads
+        runs.append(([(r.block, r.value) for r in records],
+                     {(step, b): (s.value, s.exact, s.n_tokens, s.gap_low) for step, scores in ctx.recorder.scores.items()
+                      for b, s in scores.items()}))
+    assert where == {(1, False, threads), (2, True, 1)}
+    assert runs[0] == runs[1]
+    assert any(not exact for _, exact, _, _ in runs[1][1].values())  # candidates left the race side by side too
