@@ -6,6 +6,8 @@ cache key is built from exactly those, so a setting a stage reads cannot be left
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from prefect import task
@@ -66,8 +68,16 @@ def eval_data_task(datasets: tuple[str, ...], seq_len: int, max_tokens: int, mod
 def search_task(sections: SearchSections, model: ModelRef, calibration: ArtifactRef, run_id: str,
                 catalog_path: str, recorder, progress, execution: ExecutionSpec) -> SearchResult:
     _executed()
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+
+    def log(message: str) -> None:  # the Prefect UI, and the terminal, where the command line shows no logs
+        logger.info(message)
+        print(message, file=sys.stderr, flush=True)
+
     return search_stage(model.path, calibration, sections, recorder, execution,
-                        on_step=progress.on_step, on_score=progress.on_score)
+                        on_step=progress.on_step, on_score=progress.on_score, log=log)
 
 
 @task(name="width", cache_key_fn=cache_key_fn("width"), **_COMMON)
