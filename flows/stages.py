@@ -6,8 +6,6 @@ cache key is built from exactly those, so a setting a stage reads cannot be left
 
 from __future__ import annotations
 
-import sys
-
 from pathlib import Path
 
 from prefect import task
@@ -70,14 +68,8 @@ def search_task(sections: SearchSections, model: ModelRef, calibration: Artifact
     _executed()
     from prefect import get_run_logger
 
-    logger = get_run_logger()
-
-    def log(message: str) -> None:  # the Prefect UI, and the terminal, where the command line shows no logs
-        logger.info(message)
-        print(message, file=sys.stderr, flush=True)
-
     return search_stage(model.path, calibration, sections, recorder, execution,
-                        on_step=progress.on_step, on_score=progress.on_score, log=log)
+                        on_step=progress.on_step, on_score=progress.on_score, log=get_run_logger().info)
 
 
 @task(name="width", cache_key_fn=cache_key_fn("width"), **_COMMON)

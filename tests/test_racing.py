@@ -251,7 +251,6 @@ def test_racing_through_the_command_line(tmp_path, capsys):
     assert code == 2 and "contradicts search.exact_scores" in message
     done = _cli("run", str(pipeline))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "search scores in racing mode (search.mode says racing)" in done.stderr, done.stderr[-3000:]
     run_id = done.stdout.split()[1]
     db = duckdb.connect(str(tmp_path / "out" / "catalog.duckdb"), read_only=True)
     rows = db.execute("select s.block, s.exact, s.gap_low, s.gap_high from scores s join steps t "
