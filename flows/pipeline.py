@@ -68,7 +68,7 @@ class RunOutcome:
     model: str = ""
     recovery: dict | None = None
     invocation_seconds: float = 0.0
-    search: dict[str, int] = field(default_factory=dict)
+    search: dict[str, int | str] = field(default_factory=dict)
     pictures: dict[str, str] = field(default_factory=dict)
     # Width pruning: the metric, the target shape and, per present layer, its widths and parameters.
     width: dict | None = None
@@ -328,7 +328,8 @@ def _outcome(spec: PipelineSpec, run_id: str, result: SearchResult, width: Width
         perplexity=ppl, checkpoint=str(Path(checkpoint.path).resolve()), recover=_recover_note(recovered),
         wall_seconds=0.0, model=spec.model.source, recovery=_recovery_summary(recovered),
         search={"evaluated": result.evaluated, "reused": result.reused, "unit_windows": result.unit_windows,
-                "head_windows": result.head_windows, "stored_bytes": result.stored_bytes},
+                "head_windows": result.head_windows, "stored_bytes": result.stored_bytes, "mode": result.mode,
+                "mode_reason": result.mode_reason},
         width=None if width is None else width.summary(spec.width),
     )
 

@@ -66,8 +66,10 @@ def eval_data_task(datasets: tuple[str, ...], seq_len: int, max_tokens: int, mod
 def search_task(sections: SearchSections, model: ModelRef, calibration: ArtifactRef, run_id: str,
                 catalog_path: str, recorder, progress, execution: ExecutionSpec) -> SearchResult:
     _executed()
+    from prefect import get_run_logger
+
     return search_stage(model.path, calibration, sections, recorder, execution,
-                        on_step=progress.on_step, on_score=progress.on_score)
+                        on_step=progress.on_step, on_score=progress.on_score, log=get_run_logger().info)
 
 
 @task(name="width", cache_key_fn=cache_key_fn("width"), **_COMMON)

@@ -16,6 +16,7 @@ from tasks.refs import ArtifactRef
 from tasks.residual import predictions
 from tasks.score import METRICS, CandidateScore, StepScorer
 from tasks.search import Recorder, SearchContext, SearchLog, StepRecord, run_search
+from tasks.search.auto_mode import choose_mode
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.stream.residency import streamed
 
@@ -31,6 +32,8 @@ class SearchResult:
     stored_bytes: int
     evaluated: int
     reused: int
+    mode: str = ""  # how the steps scored: exact, bounded or racing ("" when nothing was searched)
+    mode_reason: str = ""  # why: the spec's word, or search.mode auto's choice for the run's windows
 
     @classmethod
     def nothing_removed(cls, dense_params: int) -> "SearchResult":
@@ -61,8 +64,10 @@ def search_stage(
     execution: ExecutionSpec = ExecutionSpec(),
     on_step: Callable[[int, dict[str, CandidateScore], StepRecord], None] | None = None,
     on_score: Callable[[int, CandidateScore], None] | None = None,
+    log: Callable[[str], None] = print,
 ) -> SearchResult:
-    """`execution` says where scoring runs; every runner computes the same numbers."""
+    """`execution` says where scoring runs; every runner computes the same numbers. `log` hears which mode
+    the search scores in and why."""
     with _scorer(model_path, calibration, sections, execution) as (windows, scorer):
         why_not = why_not_streamed(sections, execution)
         model = open_model(model_path, sections.model, f"search ({why_not})" if why_not else "search",
@@ -71,7 +76,7 @@ def search_stage(
         # the resident weights within the budget.
         parallel = 1 if streamed(model) else parallel_candidates(execution.parallel_candidates,
                                                                  resolve_device(sections.model.device))
-        return _search(model, windows, sections, parallel, recorder, on_step, on_score, scorer)
+        return _search(model, windows, sections, parallel, recorder, on_step, on_score, scorer, log)
 
 
 def why_not_streamed(sections: SearchSections, execution: ExecutionSpec) -> str | None:
@@ -96,9 +101,9 @@ def _scorer(model_path: str, calibration: ArtifactRef, sections: SearchSections,
         return
     from tasks.distributed.runner import distributed_scorer
 
-    with distributed_scorer(model_path, calibration, sections.model, sections.score, sections.search.exact_scores,
-                            execution, windows.shape[0], predictions(windows),
-                            sections.search.racing_options()) as scorer:
+    mode = choose_mode(sections.score, sections.search, windows.shape[0])
+    with distributed_scorer(model_path, calibration, sections.model, sections.score, mode.exact,
+                            execution, windows.shape[0], predictions(windows), mode.racing) as scorer:
         yield windows, scorer
 
 
@@ -114,10 +119,11 @@ def parallel_candidates(setting: int | str, device: str) -> int:
 
 
 def _search(model, windows, sections: SearchSections, parallel: int, recorder: Recorder, on_step, on_score,
-            scorer: StepScorer | None) -> SearchResult:
+            scorer: StepScorer | None, log: Callable[[str], None]) -> SearchResult:
     score, search = sections.score, sections.search
     ctx = SearchContext.of(model, windows, score, search, log=SearchLog(recorder, on_step, on_score), parallel=parallel,
                            scorer=scorer)
+    log(f"search scores in {ctx.scoring.mode} mode ({ctx.scoring.mode_reason})")
     records = run_search(ctx, search.strategy)
     work = ctx.scorer.work
     return SearchResult(
@@ -130,4 +136,6 @@ def _search(model, windows, sections: SearchSections, parallel: int, recorder: R
         stored_bytes=work.stored_bytes,
         evaluated=ctx.evaluated,
         reused=ctx.reused,
+        mode=ctx.scoring.mode,
+        mode_reason=ctx.scoring.mode_reason,
     )

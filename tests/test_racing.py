@@ -12,18 +12,7 @@ import torch
 from tasks.score.racing import Racer, RacingOptions, RacingScorer, leavers, looks, t_quantile
 from tasks.search import MemoryRecorder, Target, run_search
 from tests.searchkit import search_context
-from tests.tiny import VOCAB, tiny_model
-
-
-def _pattern(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    """Windows of a fixed recurrence with 15% noise tokens: a model can learn it, so removing a block it
-    relies on hurts every window alike (the paired gaps racing needs), unlike random tokens."""
-    steps = [torch.randint(0, VOCAB, (n, 1), generator=generator)]
-    for _ in range(length - 1):
-        steps.append((steps[-1] * 5 + 3) % VOCAB)
-    tokens = torch.cat(steps, 1)
-    noise = torch.rand(tokens.shape, generator=generator) < 0.15
-    return torch.where(noise, torch.randint(0, VOCAB, tokens.shape, generator=generator), tokens)
+from tests.tiny import recurrence_windows, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +22,13 @@ def trained():
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(40):
-        batch = _pattern(8, 24, generator)
+        batch = recurrence_windows(8, 24, generator)
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
-    return model, _pattern(32, 16, torch.Generator().manual_seed(1))
+    return model, recurrence_windows(32, 16, torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("p, dof, expected", [(0.975, 10, 2.228139), (0.999, 7, 4.785290), (0.995, 1, 63.65674),
@@ -285,3 +274,86 @@ def test_hundreds_of_calibration_windows_race_within_the_memory_budget(tmp_path)
     one_window = 16 * 64 * 4  # float32 hidden states of one window
     every_state = 8 * 256 * one_window
     assert 0 < summary["search"]["stored_bytes"] <= 8 * 8 * one_window < 1e-3 * 2**30 < every_state
+
+
+def test_a_race_runs_its_rounds_on_the_candidate_threads_with_the_same_floats(trained):
+    """Side by side, a round's (candidate, window) pairs go to the candidate threads, one torch thread each:
+    on the caller's thread a team of torch threads waits at every operation for a member that a busy core
+    has descheduled, which made racing several times slower than exact mode on shared cores (issue 36).
+    The race itself is the same: the same blocks, scores and leavers as one pair at a time."""
+    import threading
+
+    model, windows = trained
+    threads = torch.get_num_threads()
+    runs, where = [], set()
+    for parallel in (1, 2):
+        ctx = search_context(model, windows, target=Target(blocks=2), racing=RacingOptions(),
+                             parallel_candidates=parallel)
+        batch_nll = ctx.scorer._batch_nll
+
+        def observed(*args, parallel=parallel, batch_nll=batch_nll):
+            on_pool = threading.current_thread().name.startswith("pruneflow-candidate")
+            where.add((parallel, on_pool, torch.get_num_threads()))
+            return batch_nll(*args)
+
+        ctx.scorer._batch_nll = observed
+        records = run_search(ctx, "iterative")
+        assert torch.get_num_threads() == threads
+        runs.append(([(r.block, r.value) for r in records],
+                     {(step, b): (s.value, s.exact, s.n_tokens, s.gap_low) for step, scores in ctx.recorder.scores.items()
+                      for b, s in scores.items()}))
+    assert where == {(1, False, threads), (2, True, 1)}
+    assert runs[0] == runs[1]
+    assert any(not exact for _, exact, _, _ in runs[1][1].values())  # candidates left the race side by side too
+
+
+def test_auto_mode_races_only_where_a_race_can_drop_candidates(tmp_path, trained):
+    """search.mode: auto races from twice racing.min_windows windows, else takes bounded mode where the
+    strategy and objective allow it, else exact; it says why, and it picks exact mode's blocks."""
+    from pipelines import load_spec
+    from tasks.search import SearchContext
+    from tests.flowkit import tiny_pipeline
+
+    model, windows = trained
+    pipeline = tiny_pipeline(tmp_path, search={"target": {"blocks": 2}, "mode": "auto"})
+
+    def chosen(n: int, *overrides: str) -> tuple[str, str]:
+        spec = load_spec(pipeline, list(overrides))
+        ctx = SearchContext.of(model, windows[:n], spec.score, spec.search)
+        return ctx.scoring.mode, ctx.scoring.mode_reason
+
+    assert chosen(16)[0] == chosen(32)[0] == "racing" and "16 windows" in chosen(16)[1]
+    assert chosen(15)[0] == "bounded" and "fewer than twice racing.min_windows (16)" in chosen(15)[1]
+    assert chosen(8, "search.racing.min_windows=4")[0] == "racing"
+    assert chosen(15, "search.objective=ppl_per_param")[0] == "exact"  # ppl_per_param needs exact scores
+    assert chosen(32, "search.objective=ppl_per_param")[0] == "racing"
+    mode, reason = chosen(15, "search.strategy=one_shot")  # one_shot races but takes no lower bounds
+    assert mode == "exact" and "bounded mode does not fit strategy 'one_shot'" in reason
+    mode, reason = chosen(32, "score.metric=block_influence", "score.granularity=layer")
+    assert mode == "exact" and "racing does not fit" in reason and "metric 'block_influence'" in reason
+    assert chosen(4, "search.mode=racing") == ("racing", "search.mode says racing")
+    assert chosen(4, "search.mode=exact")[0] == "exact" and chosen(4)[0] == "bounded"
+    spec = load_spec(pipeline)
+    auto = SearchContext.of(model, windows, spec.score, spec.search)
+    blocks = [(r.block, r.value) for r in run_search(auto, "iterative")]
+    exact = search_context(model, windows, target=Target(blocks=2))
+    assert blocks == [(r.block, r.value) for r in run_search(exact, "iterative")]
+
+
+def test_auto_mode_is_its_own_spec(tmp_path, capsys):
+    """auto's identity names auto (not the mode it picks per run); with exact_scores it is refused, and
+    a spec that names no mode keeps exact mode."""
+    from flows.cli import main
+    from pipelines import load_spec
+    from tests.flowkit import tiny_pipeline
+
+    pipeline = tiny_pipeline(tmp_path, search={"target": {"blocks": 2}})
+    plain = load_spec(pipeline)
+    assert plain.search.scoring_mode() == "exact" and plain.search.racing_options() is None
+    auto = load_spec(pipeline, ["search.mode=auto", "search.racing.min_windows=4"])
+    section = auto.model_dump(mode="json", exclude_defaults=True)["search"]
+    assert section["mode"] == "auto" and section["racing"]["min_windows"] == 4 and "exact_scores" not in section
+    assert auto.section_json("search") != load_spec(pipeline, ["search.mode=racing"]).section_json("search")
+    assert main(["validate", str(pipeline), "--set", "search.mode=auto", "--set", "search.exact_scores=false"]) == 2
+    err = capsys.readouterr().err
+    assert "search.mode 'auto'" in err and "search.exact_scores" in err

@@ -44,6 +44,18 @@ def tiny_windows(samples: int = 4, seq_len: int = 32, seed: int = 1) -> torch.Te
     return torch.randint(0, VOCAB, (samples, seq_len), generator=generator)
 
 
+def recurrence_windows(n: int, length: int, generator: torch.Generator, vocab: int = VOCAB) -> torch.Tensor:
+    """Windows of a fixed recurrence (x -> 5x + 3 mod vocab) with 15% noise tokens: a model can learn it, so
+    removing a block it relies on hurts every window alike (the paired gaps racing needs), unlike random
+    tokens."""
+    steps = [torch.randint(0, vocab, (n, 1), generator=generator)]
+    for _ in range(length - 1):
+        steps.append((steps[-1] * 5 + 3) % vocab)
+    tokens = torch.cat(steps, 1)
+    noise = torch.rand(tokens.shape, generator=generator) < 0.15
+    return torch.where(noise, torch.randint(0, vocab, tokens.shape, generator=generator), tokens)
+
+
 
 CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
 

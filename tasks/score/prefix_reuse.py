@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from tasks.score.base import CandidateScore, OnScore, split_known
 from tasks.score.vocab_bound import VocabBound, subset_rows
 from tasks.stream.residency import streamed
 from tasks.surgery import units_of
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -384,7 +387,10 @@ class PrefixReuseScorer:
             yield
             return
         if self._pool is None or self._pool_size != self.parallel:
-            self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pruneflow-candidate")
+            # Each worker sets its own torch thread count once: a thread's OpenMP team size is its own, so
+            # the caller's setting does not reach threads that ran torch before it was made.
+            self._pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pruneflow-candidate",
+                                            initializer=torch.set_num_threads, initargs=(1,))
             self._pool_size = self.parallel
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -393,11 +399,12 @@ class PrefixReuseScorer:
         finally:
             torch.set_num_threads(threads)
 
-    def _run_wave(self, run: Callable[[str], Outcome], wave: list[str]) -> list[Outcome]:
-        """Outcomes in wave order. Side by side, each candidate runs on its own thread with one torch
-        thread; the numbers are the same as one at a time (tests/test_search.py)."""
+    def _run_wave(self, run: Callable[[T], R], wave: list[T]) -> list[R]:
+        """Results in wave order. Side by side, the pool's threads take the items one by one as each
+        becomes free, each with one torch thread; the numbers are the same as one at a time
+        (tests/test_search.py)."""
         if self.parallel == 1:
-            return [run(block) for block in wave]
+            return [run(item) for item in wave]
         return list(self._pool.map(run, wave))
 
     def _vocab_bound(self, active: list[Unit], entries: list[list[torch.Tensor]]) -> VocabBound | None:

@@ -276,6 +276,10 @@ class Racer:
 class RacingScorer(PrefixReuseScorer):
     """A perplexity scorer that races candidates over the calibration windows (see the module docs).
 
+    With `parallel` > 1 (execution.parallel_candidates) each round's (candidate, window) pairs are one
+    queue for the candidate threads, one torch thread each, as exact mode's candidates are: the per-window
+    NLLs, and so the race, are the same floats whichever thread computes them.
+
     When every entry state of the calibration set does not fit the memory budget, a step computes them
     per round, for that round's windows only, and drops them after it: memory then grows with a round,
     not with the calibration set, at the cost of one pass of the current model per step (the states are
@@ -311,13 +315,27 @@ class RacingScorer(PrefixReuseScorer):
             else:
                 whole[:] = whole or self._timed_entries(active)
                 states = whole
+            for index in indices:
+                self._context(index, states[0][index])  # built here, so the round's threads only read them
+            work = [(name, index) for index in indices for name in names]
+
+            def one(item: tuple[str, int]) -> tuple[torch.Tensor, float]:
+                began = time.perf_counter()
+                with torch.inference_mode():  # per thread: a pool thread does not inherit the caller's mode
+                    nll = self._batch_nll(active, states, drops[item[0]], item[1])
+                return nll, time.perf_counter() - began
+
+            # The round's (candidate, batch) pairs go to the candidate threads as one queue, each pair to the
+            # next free thread, each thread with one torch thread: no team of torch threads waits at every
+            # operation for a member that a busy core has descheduled, and a slowed thread holds up the
+            # look by one pair at most.
+            with self._side_by_side():
+                done = self._run_wave(one, work)
             per_batch: dict[str, dict[int, torch.Tensor]] = {name: {} for name in names}
             seconds = dict.fromkeys(names, 0.0)
-            for index in indices:
-                for name in names:
-                    began = time.perf_counter()
-                    per_batch[name][index] = self._batch_nll(active, states, drops[name], index)
-                    seconds[name] += time.perf_counter() - began
+            for (name, index), (nll, spent) in zip(work, done):
+                per_batch[name][index] = nll
+                seconds[name] += spent
             return {name: (per_batch[name], seconds[name]) for name in names}
 
         return score_streamed(list(groups), known, on_score, lambda todo: self.racer.run(todo, race, evaluate))

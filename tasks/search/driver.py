@@ -22,6 +22,7 @@ from torch import nn
 
 from tasks.score import CandidateScore, ScoringOptions, StepScorer
 from tasks.score.racing import Race
+from tasks.search.auto_mode import choose_mode
 from tasks.search.goal import SearchError, SearchGoal, SearchRules, Target, check_reachable, edge_layers, rules_for
 from tasks.search.log import MemoryRecorder, OnScore, OnStep, Recorder, SearchLog, StepRecord
 from tasks.search.scoring import MetricChoice, Scoring
@@ -59,7 +60,8 @@ class SearchContext:
            log: SearchLog | None = None, parallel: int = 1, scorer: StepScorer | None = None) -> "SearchContext":
         """The search that the `score` and `search` sections of a pipeline describe, on `model`."""
         goal = SearchGoal.of(model, search.rules(layer_ids(model), score.granularity), search.goal_target())
-        choice = score.metric_choice(search.exact_scores, parallel, search.racing_options())
+        mode = choose_mode(score, search, windows.shape[0])
+        choice = dataclasses.replace(score.metric_choice(mode.exact, parallel, mode.racing), mode_reason=mode.reason)
         scoring = Scoring(model, windows, choice, score.granularity, scorer)
         return cls(model, goal, scoring, log, search.strategy_settings(), search.objective or "ppl")
 

@@ -20,6 +20,7 @@ class MetricChoice:
     settings: Mapping[str, Any] = field(default_factory=dict)
     options: ScoringOptions = ScoringOptions()
     parallel: int = 1  # candidates scored side by side, for scorers that evaluate them independently
+    mode_reason: str = ""  # why the scorer is exact, bounded or racing (the spec's word, or search.mode auto's)
 
 
 class Scoring:
@@ -40,6 +41,7 @@ class Scoring:
         self.metric_name = choice.name
         self.exact = choice.options.exact
         self.mode = "racing" if choice.options.racing is not None else ("exact" if self.exact else "bounded")
+        self.mode_reason = choice.mode_reason
         self.scorer: StepScorer = scorer if scorer is not None else self.metric.scorer(model, windows, choice.options)
         # Scorers that evaluate candidates independently say so with a `parallel` attribute.
         if hasattr(self.scorer, "parallel"):

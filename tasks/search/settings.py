@@ -188,14 +188,15 @@ class SearchSection(Settings):
         description="Evaluate every candidate fully; false stops hopeless candidates early and stores lower bounds "
                     "(the same as mode: bounded).",
     )
-    mode: Literal["exact", "bounded", "racing"] | None = Field(
+    mode: Literal["exact", "bounded", "racing", "auto"] | None = Field(
         None,
         description="How a step scores its candidates: exact (every window), bounded (stop those that cannot win, "
                     "store lower bounds), racing (drop those behind the leader, or behind the best k a strategy "
-                    "keeps, with confidence; racing.*). "
+                    "keeps, with confidence; racing.*), auto (racing from twice racing.min_windows windows, else "
+                    "bounded where it fits, else exact; the run says which and why). "
                     "Default: exact_scores decides.",
     )
-    racing: RacingSettings | None = Field(None, description="Settings of search.mode: racing.")
+    racing: RacingSettings | None = Field(None, description="Settings of search.mode: racing (or auto, when it races).")
     objective: Literal["ppl", "ppl_per_param"] | None = Field(
         None,
         description="What a step minimises: ppl (the candidate's calibration perplexity, the default) or "
@@ -235,6 +236,11 @@ class SearchSection(Settings):
         """`exact_scores` stays the flag every scorer reads: a mode sets it (exact: true, else false)."""
         if not isinstance(data, dict) or data.get("mode") is None:
             return data
+        if data["mode"] == "auto":
+            if "exact_scores" in data:
+                raise ValueError("search.mode 'auto' chooses between exact and lower-bound scores itself; "
+                                 "give only search.mode, not search.exact_scores")
+            return data
         exact = data["mode"] == "exact"
         if "exact_scores" in data and data["exact_scores"] is not exact:
             raise ValueError(f"search.mode '{data['mode']}' contradicts search.exact_scores: "
@@ -243,18 +249,20 @@ class SearchSection(Settings):
 
     @model_validator(mode="after")
     def _racing_settings_need_racing(self) -> "SearchSection":
-        if self.racing is not None and self.scoring_mode() != "racing":
-            raise ValueError(f"search.racing applies only with search.mode: racing (the mode is '{self.scoring_mode()}')")
+        if self.racing is not None and self.scoring_mode() not in ("racing", "auto"):
+            raise ValueError("search.racing applies only with search.mode: racing or auto "
+                             f"(the mode is '{self.scoring_mode()}')")
         return self
 
     def scoring_mode(self) -> str:
-        """exact | bounded | racing: `mode`, or what `exact_scores` says when no mode is given."""
+        """exact | bounded | racing | auto: `mode`, or what `exact_scores` says when no mode is given (auto
+        becomes one of the others once the windows are known: tasks.search.auto_mode)."""
         if self.mode is not None:
             return self.mode
         return "exact" if self.exact_scores else "bounded"
 
     def racing_options(self) -> RacingOptions | None:
-        if self.scoring_mode() != "racing":
+        if self.scoring_mode() not in ("racing", "auto"):
             return None
         settings = self.racing or RacingSettings()
         return RacingOptions(**settings.model_dump())
@@ -293,10 +301,12 @@ class SearchSection(Settings):
         data.pop("racing", None)
         if data.get("objective") in (None, "ppl"):  # the default, left out so older pipelines keep their id
             data.pop("objective", None)
-        if mode != "exact":  # exact is the default, which a dump without defaults leaves out
+        if mode == "auto":  # auto decides exact_scores per run, so the flag is no part of its identity
+            data.pop("exact_scores", None)
+        elif mode != "exact":  # exact is the default, which a dump without defaults leaves out
             data["exact_scores"] = False
-        if mode == "racing":
-            data["mode"] = "racing"
+        if mode in ("racing", "auto"):
+            data["mode"] = mode
             data["racing"] = (self.racing or RacingSettings()).model_dump()
         return data
 
@@ -316,7 +326,9 @@ def check_combination(score: ScoreSection, search: SearchSection) -> None:
     """Refuse a strategy that cannot use the metric, granularity or exact_scores setting given."""
     from tasks.search.fit import combination_problems
 
-    problems = combination_problems(score.metric, score.granularity, search.strategy, search.scoring_mode())
+    # auto only picks a mode that fits, exact at worst.
+    mode = "exact" if search.scoring_mode() == "auto" else search.scoring_mode()
+    problems = combination_problems(score.metric, score.granularity, search.strategy, mode)
     if search.objective == "ppl_per_param":
         if score.metric != "perplexity" or search.strategy != "iterative" or search.scoring_mode() == "bounded":
             problems.append(
