@@ -84,9 +84,9 @@ def why_not_streamed(sections: SearchSections, execution: ExecutionSpec) -> str 
     if METRICS.get(sections.score.metric).needs_grad:
         return f"metric '{sections.score.metric}' needs gradients"
     if sections.search.scoring_mode() in ("bounded", "auto"):
-        return (f"search.mode '{sections.search.scoring_mode()}' "
-                + ("may choose bounded mode, which" if sections.search.scoring_mode() == "auto" else "")
-                + " reads the whole output head for its bounds; name exact or racing, which stream")
+        chooses = " may choose bounded mode, which" if sections.search.scoring_mode() == "auto" else ""
+        return (f"search.mode '{sections.search.scoring_mode()}'{chooses} reads the whole output head for its "
+                "bounds; name exact or racing, which stream")
     if execution.runner != "local":
         return f"execution.runner '{execution.runner}' loads the model in each worker"
     return None
