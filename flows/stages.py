@@ -17,12 +17,13 @@ from tasks.calibrate import CalibrationSpec, EvalData, calibrate_stage, eval_dat
 from tasks.evaluate import calibration_trajectory, evaluate_stage
 from tasks.evaluation import EvaluateSpec, Evaluation
 from tasks.execution import ExecutionSpec
-from tasks.load import ModelRef, ModelSpec, load_stage
+from tasks.load import ModelRef, ModelSpec, load_stage, resolve_device, resolve_dtype
 from tasks.prune import PruneSpec, prune_stage
 from tasks.recover_stage import Recovered, recover_stage
 from tasks.refs import ArtifactRef
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.search_stage import SearchResult, SearchSections, search_stage
+from tasks.speed_stage import speed_stage
 from tasks.settings import Settings
 from tasks.width_stage import WidthResult, WidthSpec, width_stage
 
@@ -108,6 +109,18 @@ def evaluate_task(model_spec: ModelSpec, batch_windows: int, evaluate: EvaluateS
                                         artifact_key(pipeline, "evaluate-progress")) for item in data}
     return evaluate_stage(checkpoint_path, stage, data, model_spec, batch_windows, evaluate,
                           on_window=lambda dataset, done, total: bars[dataset].update(done, total))
+
+
+@task(name="speed", cache_key_fn=cache_key_fn("speed"), **_COMMON)
+def speed_task(model_spec: ModelSpec, checkpoints: dict[str, str], checkpoint_paths: dict[str, str],
+               pipeline: str) -> list[Evaluation]:
+    """`checkpoints`: stage -> sha256 (the key), `checkpoint_paths`: stage -> folder; timed side by side."""
+    _executed()
+    device = resolve_device(model_spec.device)
+    progress = CountProgress(f"speed ({', '.join(checkpoint_paths)})", "timed runs",
+                             artifact_key(pipeline, "speed-progress"))
+    return speed_stage(checkpoint_paths, resolve_dtype(model_spec.dtype, device), device, model_spec.trust_remote_code,
+                       on_run=progress.update)
 
 
 @task(name="calibration-trajectory", cache_key_fn=cache_key_fn("calibration-trajectory"), **_COMMON)

@@ -1,5 +1,6 @@
 """Stage `evaluate`: every registered evaluator that applies (perplexity on every evaluation dataset,
-parameter count and checkpoint size, serving speed, downstream tasks), on one checkpoint."""
+parameter count and checkpoint size, downstream tasks), on one checkpoint. Serving speed compares
+checkpoints side by side, so it is a stage of its own (`tasks.speed_stage`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,10 @@ from tasks.calibrate import EvalData
 from tasks.windows import load_windows
 from tasks.evaluation import (EvaluateSpec, Evaluation, EvaluationInput, Evaluator, evaluate_all,
                              register_evaluator)
-from tasks.export.registry import format_of
 from tasks.load import ModelSpec, open_model, resolve_device, resolve_dtype
 from tasks.refs import ArtifactRef, tree_bytes
 from tasks.registry import Extra
 from tasks.residual import perplexity, predictions
-from tasks.speed import speed_evaluations
 from tasks.surgery import total_params, units_of
 
 
@@ -43,22 +42,6 @@ class SizeEvaluator(Evaluator):
     def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
         return [Evaluation(given.stage, "size", "-", "params", float(total_params(given.model))),
                 Evaluation(given.stage, "size", "-", "checkpoint_bytes", float(_weight_bytes(Path(given.model_path))))]
-
-
-@register_evaluator
-class SpeedEvaluator(Evaluator):
-    """Speed the way a user serves the checkpoint; the `pruneflow` format has no runtime outside pruneflow,
-    so it gets no speed rows (the report's speed table then lacks that stage)."""
-
-    name = "speed"
-    order = 30
-
-    def applies(self, given: EvaluationInput) -> bool:
-        return format_of(Path(given.model_path)).servable
-
-    def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
-        return speed_evaluations(given.model_path, given.stage, given.dtype, given.device,
-                                 trust_remote_code=given.trust_remote_code)
 
 
 @register_evaluator

@@ -74,7 +74,8 @@ class EvaluationInput:
 
 
 class Evaluator(Plugin):
-    """One kind of evaluation row (`kind` in the catalog): perplexity, size, speed, task."""
+    """One kind of evaluation row (`kind` in the catalog) of one checkpoint: perplexity, size, task (speed, which
+    compares checkpoints side by side, is the `speed` stage's)."""
 
     name: ClassVar[str]
     order: ClassVar[int] = 100  # rows are written in this order, lowest first
@@ -84,7 +85,7 @@ class Evaluator(Plugin):
         return True
 
     def applies(self, given: EvaluationInput) -> bool:
-        """Whether it evaluates this checkpoint (a format without a serving runtime has no speed)."""
+        """Whether it evaluates this checkpoint (default: whenever the `evaluate` section asks for it)."""
         return self.wanted(given.evaluate)
 
     def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
