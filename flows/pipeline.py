@@ -174,8 +174,9 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
         if swept:
             logger.info(f"removed {len(swept)} temporary file(s) an interrupted run left: {', '.join(p.name for p in swept)}")
         executions = stage_executions()
-        model = _with(load_task, out_dir, fresh)(spec.model, spec.score, spec.search, source_stamp(spec.model.source))
-        calibration = _with(calibrate_task, out_dir, fresh)(spec.calibration, model, out_dir)
+        model = _with(load_task, out_dir, fresh)(spec.model, spec.score, spec.search, source_stamp(spec.model.source),
+                                                 spec.name)
+        calibration = _with(calibrate_task, out_dir, fresh)(spec.calibration, model, out_dir, spec.name)
         eval_data = _with(eval_data_task, out_dir, fresh)(spec.evaluate.datasets, spec.evaluate.seq_len,
                                                          spec.evaluate.max_tokens, model, out_dir)
         run_id = derive_run_id(spec, model.fingerprint, calibration.sha256)
@@ -281,7 +282,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     width = None if spec.width is None else _width(spec, model, calibration, result.blocks, run_id, catalog, fresh,
                                                    clock, folder)
     blocks = tuple(result.blocks) + (() if width is None else width.blocks)
-    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, blocks, folder,
+    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, blocks, folder, spec.name,
                                                    None if width is None else width.plan_json,
                                                    None if width is None else width.weights)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
@@ -314,7 +315,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     outcome.speed = speed_summary(speed)
     ppl = outcome.perplexity
     trajectory = _with(trajectory_task, out_dir, fresh)(spec.model, spec.score.batch_windows, model, calibration,
-                                                        tuple(result.blocks))
+                                                        tuple(result.blocks), spec.name)
     final = outcome.params_removed_ratio if width is not None else None
     outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl, trajectory, final,
                                                                           width, recovered).items()}

@@ -1,5 +1,6 @@
-"""Progress of the long stages (search, evaluation, recovery), shown the same way in two places: a bar in
-the terminal and a Prefect progress artifact whose description is the bar's text.
+"""Progress of the long stages (load, calibration, search, width, prune, recovery, evaluation, speed), shown
+the same way in two places: a bar in the terminal and a Prefect progress artifact whose description is the
+bar's text.
 
 Step numbers are the catalog's (`steps.step`, from 0) everywhere a user reads them; "(3 of 8)" says how
 far along that is.
@@ -184,6 +185,20 @@ class CountProgress:
         if done >= total:
             self.meter.close(f"{self.label}: {', '.join(parts[:1 + bool(detail)])}, done")
             self.meter = None
+
+
+class Parts:
+    """A stage's long parts (each source it tokenizes, each file it hashes, a conversion), a CountProgress each,
+    made when the part first reports, under one Prefect artifact key. `update` is a `tasks.refs.Progress`."""
+
+    def __init__(self, stage: str, key: str | None = None):
+        self.stage, self.key = stage, key
+        self.bars: dict[str, CountProgress] = {}
+
+    def update(self, part: str, done: int, total: int, unit: str, detail: str = "") -> None:
+        if part not in self.bars:
+            self.bars[part] = CountProgress(f"{self.stage}: {part}", unit, self.key)
+        self.bars[part].update(done, total, detail)
 
 
 class Fanout:

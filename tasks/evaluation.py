@@ -65,6 +65,8 @@ class EvaluationInput:
     trust_remote_code: bool = False  # the spec's model.trust_remote_code: whether the folder's own code may run
     # on_window(dataset, done, total) follows every micro-batch of evaluation windows (progress bars).
     on_window: Callable[[str, int, int], None] | None = None
+    # on_requests(task, done, total) follows a downstream task's requests to the model (progress bars).
+    on_requests: Callable[[str, int, int], None] | None = None
 
     def window_counter(self, dataset: str) -> Callable[[int, int], None] | None:
         if self.on_window is None:
