@@ -9,15 +9,12 @@ falls on all of them alike; compare models measured that way, not seconds across
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +22,6 @@ from tasks.export.registry import format_of
 from tasks.export.common import DTYPES
 from tasks.export.trust import (TRUST_SETTING, TrustError, check_trusted, is_own_format, model_config,
                                 package_config, ships_own_code)
-from tasks.refs import tree_bytes
 from tasks.surgery.architecture import architecture_for
 from tasks.surgery.kv_cache import cache_kwargs, output_cache
 
@@ -151,29 +147,3 @@ def alternate(runs: Mapping[str, Callable[[], T]], rounds: int, warmup: bool = T
             if after is not None:
                 after(name, r + 1)
     return results
-
-
-def weight_bytes(path: str | Path, dtype: str) -> int:
-    """Bytes the checkpoint's weights take once loaded in `dtype`, counted from the safetensors headers (the
-    folder's size where it has none)."""
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        return tree_bytes(Path(path))
-    elements = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                elements += math.prod(handle.get_slice(name).get_shape())
-    return elements * DTYPES[dtype].itemsize
-
-
-def free_bytes(device: str) -> int:
-    """Memory a new model can take on `device`: free GPU memory, or the memory the OS says is available."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -20,13 +20,11 @@ from torch import nn
 from catalog.speed import SIDE_BY_SIDE, SpeedRatio
 from tasks.evaluation import Evaluation
 from tasks.export.registry import format_of
-from tasks.speed import (Timing, alternate, free_bytes, kv_bytes_per_token, load_for_serving, time_decode,
-                         time_prefill, weight_bytes)
+from tasks.speed import Timing, alternate, kv_bytes_per_token, load_for_serving, time_decode, time_prefill
+from tasks.stream.budget import budget_bytes
+from tasks.stream.open import residency
 
 DENSE = "dense"
-# Share of the free memory the models' weights may take together; the rest is for activations, the KV
-# cache and the allocator's slack.
-_WEIGHTS_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,10 @@ class SpeedSettings:
         return len(self.workloads()) * models * (self.rounds + 1)
 
 
-def fit_together(paths: list[str], dtype: str, device: str) -> bool:
-    return sum(weight_bytes(p, dtype) for p in paths) <= _WEIGHTS_SHARE * free_bytes(device)
+def fit_together(paths: list[str], dtype: str, device: str, memory_budget: float | str = "auto") -> bool:
+    """Whether the models' weights, in `dtype`, fit in `model.memory_budget_gb` together."""
+    weights = sum(residency(path, dtype, device, memory_budget).weight_bytes for path in paths)
+    return weights <= budget_bytes(memory_budget, device)
 
 
 class _Counter:
@@ -92,16 +92,17 @@ class _Counter:
 
 def speed_stage(paths: Mapping[str, str], dtype: str, device: str, trust_remote_code: bool = False,
                 settings: SpeedSettings | None = None, together: bool | None = None,
-                on_run: Callable[[int, int, str], None] | None = None) -> list[Evaluation]:
+                on_run: Callable[[int, int, str], None] | None = None,
+                memory_budget: float | str = "auto") -> list[Evaluation]:
     """Rows of kind `speed` for every stage in `paths` (stage -> checkpoint) a runtime serves. `together`:
-    whether all models are loaded at once and alternate (default: when their weights fit in memory).
-    `on_run(done, total, detail)` follows every timed run (progress)."""
+    whether all models are loaded at once and alternate (default: when their weights fit in `memory_budget`,
+    `model.memory_budget_gb`, together). `on_run(done, total, detail)` follows every timed run (progress)."""
     served = {stage: str(path) for stage, path in paths.items() if format_of(Path(path)).servable}
     if not served:
         return []
     settings = settings or SpeedSettings.quick()
     if together is None:
-        together = len(served) == 1 or fit_together(list(served.values()), dtype, device)
+        together = len(served) == 1 or fit_together(list(served.values()), dtype, device, memory_budget)
     counter = _Counter(on_run, settings.runs(len(served)), settings.rounds)
     load = partial(load_for_serving, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     workloads = settings.workloads()

@@ -82,10 +82,11 @@ def checkpoints(tmp_path_factory):
 SETTINGS = SpeedSettings(prefill_tokens=8, prefill_batches=(1,), decode_prompt=4, decode_tokens=4, rounds=2)
 
 
-@pytest.mark.parametrize("together", [True, False])
-def test_speed_stage_times_the_models_in_turn_and_records_ratio_rows(checkpoints, together, tmp_path):
+# Models whose weights fit in model.memory_budget_gb together take turns; else one after the other.
+@pytest.mark.parametrize("budget, together", [("auto", True), (1e-6, False)])
+def test_speed_stage_times_the_models_in_turn_and_records_ratio_rows(checkpoints, budget, together, tmp_path):
     progress: list[tuple[int, int, str]] = []
-    rows = speed_stage(checkpoints, "float32", "cpu", settings=SETTINGS, together=together,
+    rows = speed_stage(checkpoints, "float32", "cpu", settings=SETTINGS, memory_budget=budget,
                        on_run=lambda done, total, detail: progress.append((done, total, detail)))
     total = 2 * 2 * (SETTINGS.rounds + 1)  # workloads x models x (rounds + warm-up)
     assert [p[:2] for p in progress] == [(k, total) for k in range(1, total + 1)]
