@@ -57,8 +57,9 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     device = resolve_device(spec.model.device)
     if spec.execution.device and spec.execution.address is None:  # a local cluster's workers run here
         resolve_device(spec.execution.device, "execution.device")
-    # Before the flow starts (no run to attach an artifact to): the terminal's bars only.
-    model = load_stage(spec.model, spec.score, spec.search, Parts("load").update)
+    # Before the flow starts (no run to attach an artifact to): the terminal's bars only, and only for what takes
+    # long, so that a refused input prints its one message and nothing else.
+    model = load_stage(spec.model, spec.score, spec.search, Parts("load", delay=2.0).update)
     _check_streaming(spec, model.path, device)
     check_writable_folder(Path(spec.output_dir), "output_dir", checkpoint_bytes(model.params, spec.model.dtype, device))
     try:

@@ -86,7 +86,7 @@ def test_cli_runs_and_show(tmp_path, capsys):
     assert re.search(r"speed \(dense, pruned\): 24/24 timed runs, decode 1x32 round 5/5 \((dense|pruned)\), "
                      r"[\d.]+ s each, left 00:00", err), err[-3000:]
     # ... and so does every other stage that can run long, each bar with its total.
-    for bar in ("load: hashing model: 1/1 MB", "calibrate: tokenizing corpus.txt: 60/60 documents",
+    for bar in ("calibrate: tokenizing corpus.txt: 60/60 documents",
                 r"search step 2 \(3 of 3\): 6/6 candidates", "prune: checkpoint: 3/3 steps",
                 "evaluate pruned: corpus.txt: 8/8 windows",
                 "calibration perplexity, dense and after each of 3 removals: 16/16 windows"):

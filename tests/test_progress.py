@@ -84,3 +84,14 @@ def test_calibration_curve_counts_the_windows_of_every_pass(tmp_path):
                                    on_windows=lambda done, total: seen.append((done, total)))
     assert seen == [(done, 9) for done in (2, 3, 5, 6, 8, 9)]  # 3 passes of 3 windows, micro-batches of 2
     assert curve == calibration_trajectory(str(model), spec, windows, ("layers.1", "layers.2.mlp"), 2)
+
+
+def test_a_delayed_bar_shows_only_what_takes_long(capsys):
+    from flows.progress import Parts
+
+    quick, slow = Parts("load", delay=60.0), Parts("load")
+    for done in (1, 2):
+        quick.update("hashing a", done, 2, "MB")
+        slow.update("hashing b", done, 2, "MB")
+    err = capsys.readouterr().err
+    assert "load: hashing b: 2/2 MB" in err and "hashing a" not in err
