@@ -132,7 +132,7 @@ def speed_task(model_spec: ModelSpec, checkpoints: dict[str, str], checkpoint_pa
     progress = CountProgress(f"speed ({', '.join(checkpoint_paths)})", "timed runs",
                              artifact_key(pipeline, "speed-progress"))
     return speed_stage(checkpoint_paths, resolve_dtype(model_spec.dtype, device), device, model_spec.trust_remote_code,
-                       on_run=progress.update)
+                       on_run=progress.update, memory_budget=model_spec.memory_budget_gb)
 
 
 @task(name="calibration-trajectory", cache_key_fn=cache_key_fn("calibration-trajectory"), **_COMMON)
