@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +33,7 @@ from tasks.export import export_model, load_checkpoint
 from tasks.export.common import KeptLayer, kept_layers
 from tasks.export.nemotron_nas import check_nemotron_nas
 from tasks.sources import resolve_model
-from tasks.speed import Timing, kv_bytes_per_token, load_for_serving, time_prefill
+from tasks.speed import Timing, alternate, kv_bytes_per_token, load_for_serving, time_prefill
 from tasks.surgery import remove_blocks, total_params
 from tasks.surgery.kv_cache import cache_kwargs, output_cache
 
@@ -86,15 +87,9 @@ def _rates(timings: dict[str, list[Timing]], tokens: int) -> dict:
 
 
 def interleaved(run: Callable[[nn.Module], Timing], tokens: int, models: dict[str, nn.Module], rounds: int) -> dict:
-    """Tokens/s of each model by wall and by CPU clock, rounds alternating A B / B A so drifting load hits both."""
-    for model in models.values():
-        run(model)  # warm-up, discarded
-    timings: dict[str, list[Timing]] = {name: [] for name in models}
-    names = list(models)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            timings[name].append(run(models[name]))
-    return _rates(timings, tokens)
+    """Tokens/s of each model by wall and by CPU clock, rounds alternating A B / B A so drifting load hits both
+    (the pipeline's speed stage times its models the same way)."""
+    return _rates(alternate({name: partial(run, model) for name, model in models.items()}, rounds), tokens)
 
 
 @torch.inference_mode()

@@ -23,6 +23,7 @@ import json
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -33,6 +34,7 @@ from tasks.export import export_model
 from tasks.export.common import kept_layers
 from tasks.export.gguf_format import GGUF_FILE
 from tasks.sources import resolve_model
+from tasks.speed import alternate
 from tasks.surgery import load_model, remove_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,14 +85,8 @@ def llama_cpp_rates(paths: dict[str, Path], threads: int, rounds: int) -> dict:
             llm.eval([int(llm.sample(top_k=1, temp=0.0))])
         return DECODE / (time.perf_counter() - start)
 
-    rates = {workload: {name: [] for name in engines} for workload in ("prefill batch1", "decode batch1")}
-    for workload, run in (("prefill batch1", prefill), ("decode batch1", decode)):
-        for llm in engines.values():
-            run(llm)  # warm-up, discarded
-        for r in range(rounds):
-            for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
-                rates[workload][name].append(run(engines[name]))
-    return rates
+    return {workload: alternate({name: partial(run, llm) for name, llm in engines.items()}, rounds)
+            for workload, run in (("prefill batch1", prefill), ("decode batch1", decode))}
 
 
 VLLM_SPEED = r"""

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Sequence
 
 from catalog.rows import ArtifactRow, EvaluationRow, RunRow, RunSummary, ScoreRow, StepRow, left_race
+from catalog.speed import speed_ratios
 
 _MISSING = "-"
 _RUN_ID_WIDTH = 12
@@ -197,6 +198,9 @@ def _headline(run: RunRow, steps: Sequence[StepRow], evaluations: Sequence[Evalu
         if e.kind == "perplexity":
             ppl[e.dataset].append(f"{e.stage} {format_number(e.value)}")
     fields += [("perplexity", f"{dataset}: {'  '.join(values)}") for dataset, values in ppl.items()]
+    fields += [("speed", f"{workload} {metric}: " + "  ".join(f"{stage}/dense {ratio.text()}"
+                                                             for stage, ratio in by_stage.items()))
+               for (workload, metric), by_stage in speed_ratios(evaluations).items()]
     checkpoints = {a.stage: a.path for a in artifacts if a.kind == "checkpoint"}
     final = checkpoints.get("recovered") or checkpoints.get("pruned")
     fields.append(("checkpoint", final or "(not written yet)"))
@@ -284,7 +288,8 @@ def format_show(
          _MISSING if e.stride is None else str(e.stride)]
         for e in shown
     ]
-    title = "evaluations" if verbose else "other evaluations (perplexity above; speed with its spread in the report)"
+    title = ("evaluations" if verbose
+             else "other evaluations (perplexity and speed ratios above; speed in full in the report)")
     sections.append(
         f"{title} ({len(shown)})\n"
         + (format_table(["stage", "kind", "dataset", "metric", "value", "tokens", "seq len",

@@ -24,7 +24,8 @@ CODE_VERSION = "pruneflow-stages-4"
 
 # Parameters that carry live objects (catalog handles, callbacks, output folders) or only say where work
 # runs (`execution`: every runner computes the same numbers), never part of a key.
-_RUNTIME_PARAMS = {"recorder", "progress", "out_dir", "checkpoint_path", "execution", "pipeline"}
+_RUNTIME_PARAMS = {"recorder", "progress", "out_dir", "checkpoint_path", "checkpoint_paths", "execution",
+                   "pipeline"}
 
 
 def keyable(value: Any) -> Any:

@@ -16,6 +16,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment, flow_run
 
 from catalog import Catalog
+from catalog.speed import speed_summary
 from flows.keys import derive_run_id, identity_hash
 from flows.locks import exclusive, folder_lock, run_lock
 from flows.outputs import check_owner, claim, run_dir, sweep_temporaries, write_json
@@ -34,6 +35,7 @@ from flows.stages import (
     prune_task,
     recover_task,
     search_task,
+    speed_task,
     stage_executions,
     trajectory_task,
     width_task,
@@ -72,6 +74,8 @@ class RunOutcome:
     pictures: dict[str, str] = field(default_factory=dict)
     # Width pruning: the metric, the target shape and, per present layer, its widths and parameters.
     width: dict | None = None
+    # Per `<workload> <metric>`, each compared stage's speed against dense (catalog.speed.speed_summary).
+    speed: dict[str, dict[str, dict]] = field(default_factory=dict)
 
 
 def source_stamp(source: str) -> str:
@@ -170,8 +174,9 @@ def prune_pipeline_flow(spec: PipelineSpec, fresh: bool = False) -> dict:
         if swept:
             logger.info(f"removed {len(swept)} temporary file(s) an interrupted run left: {', '.join(p.name for p in swept)}")
         executions = stage_executions()
-        model = _with(load_task, out_dir, fresh)(spec.model, spec.score, spec.search, source_stamp(spec.model.source))
-        calibration = _with(calibrate_task, out_dir, fresh)(spec.calibration, model, out_dir)
+        model = _with(load_task, out_dir, fresh)(spec.model, spec.score, spec.search, source_stamp(spec.model.source),
+                                                 spec.name)
+        calibration = _with(calibrate_task, out_dir, fresh)(spec.calibration, model, out_dir, spec.name)
         eval_data = _with(eval_data_task, out_dir, fresh)(spec.evaluate.datasets, spec.evaluate.seq_len,
                                                          spec.evaluate.max_tokens, model, out_dir)
         run_id = derive_run_id(spec, model.fingerprint, calibration.sha256)
@@ -277,7 +282,7 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
     width = None if spec.width is None else _width(spec, model, calibration, result.blocks, run_id, catalog, fresh,
                                                    clock, folder)
     blocks = tuple(result.blocks) + (() if width is None else width.blocks)
-    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, blocks, folder,
+    checkpoint = _with(prune_task, out_dir, fresh)(spec.model, spec.prune, model, blocks, folder, spec.name,
                                                    None if width is None else width.plan_json,
                                                    None if width is None else width.weights)
     _record_artifact(catalog, run_id, "pruned", checkpoint)
@@ -296,15 +301,21 @@ def _search_and_after(spec, model, calibration, eval_data, run_id, catalog, fres
         clock.tick()
         return rows
 
-    evaluations = [*evaluate(model.fingerprint, model.path, "dense"),
-                   *evaluate(checkpoint.sha256, checkpoint.path, "pruned")]
+    compared = {"dense": (model.fingerprint, model.path), "pruned": (checkpoint.sha256, checkpoint.path)}
     if recovered is not None:
-        evaluations += evaluate(recovered.checkpoint.sha256, recovered.checkpoint.path, "recovered")
-    _record_evaluations(catalog, run_id, evaluations)
+        compared["recovered"] = (recovered.checkpoint.sha256, recovered.checkpoint.path)
+    evaluations = [row for stage, (sha, path) in compared.items() for row in evaluate(sha, path, stage)]
+    # After the evaluate rows: a stage result cached by an earlier release holds speed rows of its own, which
+    # these (same names) replace in the catalog.
+    speed = _with(speed_task, out_dir, fresh)(spec.model, {s: sha for s, (sha, _) in compared.items()},
+                                              {s: path for s, (_, path) in compared.items()}, spec.name)
+    clock.tick()
+    _record_evaluations(catalog, run_id, evaluations + speed)
     outcome = _outcome(spec, run_id, result, width, checkpoint, recovered, evaluations)
+    outcome.speed = speed_summary(speed)
     ppl = outcome.perplexity
     trajectory = _with(trajectory_task, out_dir, fresh)(spec.model, spec.score.batch_windows, model, calibration,
-                                                        tuple(result.blocks))
+                                                        tuple(result.blocks), spec.name)
     final = outcome.params_removed_ratio if width is not None else None
     outcome.pictures = {k: str(v) for k, v in _pictures(spec, catalog, run_id, result, ppl, trajectory, final,
                                                                           width, recovered).items()}

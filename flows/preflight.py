@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flows.keys import identity_hash
 from flows.outputs import check_catalog_file, check_owner, check_writable_folder
+from flows.progress import Parts
 from pipelines import PipelineSpec
 from tasks.export import TokenizerError, load_tokenizer, model_config
 from tasks.windows import leading_stream
@@ -56,7 +57,9 @@ def preflight(spec: PipelineSpec, fresh: bool = False) -> None:
     device = resolve_device(spec.model.device)
     if spec.execution.device and spec.execution.address is None:  # a local cluster's workers run here
         resolve_device(spec.execution.device, "execution.device")
-    model = load_stage(spec.model, spec.score, spec.search)
+    # Before the flow starts (no run to attach an artifact to): the terminal's bars only, and only for what takes
+    # long, so that a refused input prints its one message and nothing else.
+    model = load_stage(spec.model, spec.score, spec.search, Parts("load", delay=2.0).update)
     _check_streaming(spec, model.path, device)
     check_writable_folder(Path(spec.output_dir), "output_dir", checkpoint_bytes(model.params, spec.model.dtype, device))
     try:

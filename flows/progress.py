@@ -1,5 +1,6 @@
-"""Progress of the long stages (search, evaluation, recovery), shown the same way in two places: a bar in
-the terminal and a Prefect progress artifact whose description is the bar's text.
+"""Progress of the long stages (load, calibration, search, width, prune, recovery, evaluation, speed), shown
+the same way in two places: a bar in the terminal and a Prefect progress artifact whose description is the
+bar's text.
 
 Step numbers are the catalog's (`steps.step`, from 0) everywhere a user reads them; "(3 of 8)" says how
 far along that is.
@@ -26,19 +27,21 @@ def clock(seconds: float) -> str:
 
 
 class Meter:
-    """One bar: a tqdm bar on stderr and, when given, a Prefect progress artifact showing the same text."""
+    """One bar: a tqdm bar on stderr and, when given, a Prefect progress artifact showing the same text. With
+    `delay`, the bar appears only once that many seconds have passed (nothing at all for a quick one)."""
 
-    def __init__(self, label: str, total: int | None, artifact: ProgressArtifact | None = None):
+    def __init__(self, label: str, total: int | None, artifact: ProgressArtifact | None = None, delay: float = 0.0):
         self.label = label
         self.bar = tqdm(total=total, desc=label, file=sys.stderr, leave=False, dynamic_ncols=True,
-                        bar_format="{bar:16} {desc}")
+                        bar_format="{bar:16} {desc}", delay=delay)
         self.artifact = artifact
+        self.shown_from = time.monotonic() + delay
 
     def show(self, done: int, total: int | None, text: str, percent: float | None = None) -> None:
         """`percent` is what the artifact shows (default: this bar's); the search shows the whole run's."""
         self.bar.total = total
         self.bar.n = done
-        self.bar.set_description_str(f"{self.label}: {text}", refresh=True)
+        self.bar.set_description_str(f"{self.label}: {text}", refresh=time.monotonic() >= self.shown_from)
         if self.artifact is not None:
             if percent is None:
                 percent = 100.0 * done / total if total else 0.0
@@ -165,15 +168,15 @@ class SearchProgress:
 class CountProgress:
     """A stage that counts through items (evaluation windows, training steps): done/total, pace, time left."""
 
-    def __init__(self, label: str, unit: str, key: str | None = None):
-        self.label, self.unit = label, unit
+    def __init__(self, label: str, unit: str, key: str | None = None, delay: float = 0.0):
+        self.label, self.unit, self.delay = label, unit, delay
         self.artifact = ProgressArtifact(key, label) if key else None
         self.meter: Meter | None = None
         self.pace = Pace()
 
     def update(self, done: int, total: int, detail: str = "") -> None:
         if self.meter is None:
-            self.meter = Meter(self.label, total, self.artifact)
+            self.meter = Meter(self.label, total, self.artifact, self.delay)
         self.pace.tick()
         each = self.pace.each()
         parts = [counted(done, total, self.unit), *([detail] if detail else [])]
@@ -184,6 +187,20 @@ class CountProgress:
         if done >= total:
             self.meter.close(f"{self.label}: {', '.join(parts[:1 + bool(detail)])}, done")
             self.meter = None
+
+
+class Parts:
+    """A stage's long parts (each source it tokenizes, each file it hashes, a conversion), a CountProgress each,
+    made when the part first reports, under one Prefect artifact key. `update` is a `tasks.refs.Progress`."""
+
+    def __init__(self, stage: str, key: str | None = None, delay: float = 0.0):
+        self.stage, self.key, self.delay = stage, key, delay
+        self.bars: dict[str, CountProgress] = {}
+
+    def update(self, part: str, done: int, total: int, unit: str, detail: str = "") -> None:
+        if part not in self.bars:
+            self.bars[part] = CountProgress(f"{self.stage}: {part}", unit, self.key, self.delay)
+        self.bars[part].update(done, total, detail)
 
 
 class Fanout:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from catalog.report import WIDTH_HEADERS, reconstruction_table, reconstruction_title, width_rows, width_title
 from catalog.rows import EvaluationRow, StepRow
+from catalog.speed import SIDE_BY_SIDE, is_ratio_metric, ratio_text, side_by_side, speed_ratios
 
 _STAGES = ("dense", "pruned", "recovered")
 
@@ -72,58 +73,45 @@ def _evaluation_tables(evals: Sequence[EvaluationRow]) -> list[str]:
 _SPREAD = "_spread"
 
 
-def _apart(a: float, spread_a: float, b: float, spread_b: float) -> bool:
-    """Whether two medians' ranges (median x (1 ± spread / 2)) do not overlap."""
-    low_a, high_a = a * (1 - spread_a / 2), a * (1 + spread_a / 2)
-    low_b, high_b = b * (1 - spread_b / 2), b * (1 + spread_b / 2)
-    return high_a < low_b or high_b < low_a
-
-
 def _speed_lines(evals: Sequence[EvaluationRow], stages: list[str]) -> list[str]:
-    """Speed as medians with their spread, each stage's ratio to dense, and the ideal ratio (dense params /
-    the stage's params: per-token compute scales with them). A ratio the spreads cannot tell from 1 is
-    reported as noise, not as a gain or a loss."""
+    """Speed as medians with their spread, each stage's ratio to dense (median of the per-round ratios
+    [lowest-highest round], "within noise" when the rounds straddle 1), and the ideal ratio (dense params /
+    the stage's params: per-token compute scales with them)."""
     keys, values = _by_stage(evals, "speed")
-    keys = [k for k in keys if not k[1].endswith(_SPREAD)]
+    keys = [k for k in keys if not (k[1].endswith(_SPREAD) or is_ratio_metric(k[1]) or k[1] == SIDE_BY_SIDE)]
     if not keys:
         return []
     params = {e.stage: e.value for e in evals if e.kind == "size" and e.metric == "params"}
+    ratios = speed_ratios(evals)
     others = [s for s in stages if s != "dense"]
     rows = []
     for dataset, metric in keys:
-        def spread(stage: str) -> float | None:
-            row = values.get((dataset, metric + _SPREAD, stage))
-            return None if row is None else row.value
-
         def cell(stage: str) -> str:
             row = values.get((dataset, metric, stage))
             if row is None:
                 return "-"
-            noise = spread(stage)
-            return _value(metric, row.value) + ("" if noise is None else f" ±{100 * noise:.0f}%")
+            spread = values.get((dataset, metric + _SPREAD, stage))
+            return _value(metric, row.value) + ("" if spread is None else f" ±{100 * spread.value:.0f}%")
 
-        dense = values.get((dataset, metric, "dense"))
-        ratios = []
-        for stage in others:
-            row = values.get((dataset, metric, stage))
-            if dense is None or row is None:
-                ratios.append("-")
-                continue
-            apart = _apart(dense.value, spread("dense") or 0.0, row.value, spread(stage) or 0.0)
-            ratios.append(f"{row.value / dense.value:.2f}x" if apart else "within noise")
+        measured = ratios.get((dataset, metric), {})
+        compared = [measured[s].text() if s in measured else "-" for s in others]
         tokens_per_s = metric.endswith("tokens_per_s")
         ideal = [f"{params['dense'] / params[s]:.2f}x" if tokens_per_s and s in params and "dense" in params else "-"
                  for s in others]
         label = metric if dataset == "-" else f"{dataset} {metric}"
-        rows.append([label, *(cell(s) for s in stages), *ratios, *ideal])
+        rows.append([label, *(cell(s) for s in stages), *compared, *ideal])
     headers = ["metric", *stages, *(f"{s} / dense" for s in others), *(f"ideal {s} / dense" for s in others)]
-    repeats = next((e.n_samples for e in evals if e.kind == "speed" and e.n_samples), None)
-    note = (f"Median of {repeats} timed runs after a warm-up; ± is their spread, (max - min) / median. "
-            if repeats else "")
-    note += ("A ratio is given only when the two ranges, median x (1 ± spread / 2), do not overlap. "
-             "Ideal: dense params / the stage's params, what per-token compute would give.")
-    return ["## Speed", "", note,
-            ""] + _table(headers, rows) + [""]
+    rounds = next((r.rounds for by_stage in ratios.values() for r in by_stage.values()), None)
+    note = ("The models were timed in turn, round by round in one process (the order reversed every other round), "
+            "after a warm-up" + (f", {rounds} rounds" if rounds else "") + ": tokens/s is the median of a model's "
+            "rounds, ± their spread, (max - min) / median. A stage / dense ratio is the median of the per-round "
+            "ratios [lowest-highest round], *within noise* when the rounds straddle 1. "
+            "Ideal: dense params / the stage's params, what per-token compute would give.")
+    apart = [s for s, together in side_by_side(evals).items() if not together]
+    if apart:
+        note += (f" {', '.join(apart)}: timed one after the other, not in turn (the models did not fit in memory "
+                 "together), so a change of the machine's load between them reads as a ratio.")
+    return ["## Speed", "", note, ""] + _table(headers, rows) + [""]
 
 
 def _recovery_lines(recovery: dict | None) -> list[str]:
@@ -197,6 +185,9 @@ def format_outcome(summary: dict) -> str:
     for dataset, values in summary["perplexity"].items():
         stages = "  ".join(f"{stage} {value:.3f}" for stage, value in values.items())
         lines.append(f"perplexity {dataset}: {stages}")
+    for workload, by_stage in (summary.get("speed") or {}).items():
+        stages = "  ".join(f"{stage}/dense {ratio_text(entry)}" for stage, entry in by_stage.items())
+        lines.append(f"speed      {workload}: {stages}")
     lines += [
         f"recover    {summary['recover']}",
         f"checkpoint {summary['checkpoint']}",

@@ -17,6 +17,7 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from catalog.rows import left_race
+from catalog.speed import ratio_text
 from tasks.score import CandidateScore
 from tasks.search import StepRecord
 
@@ -113,6 +114,9 @@ def summary_markdown(summary: dict, pictures: dict[str, Path], model_source: str
     for dataset, values in summary["perplexity"].items():
         row = " / ".join(f"{stage} {value:.3f}" for stage, value in values.items())
         lines.append(f"| perplexity ({Path(dataset).name}) | {row} |")
+    for workload, by_stage in (summary.get("speed") or {}).items():
+        row = " / ".join(f"{stage} {ratio_text(entry)}" for stage, entry in by_stage.items())
+        lines.append(f"| speed against dense ({workload}) | {row} |")
     lines += [
         f"| recover | {summary['recover']} |",
         f"| wall time | {summary['wall_seconds']:.1f} s |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from pydantic import Field
@@ -37,17 +38,23 @@ class CalibrationSpec(Settings):
 
 
 def calibrate_stage(model_path: str, spec: CalibrationSpec, out_dir: Path, key: str,
-                    trust_remote_code: bool = False) -> ArtifactRef:
+                    trust_remote_code: bool = False,
+                    on_documents: Callable[[str, int, int], None] | None = None) -> ArtifactRef:
+    """`on_documents(source, done, total)` follows the tokenization of each source (progress bars)."""
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    return save_windows(calibration_windows(spec, tokenizer),
+    return save_windows(calibration_windows(spec, tokenizer, on_documents),
                         out_dir / "calibration" / f"calibration-{key[:16]}.safetensors", "calibration")
 
 
-def calibration_windows(spec: CalibrationSpec, tokenizer) -> torch.Tensor:
+def calibration_windows(spec: CalibrationSpec, tokenizer,
+                        on_documents: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
     """The calibration windows: drawn from each source by the seed, then, for a mixture, put in one seeded
     order so that micro-batches mix the sources."""
-    parts = [sample_windows(tokenize_stream(load_texts(source, "calibration"), tokenizer), spec.seq_len, count,
-                            spec.seed)
+    def counter(source: str) -> Callable[[int, int], None] | None:
+        return None if on_documents is None else lambda done, total: on_documents(source, done, total)
+
+    parts = [sample_windows(tokenize_stream(load_texts(source, "calibration"), tokenizer, counter(source)),
+                            spec.seq_len, count, spec.seed)
              for source, count in spec.sources() if count > 0]
     if len(parts) == 1:
         return parts[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
@@ -71,7 +71,9 @@ def _check_known(tasks: Sequence[str], known: set[str]) -> None:
 
 def downstream_evaluations(model: nn.Module, tokenizer_path: str, stage: str, tasks: Sequence[str],
                            task_paths: Sequence[str], limit: int | None, batch_size: int,
-                           trust_remote_code: bool = False) -> list[Evaluation]:
+                           trust_remote_code: bool = False,
+                           on_requests: Callable[[str, int, int], None] | None = None) -> list[Evaluation]:
+    """`on_requests(task, done, total)` follows each task's requests to the model (progress bars)."""
     lm_eval, _ = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
@@ -80,9 +82,31 @@ def downstream_evaluations(model: nn.Module, tokenizer_path: str, stage: str, ta
     lm = HFLM(pretrained=model, tokenizer=load_tokenizer(tokenizer_path, trust_remote_code), batch_size=batch_size)
     out = []
     for name in tasks:
+        if on_requests is not None:
+            _follow_requests(lm, lambda done, total, name=name: on_requests(name, done, total))
         results = _run_task(lm_eval, lm, manager, name, limit)
         out.extend(_rows(stage, name, results))
     return out
+
+
+# Requests handed to lm-eval's model at a time, so that progress can follow them (lm-eval shows its own bar
+# on the terminal only). Each request's result does not depend on the others in its call.
+_SLICE = 64
+
+
+def _follow_requests(lm, report: Callable[[int, int], None]) -> None:
+    """Every request type of this model object (an instance of pruneflow's own) goes through in slices."""
+    for kind in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        method = getattr(type(lm), kind).__get__(lm)
+
+        def sliced(requests, disable_tqdm: bool = False, method=method):
+            out = []
+            for start in range(0, len(requests), _SLICE):
+                out += method(requests[start:start + _SLICE], disable_tqdm=disable_tqdm)
+                report(min(start + _SLICE, len(requests)), len(requests))
+            return out
+
+        setattr(lm, kind, sliced)
 
 
 def _run_task(lm_eval, lm, manager, name: str, limit: int | None) -> dict:

@@ -65,6 +65,8 @@ class EvaluationInput:
     trust_remote_code: bool = False  # the spec's model.trust_remote_code: whether the folder's own code may run
     # on_window(dataset, done, total) follows every micro-batch of evaluation windows (progress bars).
     on_window: Callable[[str, int, int], None] | None = None
+    # on_requests(task, done, total) follows a downstream task's requests to the model (progress bars).
+    on_requests: Callable[[str, int, int], None] | None = None
 
     def window_counter(self, dataset: str) -> Callable[[int, int], None] | None:
         if self.on_window is None:
@@ -74,7 +76,8 @@ class EvaluationInput:
 
 
 class Evaluator(Plugin):
-    """One kind of evaluation row (`kind` in the catalog): perplexity, size, speed, task."""
+    """One kind of evaluation row (`kind` in the catalog) of one checkpoint: perplexity, size, task (speed, which
+    compares checkpoints side by side, is the `speed` stage's)."""
 
     name: ClassVar[str]
     order: ClassVar[int] = 100  # rows are written in this order, lowest first
@@ -84,7 +87,7 @@ class Evaluator(Plugin):
         return True
 
     def applies(self, given: EvaluationInput) -> bool:
-        """Whether it evaluates this checkpoint (a format without a serving runtime has no speed)."""
+        """Whether it evaluates this checkpoint (default: whenever the `evaluate` section asks for it)."""
         return self.wanted(given.evaluate)
 
     def evaluate(self, given: EvaluationInput) -> list[Evaluation]:

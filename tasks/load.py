@@ -19,6 +19,7 @@ from tasks.stream.open import NotStreamed, open_streamed, residency
 from tasks.sources.weights import check_weight_files
 from tasks.errors import UserError
 from tasks.export import load_checkpoint, model_config
+from tasks.refs import Progress
 from tasks.settings import Settings
 from tasks.surgery import architecture_for, layer_ids, total_params
 
@@ -110,9 +111,11 @@ def skeleton(path: str, trust_remote_code: bool = False) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_stage(model: ModelSpec, score: ScoreSection, search: SearchSection) -> ModelRef:
-    """Resolves `model.source` and checks that the search can reach its target on this architecture."""
-    resolved = resolve_model(model.source)
+def load_stage(model: ModelSpec, score: ScoreSection, search: SearchSection,
+               progress: Progress | None = None) -> ModelRef:
+    """Resolves `model.source` and checks that the search can reach its target on this architecture; `progress`
+    follows hashing the weights and converting a GGUF."""
+    resolved = resolve_model(model.source, progress)
     check_weight_files(Path(resolved.path))
     skeleton_model = skeleton(str(resolved.path), model.trust_remote_code)
     check_reachable(skeleton_model, search.rules(layer_ids(skeleton_model), score.granularity), search.goal_target())

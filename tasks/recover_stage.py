@@ -14,7 +14,7 @@ from tasks.load import ModelSpec, open_model
 from tasks.prune import write_checkpoint
 from tasks.recover.registry import RecoveryContext, get_recovery
 from tasks.settings import Settings
-from tasks.refs import ArtifactRef
+from tasks.refs import ArtifactRef, Progress
 
 CHECKPOINT = "checkpoint-recovered"
 
@@ -35,7 +35,9 @@ class Recovered:
 def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, recover: Settings,
                   model_spec: ModelSpec, batch_windows: int, prune_format: str, out_dir: Path, key: str,
                   log: Callable[[str], None] = print,
-                  on_step: Callable[[int, int, float], None] | None = None) -> Recovered:
+                  on_step: Callable[[int, int, float], None] | None = None,
+                  progress: Progress | None = None) -> Recovered:
+    """`on_step(done, total, loss)` follows training; `progress` writing the checkpoint."""
     started = time.perf_counter()
     method = get_recovery(recover.method)
     model = open_model(pruned_path, model_spec, "recover")
@@ -46,7 +48,7 @@ def recover_stage(pruned_path: str, dense_path: str, calibration: ArtifactRef, r
     )
     run = method.run(model, recover, ctx, key)
     ref = write_checkpoint(run.model, pruned_path, out_dir / CHECKPOINT, prune_format,
-                           model_spec.trust_remote_code)
+                           model_spec.trust_remote_code, progress)
     _drop_training_state(ctx.state_dir)
     return Recovered(
         method=recover.method, checkpoint=ref, format=checkpoint_format(ref.path),

@@ -1,24 +1,23 @@
-"""Inference speed and memory of a model as it is served: prefill and decode tokens/s, KV-cache bytes per token.
+"""Inference speed and memory of a model as it is served: prefill and decode timings, KV-cache bytes per token.
 
 Models are loaded the way a user loads the checkpoint (`from_pretrained`, with trust_remote_code for the
 self-contained formats), so a pruned model is timed with the code it ships, not pruneflow's stand-ins.
-Each timed run records wall and process CPU seconds. The benchmarks' tokens/s take the best of `repeats`
-runs (other jobs only ever add time); a pipeline's speed rows store the median and the spread of its
-repeats, so a report can tell a real difference from noise. Compare models measured in the same process, not seconds across machines.
+Each timed run records wall and process CPU seconds. Models compared with each other are timed by
+`alternate`, round by round in one process, so that load from other jobs, which changes while they run,
+falls on all of them alike; compare models measured that way, not seconds across runs or machines.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping, TypeVar
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from tasks.evaluation import Evaluation
 from tasks.export.registry import format_of
 from tasks.export.common import DTYPES
 from tasks.export.trust import (TRUST_SETTING, TrustError, check_trusted, is_own_format, model_config,
@@ -26,18 +25,7 @@ from tasks.export.trust import (TRUST_SETTING, TrustError, check_trusted, is_own
 from tasks.surgery.architecture import architecture_for
 from tasks.surgery.kv_cache import cache_kwargs, output_cache
 
-@dataclass(frozen=True)
-class SpeedSettings:
-    prefill_tokens: int = 512
-    prefill_batches: tuple[int, ...] = (1, 8)
-    decode_prompt: int = 32
-    decode_tokens: int = 128
-    repeats: int = 3
-
-    @classmethod
-    def quick(cls) -> "SpeedSettings":
-        """Small enough to run inside a pipeline's evaluate stage; enough repeats for a median and a spread."""
-        return cls(prefill_tokens=128, prefill_batches=(1,), decode_prompt=16, decode_tokens=32, repeats=5)
+T = TypeVar("T")
 
 
 def load_for_serving(path: str | Path, dtype: str = "float32", device: str = "cpu",
@@ -121,38 +109,6 @@ def time_decode(model: nn.Module, prompt: int, new_tokens: int, batch: int = 1) 
     return watch.timing
 
 
-def _best_wall(run, repeats: int, warmup: bool) -> float:
-    if warmup:  # first calls allocate and pick kernels
-        run()
-    return min(run().wall for _ in range(repeats))
-
-
-def prefill_tokens_per_s(model: nn.Module, batch: int, tokens: int, repeats: int = 3, warmup: bool = True) -> float:
-    return batch * tokens / _best_wall(lambda: time_prefill(model, batch, tokens), repeats, warmup)
-
-
-def decode_tokens_per_s(model: nn.Module, prompt: int, new_tokens: int, repeats: int = 3, batch: int = 1,
-                        warmup: bool = True) -> float:
-    return batch * new_tokens / _best_wall(lambda: time_decode(model, prompt, new_tokens, batch), repeats, warmup)
-
-
-@dataclass(frozen=True)
-class Rate:
-    """Tokens/s over repeated runs: the median, and the spread (max - min) / median that says how far to
-    trust a difference between two models."""
-
-    median: float
-    spread: float
-    repeats: int
-
-    @classmethod
-    def of(cls, tokens: int, run, repeats: int) -> "Rate":
-        run()  # warm-up: first calls allocate and pick kernels
-        rates = sorted(tokens / run().wall for _ in range(repeats))
-        median = statistics.median(rates)
-        return cls(median, (rates[-1] - rates[0]) / median, repeats)
-
-
 def cache_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
@@ -172,29 +128,22 @@ def kv_bytes_per_token(model: nn.Module, tokens: int = 16) -> float:
     return cache_bytes(output_cache(model(ids, use_cache=True, logits_to_keep=1))) / tokens
 
 
-def speed_evaluations(model_path: str | Path, stage: str, dtype: str = "float32", device: str = "cpu",
-                      settings: SpeedSettings | None = None, trust_remote_code: bool = False) -> list[Evaluation]:
-    """Rows of kind `speed` for the catalog: prefill and decode tokens/s, KV-cache bytes per token.
-
-    `dataset` names the workload (batch x tokens), so rows of other settings never collide."""
-    settings = settings or SpeedSettings.quick()
-    model = load_for_serving(model_path, dtype, device, trust_remote_code)
-    rows = []
-    for batch in settings.prefill_batches:
-        rate = Rate.of(batch * settings.prefill_tokens, lambda: time_prefill(model, batch, settings.prefill_tokens),
-                       settings.repeats)
-        rows += _rate_rows(stage, f"batch{batch}x{settings.prefill_tokens}", "prefill_tokens_per_s", rate,
-                           batch * settings.prefill_tokens, settings.prefill_tokens)
-    rate = Rate.of(settings.decode_tokens, lambda: time_decode(model, settings.decode_prompt, settings.decode_tokens),
-                   settings.repeats)
-    rows += _rate_rows(stage, f"batch1x{settings.decode_tokens}", "decode_tokens_per_s", rate, settings.decode_tokens,
-                       settings.decode_prompt + settings.decode_tokens)
-    rows.append(Evaluation(stage, "speed", "-", "kv_bytes_per_token", kv_bytes_per_token(model)))
-    return rows
-
-
-def _rate_rows(stage: str, workload: str, metric: str, rate: Rate, tokens: int, seq_len: int) -> list[Evaluation]:
-    """The median (n_samples: the repeats behind it) and, as `<metric>_spread`, the relative spread."""
-    return [Evaluation(stage, "speed", workload, metric, rate.median, tokens, seq_len, n_samples=rate.repeats),
-            Evaluation(stage, "speed", workload, f"{metric}_spread", rate.spread, tokens, seq_len,
-                       n_samples=rate.repeats)]
+def alternate(runs: Mapping[str, Callable[[], T]], rounds: int, warmup: bool = True,
+              after: Callable[[str, int], None] | None = None) -> dict[str, list[T]]:
+    """Each run `rounds` times, the runs taking turns within a round and the order reversed every other
+    round (A B, B A, A B, ...), so that a drift in the machine's load falls on every run alike and no run
+    always goes first. With `warmup`, each runs once before, discarded (first calls allocate and pick
+    kernels). `after(name, round)` follows every run: round 0 is the warm-up, then 1..rounds."""
+    names = list(runs)
+    if warmup:
+        for name in names:
+            runs[name]()
+            if after is not None:
+                after(name, 0)
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(runs[name]())
+            if after is not None:
+                after(name, r + 1)
+    return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -174,9 +175,11 @@ class WidthResult:
 
 def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ...], model: ModelSpec,
                 width: WidthSpec, batch_windows: int, out_dir: Path | None = None,
-                on_unit: Callable[..., None] | None = None) -> WidthResult:
+                on_unit: Callable[..., None] | None = None,
+                on_windows: Callable[[str, int, int], None] | None = None) -> WidthResult:
     """`out_dir` receives a reconstructing strategy's weights (`width-weights.safetensors`) and a training
-    strategy's resumable state; `on_unit(done, total[, detail])` follows the strategy's units or steps."""
+    strategy's resumable state; `on_unit(done, total[, detail])` follows the strategy's units or steps,
+    `on_windows(what, done, total)` the calibration windows of the metric's scoring and of the shapes tried."""
     started = time.perf_counter()
     dense_model = open_model(model_path, model, "width")
     dense_params = total_params(dense_model)
@@ -184,10 +187,11 @@ def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ..
     windows = load_windows(calibration)
     scores = None
     if width.scores_units:
-        scores = WIDTH_METRICS.lookup(width.metric).scores(pruned, windows, batch_windows, width.metric_settings())
+        with _windows_through(pruned, windows.shape[0], on_windows, f"{width.metric} scores"):
+            scores = WIDTH_METRICS.lookup(width.metric).scores(pruned, windows, batch_windows, width.metric_settings())
     shape, tried = width.shape, ()
     if shape is None:
-        shape, tried = _best_shape(pruned, scores, width, dense_params, windows, batch_windows)
+        shape, tried = _best_shape(pruned, scores, width, dense_params, windows, batch_windows, on_windows)
     # Shares are of the source model's widths: removing whole blocks first leaves every layer's widths as they were.
     dense = dense_widths(pruned)
     counts = resolve_shape(shape, dense)
@@ -201,6 +205,28 @@ def width_stage(model_path: str, calibration: ArtifactRef, blocks: tuple[str, ..
     return WidthResult(outcome.plan.to_json(), units, layers, time.perf_counter() - started,
                        _kept_shape(counts, outcome.plan, dense), tried, weights, errors, outcome.blocks,
                        tuple(outcome.trace), share_record(shape, dense) or None)
+
+
+@contextmanager
+def _windows_through(model, total: int, report: Callable[[str, int, int], None] | None, what: str):
+    """Counts the windows that go through the model's forward, whatever the metric does with them (the
+    built-in metrics take each window once; a plugin's extra passes count past the total)."""
+    if report is None:
+        yield
+        return
+    seen = [0]
+
+    def count(_module, args, kwargs, _output) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None:
+            seen[0] += ids.shape[0]
+            report(what, seen[0], max(total, seen[0]))
+
+    handle = model.register_forward_hook(count, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _kept_shape(shape: WidthShape, plan: WidthPlan, dense: dict[str, int]) -> dict:
@@ -230,14 +256,19 @@ def shape_unit(shape: WidthShape) -> str:
     return "shape:" + ",".join(f"{k}={v}" for k, v in shape.model_dump(exclude_none=True).items())
 
 
-def _best_shape(model, scores, width: WidthSpec, dense_params: int, windows, batch_windows: int):
+def _best_shape(model, scores, width: WidthSpec, dense_params: int, windows, batch_windows: int,
+                on_windows: Callable[[str, int, int], None] | None = None):
     """Minitron's search, scaled down: each candidate shape's plan applied to a copy, scored by calibration
     perplexity; the lowest wins (ties: the one that keeps more attention, listed first)."""
     results = []
-    for shape in shapes_for_ratio(model, dense_params, width.params_ratio, width.round_to, width.candidates):
+    shapes = shapes_for_ratio(model, dense_params, width.params_ratio, width.round_to, width.candidates)
+    count = windows.shape[0]
+    for k, shape in enumerate(shapes):
         candidate = apply_width(copy.deepcopy(model), width.plan(model, scores, shape))
+        report = None if on_windows is None else (
+            lambda done, _total, k=k: on_windows(f"{len(shapes)} shapes", k * count + done, len(shapes) * count))
         with torch.inference_mode():
-            results.append((perplexity(candidate, windows, batch_windows), shape))
+            results.append((perplexity(candidate, windows, batch_windows, on_windows=report), shape))
         del candidate
     best = min(results, key=lambda r: r[0])[1]
     return best, tuple((shape_unit(shape), value) for value, shape in results)

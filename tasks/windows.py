@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import os
 from pathlib import Path
@@ -21,8 +21,10 @@ DOCS_PER_CHUNK = 64
 CHUNKS_PER_BATCH = 8
 
 
-def tokenize_stream(texts: Sequence[str], tokenizer) -> torch.Tensor:
-    """The documents joined by blank lines, as one 1-D LongTensor of ids without special tokens.
+def tokenize_stream(texts: Sequence[str], tokenizer,
+                    on_documents: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """The documents joined by blank lines, as one 1-D LongTensor of ids without special tokens;
+    `on_documents(done, total)` follows each batch of documents (progress).
 
     Tokenizing a multi-megabyte string in one call holds every intermediate encoding at once,
     so the documents go through in chunks of DOCS_PER_CHUNK, joined inside a chunk, and each
@@ -46,6 +48,8 @@ def tokenize_stream(texts: Sequence[str], tokenizer) -> torch.Tensor:
         # verbose=False: a stream is meant to be longer than the model's context.
         encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         pieces.extend(torch.tensor(ids, dtype=torch.long) for ids in encoded)
+        if on_documents is not None:
+            on_documents(min((start + CHUNKS_PER_BATCH) * DOCS_PER_CHUNK, len(texts)), len(texts))
     return torch.cat(pieces)
 
 

@@ -11,7 +11,8 @@ import yaml
 
 from tests.tiny import tiny_checkpoint, tiny_corpus
 
-STAGE_FUNCTIONS = ("load_stage", "calibrate_stage", "eval_data_stage", "search_stage", "prune_stage", "evaluate_stage")
+STAGE_FUNCTIONS = ("load_stage", "calibrate_stage", "eval_data_stage", "search_stage", "prune_stage", "evaluate_stage",
+                   "speed_stage")
 
 
 def tiny_pipeline(root: Path, **changes) -> Path:

@@ -301,12 +301,14 @@ def test_prune_stage_writes_the_chosen_format(tmp_path):
         _prune(source, tmp_path / "h", "hf")
 
 
-def test_speed_evaluations_rows(exported):
-    from tasks.speed import SpeedSettings, speed_evaluations
+def test_speed_rows_of_served_checkpoints(exported):
+    from tasks.speed_stage import SpeedSettings, speed_stage
 
     root, _ = exported
-    settings = SpeedSettings(prefill_tokens=8, prefill_batches=(1, 2), decode_prompt=4, decode_tokens=4, repeats=1)
-    rows = speed_evaluations(root / "remote_code", "pruned", settings=settings)
+    settings = SpeedSettings(prefill_tokens=8, prefill_batches=(1, 2), decode_prompt=4, decode_tokens=4, rounds=1)
+    # The `pruneflow` format has no runtime outside pruneflow: no speed rows; without dense, no ratios.
+    rows = speed_stage({"pruned": str(root / "remote_code"), "recovered": str(root / "pruneflow")}, "float32", "cpu",
+                       settings=settings)
     rates = {("speed", "batch1x8", "prefill_tokens_per_s"), ("speed", "batch2x8", "prefill_tokens_per_s"),
              ("speed", "batch1x4", "decode_tokens_per_s")}
     spreads = {(kind, workload, f"{metric}_spread") for kind, workload, metric in rates}

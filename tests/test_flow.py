@@ -1,6 +1,7 @@
 """The Prefect flow on a tiny model: catalog rows, stage-by-stage caching, bad input."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
     path = tiny_pipeline(tmp_path)
     first = prune_pipeline(path)
     calls, forwards = stages.take()
-    assert calls == ["load", "calibrate", "eval_data", "search", "prune", "evaluate", "evaluate"]
+    assert calls == ["load", "calibrate", "eval_data", "search", "prune", "evaluate", "evaluate", "speed"]
     assert forwards > 0
 
     catalog = Catalog(tmp_path / "out" / "catalog.duckdb")
@@ -41,11 +42,16 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
     for stage in ("dense", "pruned"):
         assert {(stage, m) for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes_per_token",
                                      "prefill_tokens_per_s_spread", "decode_tokens_per_s_spread")} <= speed
+    ratios = {f"{m}_ratio_{part}" for m in ("prefill_tokens_per_s", "decode_tokens_per_s")
+              for part in ("median", "low", "high")}
+    assert {("pruned", m) for m in ratios | {"side_by_side"}} <= speed and not {("dense", m) for m in ratios} & speed
     assert {e.n_samples for e in catalog.evaluations(run_id) if e.metric.endswith("tokens_per_s")} == {5}
     folder = run_dir(tmp_path / "out" / "tiny", run_id)
     report = (folder / "report.md").read_text()
     speed_rows = [line for line in report.splitlines() if "tokens_per_s" in line]
-    assert speed_rows and all(line.count("±") == 2 and line.rstrip(" |").endswith("x") for line in speed_rows)
+    assert len(speed_rows) == 2 and all(line.count("±") == 2 and line.rstrip(" |").endswith("x") for line in speed_rows)
+    ratio_cells = [line.split(" | ")[3] for line in speed_rows]  # metric | dense | pruned | pruned / dense | ideal
+    assert all(re.fullmatch(r"(within noise \()?\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]\)?", c) for c in ratio_cells)
     assert folder.is_dir() and not (folder / "recover-state").exists()
 
     # The same pipeline again: every stage from cache, not one model forward.
@@ -55,7 +61,7 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
     # ... and it did no work on the run, so the run's wall time stays what the first invocation measured.
     assert again["wall_seconds"] == first["wall_seconds"] == catalog.get_run(run_id).wall_seconds
 
-    # Only evaluation settings changed: only evaluation data and evaluation run; same run.
+    # Only evaluation settings changed: only evaluation data and evaluation run (speed reads none of them); same run.
     changed_eval = prune_pipeline(path, ["evaluate.max_tokens=128"])
     calls, _ = stages.take()
     assert calls == ["eval_data", "evaluate", "evaluate"]
@@ -74,8 +80,21 @@ def test_pipeline_records_everything_and_caches_stage_by_stage(tmp_path, monkeyp
 def test_cli_runs_and_show(tmp_path, capsys):
     path = tiny_pipeline(tmp_path)
     assert cli(["run", str(path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     run_id = out.split()[1]
+    # The speed stage shows its progress, with a total and the time left, like the other long stages.
+    assert re.search(r"speed \(dense, pruned\): 24/24 timed runs, decode 1x32 round 5/5 \((dense|pruned)\), "
+                     r"[\d.]+ s each, left 00:00", err), err[-3000:]
+    # ... and so does every other stage that can run long, each bar with its total.
+    for bar in ("calibrate: tokenizing corpus.txt: 60/60 documents",
+                r"search step 2 \(3 of 3\): 6/6 candidates", "prune: checkpoint: 3/3 steps",
+                "evaluate pruned: corpus.txt: 8/8 windows",
+                "calibration perplexity, dense and after each of 3 removals: 16/16 windows"):
+        assert re.search(bar, err), bar
+    speed_lines = [line for line in out.splitlines() if line.startswith("speed ")]
+    assert [line.split(":")[0] for line in speed_lines] == ["speed      batch1x128 prefill_tokens_per_s",
+                                                            "speed      batch1x32 decode_tokens_per_s"]
+    assert all("pruned/dense " in line and re.search(r"x \[[\d.]+-[\d.]+\]", line) for line in speed_lines)
     catalog = str(tmp_path / "out" / "catalog.duckdb")
     assert cli(["runs", "--catalog", catalog]) == 0
     listing = capsys.readouterr().out
@@ -84,7 +103,8 @@ def test_cli_runs_and_show(tmp_path, capsys):
     shown = capsys.readouterr().out
     # What matters first: removed blocks, perplexities and the checkpoint, before any table; no raw spec.
     head = [line.split()[0] for line in shown.split("\n\n")[0].splitlines()]
-    assert head[:4] == ["run", "pipeline", "model", "removed"] and "checkpoint" in head and "perplexity" in head
+    assert head[:4] == ["run", "pipeline", "model", "removed"]
+    assert {"checkpoint", "perplexity", "speed"} <= set(head)
     assert '"calibration"' not in shown and "model fingerprint" not in shown
     assert cli(["show", run_id[:8], "--catalog", catalog, "--verbose"]) == 0
     assert '"calibration"' in capsys.readouterr().out

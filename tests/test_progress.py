@@ -44,3 +44,54 @@ def test_one_shot_scores_everything_at_step_0_and_resume_counts_known_scores():
 
 def test_clock():
     assert clock(142) == "02:22" and clock(3723) == "1:02:03"
+
+
+def test_byte_meter_reports_megabytes_every_64_and_at_the_end():
+    from tasks.refs import MB, ByteMeter
+
+    reports = []
+    meter = ByteMeter(lambda *args: reports.append(args), "hashing model", 200 * MB + 5)
+    for _ in range(200):
+        meter.add(MB)
+    meter.add(5)  # the last 5 bytes: the end, 201 MB rounded up
+    assert reports == [("hashing model", 64, 201, "MB", ""), ("hashing model", 128, 201, "MB", ""),
+                       ("hashing model", 192, 201, "MB", ""), ("hashing model", 201, 201, "MB", "")]
+
+
+def test_tokenizing_reports_documents_per_batch():
+    from tasks.windows import CHUNKS_PER_BATCH, DOCS_PER_CHUNK, tokenize_stream
+    from tests.tiny import tiny_tokenizer
+
+    docs = [f"document {k}" for k in range(2 * DOCS_PER_CHUNK * CHUNKS_PER_BATCH + 3)]
+    seen = []
+    stream = tokenize_stream(docs, tiny_tokenizer(), lambda done, total: seen.append((done, total)))
+    per_batch = DOCS_PER_CHUNK * CHUNKS_PER_BATCH
+    assert seen == [(per_batch, len(docs)), (2 * per_batch, len(docs)), (len(docs), len(docs))]
+    assert stream.equal(tokenize_stream(docs, tiny_tokenizer()))
+
+
+def test_calibration_curve_counts_the_windows_of_every_pass(tmp_path):
+    from tasks.evaluate import calibration_trajectory
+    from tasks.load import ModelSpec
+    from tasks.windows import save_windows
+    from tests.tiny import tiny_checkpoint, tiny_windows
+
+    model = tiny_checkpoint(tmp_path / "m")
+    windows = save_windows(tiny_windows(samples=3, seq_len=16), tmp_path / "w.safetensors", "calibration")
+    spec = ModelSpec(source=str(model), device="cpu")
+    seen = []
+    curve = calibration_trajectory(str(model), spec, windows, ("layers.1", "layers.2.mlp"), 2,
+                                   on_windows=lambda done, total: seen.append((done, total)))
+    assert seen == [(done, 9) for done in (2, 3, 5, 6, 8, 9)]  # 3 passes of 3 windows, micro-batches of 2
+    assert curve == calibration_trajectory(str(model), spec, windows, ("layers.1", "layers.2.mlp"), 2)
+
+
+def test_a_delayed_bar_shows_only_what_takes_long(capsys):
+    from flows.progress import Parts
+
+    quick, slow = Parts("load", delay=60.0), Parts("load")
+    for done in (1, 2):
+        quick.update("hashing a", done, 2, "MB")
+        slow.update("hashing b", done, 2, "MB")
+    err = capsys.readouterr().err
+    assert "load: hashing b: 2/2 MB" in err and "hashing a" not in err

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.refs import sha256_file
+from tasks.refs import ByteMeter, Progress, sha256_file
 from tasks.sources.builtin import (
     BUILTIN_MODELS,
     BUILTIN_PREFIX,
@@ -41,19 +41,20 @@ class ResolvedModel:
     source: str
 
 
-def resolve_model(source: str) -> ResolvedModel:
-    """A directory that `AutoModelForCausalLM.from_pretrained` can load, for any accepted source."""
+def resolve_model(source: str, progress: Progress | None = None) -> ResolvedModel:
+    """A directory that `AutoModelForCausalLM.from_pretrained` can load, for any accepted source; `progress`
+    follows what takes long (hashing the weights, converting a GGUF)."""
     source = _given(source)
     gguf = _gguf_file(source)
     if gguf is not None:
-        path = convert_gguf(gguf)
+        path = convert_gguf(gguf, progress)
         return ResolvedModel(path, _read_sidecar(path), source)
     local = Path(source).expanduser()
     if local.exists():
-        return ResolvedModel(_local_folder(local, source), model_fingerprint(local), source)
+        return ResolvedModel(_local_folder(local, source), model_fingerprint(local, progress), source)
     _check_hub_id(source)
     path = _download_from_hub(source)
-    return ResolvedModel(path, model_fingerprint(path), source)
+    return ResolvedModel(path, model_fingerprint(path, progress), source)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def _check_config_json(config: Path, source: str) -> None:
                           "a model_type)")
 
 
-def model_fingerprint(model_dir: Path) -> str:
+def model_fingerprint(model_dir: Path, progress: Progress | None = None) -> str:
     """sha256 over config.json and the weight files (names and contents), in sorted order.
 
     Memoized by (path, size, mtime) of those files so repeated resolves do not rehash gigabytes.
@@ -148,10 +149,11 @@ def model_fingerprint(model_dir: Path) -> str:
     key = (str(model_dir.resolve()), stats)
     if key not in _fingerprint_memo:
         digest = hashlib.sha256()
+        meter = ByteMeter(progress, f"hashing {model_dir.name}", sum(size for _, size, _ in stats))
         for f in files:
             digest.update(f.name.encode())
             digest.update(b"\0")
-            digest.update(sha256_file(f).encode())
+            digest.update(sha256_file(f, meter.add).encode())
         _fingerprint_memo[key] = digest.hexdigest()
     return _fingerprint_memo[key]
 
@@ -163,21 +165,21 @@ def _fingerprinted_files(model_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def convert_gguf(gguf_path: Path) -> Path:
+def convert_gguf(gguf_path: Path, progress: Progress | None = None) -> Path:
     """A safetensors copy of a GGUF model, converted once and cached by the GGUF's sha256."""
     if not gguf_path.is_file():
         raise SourceError(
             f"model.source: no such file or directory: {gguf_path}; accepted: {ACCEPTED}"
         )
-    target = _converted_folder(gguf_path)
+    target = _converted_folder(gguf_path, progress)
     # A cached directory only ever appears by renaming a finished one, so existence means complete.
     if (target / FINGERPRINT_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        _convert_into(gguf_path, tmp)
-        (tmp / FINGERPRINT_FILE).write_text(model_fingerprint(tmp) + "\n")
+        _convert_into(gguf_path, tmp, progress)
+        (tmp / FINGERPRINT_FILE).write_text(model_fingerprint(tmp, progress) + "\n")
         # mkdtemp creates 0700; the finished cache entry should be readable like any other.
         tmp.chmod(0o755)
         try:
@@ -191,16 +193,23 @@ def convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
-def _converted_folder(gguf_path: Path) -> Path:
-    return cache_dir() / "models" / sha256_file(gguf_path)
+def _converted_folder(gguf_path: Path, progress: Progress | None = None) -> Path:
+    meter = ByteMeter(progress, f"hashing {gguf_path.name}", gguf_path.stat().st_size)
+    return cache_dir() / "models" / sha256_file(gguf_path, meter.add)
 
 
-def _convert_into(gguf_path: Path, out_dir: Path) -> None:
+def _convert_into(gguf_path: Path, out_dir: Path, progress: Progress | None = None) -> None:
     # Imported here so that resolving a local directory does not pay for importing transformers.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    def step(done: int, what: str) -> None:
+        # Dequantizing has no hook of its own (transformers shows its tensors on the terminal): steps it is.
+        if progress is not None:
+            progress(f"converting {gguf_path.name}", done, 2, "steps", what)
+
     started = time.perf_counter()
+    step(0, "dequantizing")
     # A GGUF carries no code; the flag only makes sure nothing beside it in the folder is ever run or asked about.
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
@@ -210,10 +219,12 @@ def _convert_into(gguf_path: Path, out_dir: Path) -> None:
     # quantization config is still attached.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    step(1, "writing safetensors")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
+    step(2, "written")
     (out_dir / "pruneflow-conversion.txt").write_text(
         f"converted from {gguf_path.name} in {time.perf_counter() - started:.1f}s\n"
     )
