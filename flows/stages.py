@@ -23,7 +23,7 @@ from tasks.recover_stage import Recovered, recover_stage
 from tasks.refs import ArtifactRef
 from tasks.search.settings import ScoreSection, SearchSection
 from tasks.search_stage import SearchResult, SearchSections, search_stage
-from tasks.speed_stage import speed_stage
+from tasks.speed_stage import speed_stage, streamed_stages
 from tasks.settings import Settings
 from tasks.width_stage import WidthResult, WidthSpec, width_stage
 
@@ -133,7 +133,12 @@ def speed_task(model_spec: ModelSpec, checkpoints: dict[str, str], checkpoint_pa
     device = resolve_device(model_spec.device)
     progress = CountProgress(f"speed ({', '.join(checkpoint_paths)})", "timed runs",
                              artifact_key(pipeline, "speed-progress"))
-    return speed_stage(checkpoint_paths, resolve_dtype(model_spec.dtype, device), device, model_spec.trust_remote_code,
+    from prefect import get_run_logger
+
+    dtype = resolve_dtype(model_spec.dtype, device)
+    for stage, why in streamed_stages(checkpoint_paths, dtype, device, model_spec.memory_budget_gb).items():
+        get_run_logger().warning(f"speed of the {stage} model: {why}")
+    return speed_stage(checkpoint_paths, dtype, device, model_spec.trust_remote_code,
                        on_run=progress.update, memory_budget=model_spec.memory_budget_gb)
 
 

@@ -22,6 +22,7 @@ from tasks.surgery import total_params, units_of
 class PerplexityEvaluator(Evaluator):
     name = "perplexity"
     order = 10
+    streams = True
 
     def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
         out = []
@@ -38,6 +39,7 @@ class PerplexityEvaluator(Evaluator):
 class SizeEvaluator(Evaluator):
     name = "size"
     order = 20
+    streams = True
 
     def evaluate(self, given: EvaluationInput) -> list[Evaluation]:
         return [Evaluation(given.stage, "size", "-", "params", float(total_params(given.model))),
@@ -71,7 +73,7 @@ def evaluate_stage(model_path: str, stage: str, data: list[EvalData], model_spec
     """`on_window(dataset, done, total)` follows every micro-batch of evaluation windows, `on_requests(task,
     done, total)` a downstream task's requests (progress bars)."""
     device = resolve_device(model_spec.device)
-    given = EvaluationInput(stage, open_model(model_path, model_spec, "evaluate"), model_path, tuple(data),
+    given = EvaluationInput(stage, open_model(model_path, model_spec, "evaluate", streams=True), model_path, tuple(data),
                             resolve_dtype(model_spec.dtype, device), device, batch_windows, evaluate,
                             model_spec.trust_remote_code, on_window, on_requests)
     return evaluate_all(given)

@@ -9,8 +9,10 @@ from typing import Any, Callable, ClassVar
 from pydantic import Field, field_validator
 from torch import nn
 
+from tasks.errors import UserError
 from tasks.registry import Plugin, Registry
 from tasks.settings import Settings
+from tasks.stream.residency import streamed
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class Evaluator(Plugin):
 
     name: ClassVar[str]
     order: ClassVar[int] = 100  # rows are written in this order, lowest first
+    # True when it reads the model only through the residual runner (tasks.residual), so a model larger than
+    # its memory budget, streamed layer by layer (tasks.stream), serves it as well as a resident one.
+    streams: ClassVar[bool] = False
 
     def wanted(self, evaluate: EvaluateSpec) -> bool:
         """Whether the `evaluate` section asks for this evaluator (preflight checks the extras of these)."""
@@ -102,7 +107,17 @@ def register_evaluator(cls: type[Evaluator]) -> type[Evaluator]:
     return cls
 
 
+class EvaluatorNeedsWholeModel(UserError):
+    pass
+
+
 def evaluate_all(given: EvaluationInput) -> list[Evaluation]:
     """The rows of every registered evaluator that applies, in their order."""
     chosen = sorted((e for e in EVALUATORS.values() if e.applies(given)), key=lambda e: (e.order, e.name))
+    whole = [e.name for e in chosen if not e.streams]
+    if whole and streamed(given.model) is not None:
+        raise EvaluatorNeedsWholeModel(
+            f"evaluate: the {given.stage} model is larger than model.memory_budget_gb and streams, but evaluator(s) "
+            f"{', '.join(whole)} need it whole; those that stream: "
+            f"{', '.join(e.name for e in EVALUATORS.values() if e.streams)}")
     return [row for evaluator in chosen for row in evaluator.evaluate(given)]

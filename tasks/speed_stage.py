@@ -69,6 +69,17 @@ class SpeedSettings:
         return len(self.workloads()) * models * (self.rounds + 1)
 
 
+def streamed_stages(paths: Mapping[str, str], dtype: str, device: str, memory_budget: float | str) -> dict[str, str]:
+    """Stages whose model is larger than `memory_budget` alone, with why: serving speed needs a model whole on
+    its device, so these are not timed (the speed task says so in the run's log)."""
+    out = {}
+    for stage, path in paths.items():
+        plan = residency(path, dtype, device, memory_budget)
+        if plan.streams:
+            out[stage] = f"not timed: the model streams ({plan.describe()}), and serving needs it whole"
+    return out
+
+
 def fit_together(paths: list[str], dtype: str, device: str, memory_budget: float | str = "auto") -> bool:
     """Whether the models' weights, in `dtype`, fit in `model.memory_budget_gb` together."""
     weights = sum(residency(path, dtype, device, memory_budget).weight_bytes for path in paths)
@@ -97,7 +108,8 @@ def speed_stage(paths: Mapping[str, str], dtype: str, device: str, trust_remote_
     """Rows of kind `speed` for every stage in `paths` (stage -> checkpoint) a runtime serves. `together`:
     whether all models are loaded at once and alternate (default: when their weights fit in `memory_budget`,
     `model.memory_budget_gb`, together). `on_run(done, total, detail)` follows every timed run (progress)."""
-    served = {stage: str(path) for stage, path in paths.items() if format_of(Path(path)).servable}
+    served = {stage: str(path) for stage, path in paths.items() if format_of(Path(path)).servable
+              and stage not in streamed_stages(paths, dtype, device, memory_budget)}
     if not served:
         return []
     settings = settings or SpeedSettings.quick()

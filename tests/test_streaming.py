@@ -4,6 +4,7 @@ numbers as the resident model, read the weights once per pass, and stay within t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,15 +126,16 @@ def test_the_budget_is_not_part_of_a_runs_identity(tmp_path: Path):
     assert identity_hash(budgeted) == identity_hash(spec)
 
 
-@pytest.mark.parametrize("budget,expected", [
-    ("0.0001", "smaller than the largest piece that must be on the device at once, model.layers.0"),
-    (str(BETWEEN), "the model does not fit (streamed layer by layer: weights 0.000559 GB"),
+@pytest.mark.parametrize("budget,sets,expected", [
+    ("0.0001", [], "smaller than the largest piece that must be on the device at once, model.layers.0"),
+    (str(BETWEEN), ["recover={method: bias}"], "the model does not fit (streamed layer by layer: weights 0.000559 GB"),
+    (str(BETWEEN), ["score.metric=taylor"], "the search: metric 'taylor' needs gradients"),
 ])
-def test_run_refuses_an_over_budget_model_before_writing_anything(tmp_path: Path, budget: str, expected: str):
+def test_run_refuses_an_over_budget_model_before_writing_anything(tmp_path: Path, budget: str, sets, expected: str):
     pipeline = tiny_pipeline(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(pipeline), "--set",
-                          f"model.memory_budget_gb={budget}"], capture_output=True, text=True, cwd=ROOT,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    overrides = [arg for value in [f"model.memory_budget_gb={budget}", *sets] for arg in ("--set", value)]
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(pipeline), *overrides], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2, out.stderr
     assert expected in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
@@ -220,3 +222,30 @@ def test_a_pruned_checkpoint_with_halves_and_widths_streams_as_it_loads(checkpoi
     streamed_model = _open(tmp_path / "pruned", 0.0002)
     assert streamed(resident) is None and streamed(streamed_model) is not None
     assert perplexity(streamed_model, windows) == perplexity(resident, windows)
+
+
+def test_a_pipeline_over_its_budget_runs_streamed_with_the_resident_runs_blocks_and_floats(tmp_path: Path):
+    """Through the command line as a user runs it: search, prune and evaluation stream; speed skips the models
+    that do not fit. Every score, step and perplexity equals a resident run's."""
+    import duckdb
+
+    rows = {}
+    for name, budget in (("resident", "auto"), ("streamed", str(BETWEEN))):
+        pipeline = tiny_pipeline(tmp_path / name)
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(pipeline), "--set",
+                              f"model.memory_budget_gb={budget}"], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr[-3000:]
+        with duckdb.connect(str(tmp_path / name / "out" / "catalog.duckdb"), read_only=True) as db:
+            rows[name] = {
+                "scores": db.sql("SELECT step, block, value FROM scores ORDER BY step, block").fetchall(),
+                "steps": db.sql("SELECT step, block, value FROM steps ORDER BY step").fetchall(),
+                "ppl": db.sql("SELECT stage, value FROM evaluations WHERE kind = 'perplexity' "
+                              "ORDER BY stage, dataset").fetchall(),
+                "timed": db.sql("SELECT DISTINCT stage FROM evaluations WHERE kind = 'speed' ORDER BY stage").fetchall(),
+            }
+    assert len(rows["streamed"]["steps"]) == 3
+    for table in ("scores", "steps", "ppl"):
+        assert rows["streamed"][table] == rows["resident"][table]
+    assert rows["resident"]["timed"] == [("dense",), ("pruned",)]
+    assert rows["streamed"]["timed"] == []  # both models exceed the budget: serving speed needs them whole
