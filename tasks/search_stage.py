@@ -82,7 +82,8 @@ def search_stage(
 def why_not_streamed(sections: SearchSections, execution: ExecutionSpec) -> str | None:
     """Why this search cannot run on streamed weights (yet), or None when it can (preflight asks too)."""
     if METRICS.get(sections.score.metric).needs_grad:
-        return f"metric '{sections.score.metric}' needs gradients"
+        streaming = ", ".join(name for name, metric in METRICS.items() if not metric.needs_grad)
+        return f"metric '{sections.score.metric}' needs gradients; metrics that stream: {streaming}"
     if sections.search.scoring_mode() in ("bounded", "auto"):
         chooses = " may choose bounded mode, which" if sections.search.scoring_mode() == "auto" else ""
         return (f"search.mode '{sections.search.scoring_mode()}'{chooses} reads the whole output head for its "

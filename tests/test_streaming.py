@@ -129,7 +129,8 @@ def test_the_budget_is_not_part_of_a_runs_identity(tmp_path: Path):
 @pytest.mark.parametrize("budget,sets,expected", [
     ("0.0001", [], "smaller than the largest piece that must be on the device at once, model.layers.0"),
     (str(BETWEEN), ["recover={method: bias}"], "the model does not fit (streamed layer by layer: weights 0.000559 GB"),
-    (str(BETWEEN), ["score.metric=taylor"], "the search: metric 'taylor' needs gradients"),
+    (str(BETWEEN), ["score.metric=taylor"],
+     "the search: metric 'taylor' needs gradients; metrics that stream: angular_distance, block_influence"),
 ])
 def test_run_refuses_an_over_budget_model_before_writing_anything(tmp_path: Path, budget: str, sets, expected: str):
     pipeline = tiny_pipeline(tmp_path)
