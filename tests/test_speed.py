@@ -82,8 +82,9 @@ def checkpoints(tmp_path_factory):
 SETTINGS = SpeedSettings(prefill_tokens=8, prefill_batches=(1,), decode_prompt=4, decode_tokens=4, rounds=2)
 
 
-# Models whose weights fit in model.memory_budget_gb together take turns; else one after the other.
-@pytest.mark.parametrize("budget, together", [("auto", True), (1e-6, False)])
+# Models whose weights fit in model.memory_budget_gb together take turns; else one after the other (6e-4 GB:
+# each tiny model alone, 559,360 and about 436,000 bytes, but not both).
+@pytest.mark.parametrize("budget, together", [("auto", True), (6e-4, False)])
 def test_speed_stage_times_the_models_in_turn_and_records_ratio_rows(checkpoints, budget, together, tmp_path):
     progress: list[tuple[int, int, str]] = []
     rows = speed_stage(checkpoints, "float32", "cpu", settings=SETTINGS, memory_budget=budget,
@@ -129,3 +130,12 @@ def test_speed_stage_times_the_models_in_turn_and_records_ratio_rows(checkpoints
     assert ("pruned: timed one after the other" in report) is not together
     # The Prefect summary artifact says the same.
     assert f"| speed against dense (batch1x4 decode_tokens_per_s) | pruned {text} |" in summary_markdown(run, {}, "m", "t")
+
+
+def test_a_model_over_its_budget_alone_is_not_timed(checkpoints):
+    """Serving speed needs a model whole: one that streams (tasks.stream) gets no speed rows, and says why."""
+    from tasks.speed_stage import streamed_stages
+
+    assert speed_stage(checkpoints, "float32", "cpu", settings=SETTINGS, memory_budget=1e-6) == []
+    reasons = streamed_stages(checkpoints, "float32", "cpu", 1e-6)
+    assert sorted(reasons) == ["dense", "pruned"] and "not timed: the model streams" in reasons["dense"]
