@@ -335,7 +335,7 @@ class PrefixReuseScorer:
         the first start from the kept entry states."""
         start = time.perf_counter()
         chains = {c: self._chain(active, units_of([c])) for c in todo}
-        per_candidate = sum(b.numel() for b in self.batches) * self.runner.model.config.hidden_size * 4
+        per_candidate = _state_bytes(self.runner, sum(b.numel() for b in self.batches))
         size = len(todo) if math.isinf(self.memory_budget_bytes) else int(self.memory_budget_bytes // per_candidate)
         size = max(1, size)
         entries: list[list[torch.Tensor] | None] = []
@@ -420,10 +420,13 @@ class PrefixReuseScorer:
         return None if rows is None else VocabBound(self.runner.adapter, self.runner.model, rows)
 
 
+def _state_bytes(runner: ResidualRunner, tokens: int) -> int:
+    """Bytes of one hidden state over `tokens` tokens, in the model's dtype."""
+    return tokens * runner.model.config.hidden_size * next(runner.model.parameters()).element_size()
+
+
 def _checkpoint_stride(runner: ResidualRunner, windows: torch.Tensor, budget_bytes: float) -> int:
     """Keep every k-th entry state so that all kept states fit the budget."""
-    param = next(runner.model.parameters())
-    hidden = runner.model.config.hidden_size
-    per_state = windows.numel() * hidden * param.element_size()
+    per_state = _state_bytes(runner, windows.numel())
     states = max(1, len(runner.units))
     return max(1, math.ceil(states * per_state / max(budget_bytes, 1.0)))

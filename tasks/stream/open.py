@@ -4,22 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from tasks.errors import UserError
-from tasks.export.common import base_values, empty_recorded_model
+from tasks.export.common import DTYPES, base_values, empty_recorded_model
 from tasks.export.registry import read_config
 from tasks.export.trust import model_config
 from tasks.stream.budget import Residency, budget_bytes, check_pieces, weight_bytes
 from tasks.stream.residency import EMBED, HEAD, StreamedWeights, attach
 from tasks.stream.shards import ShardIndex, stored_elements
 from tasks.surgery import architecture_for
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class NotStreamed(UserError):
     pass
@@ -38,7 +34,7 @@ def skeleton_for_run(path: str | Path, dtype: str) -> nn.Module:
         else:
             config = model_config(Path(path), False)
             model = AutoModelForCausalLM.from_config(
-                config, dtype=_DTYPES[dtype], attn_implementation=architecture_for(config.model_type).attn_implementation)
+                config, dtype=DTYPES[dtype], attn_implementation=architecture_for(config.model_type).attn_implementation)
     model.tie_weights()  # from_config ties only real weights; the loader ties the checkpoint's in any case
     return model.eval()
 
@@ -47,7 +43,7 @@ def residency(path: str | Path, dtype: str, device: str, setting: float | str) -
     """Resident or streamed, from the checkpoint's own tensors (shard headers only) in the run's dtype."""
     elements = stored_elements(Path(path))
     nbytes = (weight_bytes(skeleton_for_run(path, dtype)) if elements is None
-              else elements * _DTYPES[dtype].itemsize)
+              else elements * DTYPES[dtype].itemsize)
     return Residency(budget_bytes(setting, device), nbytes, setting)
 
 
